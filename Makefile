@@ -1,0 +1,30 @@
+# `make demo` and `make test` work on a fresh machine: the first call builds .venv.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test venv clean gpu-suite
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	# torch 2.13.0 (CPU) comes from the local wheel cache; numpy is imported by Triton's interpreter.
+	$(VPY) -m pip install -q "torch==2.13.0" "triton==3.6.0" numpy "pytest>=8" "pytest-timeout>=2.3"
+	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/triton-dist demo
+
+test: $(STAMP)
+	$(VPY) -m pytest -q
+
+# On a GPU machine (no venv: the image's python3 has torch and triton).
+gpu-suite:
+	bash scripts/gpu_suite.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info

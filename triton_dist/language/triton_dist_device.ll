@@ -1,0 +1,95 @@
+; triton-dist device state, linked into every kernel that uses triton_dist.language on the GPU.
+;
+; @__triton_dist_state is filled by the host after each module is loaded
+; (triton_dist/runtime/device_state.py, through cuModuleGetGlobal):
+;   [0] rank   [1] world size   [2] watchdog record (device-visible pinned host memory, 0 = none)
+;   [3] wait timeout in ns      [4 .. 4+MAX_RANKS) base address of every rank's symmetric heap
+; The functions below are called through tl.extern_elementwise and inlined by LLVM.
+
+target triple = "nvptx64-nvidia-cuda"
+
+@__triton_dist_state = addrspace(1) externally_initialized global [68 x i64] zeroinitializer, align 8
+
+declare i64 @llvm.nvvm.read.ptx.sreg.globaltimer()
+declare i32 @llvm.nvvm.read.ptx.sreg.smid()
+declare void @llvm.trap()
+
+define i64 @__triton_dist_word(i32 %i) #0 {
+  %p = getelementptr inbounds [68 x i64], ptr addrspace(1) @__triton_dist_state, i64 0, i32 %i
+  %v = load i64, ptr addrspace(1) %p, align 8
+  ret i64 %v
+}
+
+define i32 @__triton_dist_rank() #0 {
+  %v = call i64 @__triton_dist_word(i32 0)
+  %r = trunc i64 %v to i32
+  ret i32 %r
+}
+
+define i32 @__triton_dist_num_ranks() #0 {
+  %v = call i64 @__triton_dist_word(i32 1)
+  %r = trunc i64 %v to i32
+  ret i32 %r
+}
+
+define i64 @__triton_dist_wait_timeout_ns(i32 %unused) #0 {
+  %v = call i64 @__triton_dist_word(i32 3)
+  ret i64 %v
+}
+
+; symm_at: the address of the same symmetric object on `peer`.
+define i64 @__triton_dist_symm_at(i64 %addr, i32 %peer) #0 {
+  %me = call i32 @__triton_dist_rank()
+  %i_me = add i32 %me, 4
+  %i_peer = add i32 %peer, 4
+  %base_me = call i64 @__triton_dist_word(i32 %i_me)
+  %base_peer = call i64 @__triton_dist_word(i32 %i_peer)
+  %off = sub i64 %addr, %base_me
+  %res = add i64 %base_peer, %off
+  ret i64 %res
+}
+
+; Called after every spin-wait with its outcome; if it timed out, record who waited on what in the
+; watchdog record (first timeout wins) and trap, so the process fails instead of hanging.
+;   record: [0] flag (1 = set) [1] rank [2] signal address [3] expected [4] last value seen [5] SM id
+define i64 @__triton_dist_check_wait(i32 %timed_out, i64 %addr, i64 %expected, i64 %seen) #1 {
+entry:
+  %t = icmp ne i32 %timed_out, 0
+  br i1 %t, label %report, label %ok
+ok:
+  ret i64 %seen
+report:
+  %rec_i = call i64 @__triton_dist_word(i32 2)
+  %has = icmp ne i64 %rec_i, 0
+  br i1 %has, label %write, label %die
+write:
+  %rec = inttoptr i64 %rec_i to ptr
+  %old = cmpxchg ptr %rec, i64 0, i64 1 seq_cst seq_cst
+  %won = extractvalue { i64, i1 } %old, 1
+  br i1 %won, label %fill, label %die
+fill:
+  %me = call i32 @__triton_dist_rank()
+  %me64 = sext i32 %me to i64
+  %p1 = getelementptr i64, ptr %rec, i64 1
+  store volatile i64 %me64, ptr %p1
+  %p2 = getelementptr i64, ptr %rec, i64 2
+  store volatile i64 %addr, ptr %p2
+  %p3 = getelementptr i64, ptr %rec, i64 3
+  store volatile i64 %expected, ptr %p3
+  %p4 = getelementptr i64, ptr %rec, i64 4
+  store volatile i64 %seen, ptr %p4
+  %sm = call i32 @llvm.nvvm.read.ptx.sreg.smid()
+  %sm64 = zext i32 %sm to i64
+  %p5 = getelementptr i64, ptr %rec, i64 5
+  store volatile i64 %sm64, ptr %p5
+  fence seq_cst
+  store volatile i64 2, ptr %rec
+  fence seq_cst
+  br label %die
+die:
+  call void @llvm.trap()
+  unreachable
+}
+
+attributes #0 = { alwaysinline nounwind }
+attributes #1 = { nounwind }

@@ -1,0 +1,117 @@
+"""Per-module device state on the GPU, and the hang watchdog.
+
+Kernels that use ``triton_dist.language`` link a global ``__triton_dist_state`` (rank, world size, heap bases,
+watchdog record, wait timeout). Whenever Triton loads a kernel module, ``knobs.runtime.kernel_load_end_hook``
+(a hook chain: PyTorch's and others' hooks keep working) calls :func:`_on_load`, which writes this process's
+state into the module, and runs ``nvshmemx_cumodule_init`` on modules that call NVSHMEM.
+
+The watchdog record lives in pinned host memory that kernels can write. A device wait that times out fills
+it (rank, signal address, expected, seen) and traps; a daemon thread prints the record as soon as it appears,
+and :func:`check` raises :class:`SignalTimeout` with the same text.
+"""
+from __future__ import annotations
+
+import struct
+import sys
+import threading
+import weakref
+
+import torch
+from triton import knobs
+
+from . import _cuda_driver
+
+MAX_RANKS = 64
+STATE_WORDS = 4 + MAX_RANKS
+STATE_NAME = "__triton_dist_state"
+
+_world = None
+_record: torch.Tensor | None = None  # int64[8], pinned
+_modules: dict[int, int] = {}  # CUmodule handle -> state address
+_reported = False
+_stop = threading.Event()
+
+
+class SignalTimeout(RuntimeError):
+    """A device-side wait did not see its signal within TRITON_DIST_WAIT_TIMEOUT_S."""
+
+
+def _state_bytes() -> bytes:
+    w = _world
+    bases = list(w.heap.bases) + [0] * (MAX_RANKS - w.world_size)
+    timeout_ns = int(w.config.wait_timeout_s * 1e9)
+    return struct.pack(f"<{STATE_WORDS}q", w.rank, w.world_size, _record.data_ptr(), timeout_ns, *bases)
+
+
+def _on_load(module, function, name, metadata_group, hash):
+    if _world is None:
+        return
+    found = _cuda_driver.module_global(module, STATE_NAME)
+    if found is not None:
+        addr, size = found
+        assert size == STATE_WORDS * 8, f"{STATE_NAME} has {size} bytes, expected {STATE_WORDS * 8}"
+        _cuda_driver.copy_to_device(addr, _state_bytes())
+        _modules[module] = addr
+    if _cuda_driver.module_global(module, "nvshmemi_device_state_d") is not None:
+        from torch._C._distributed_c10d import _nvshmemx_cumodule_init
+        _nvshmemx_cumodule_init(module)
+
+
+def describe(rec) -> str:
+    rank, addr, expected, seen, sm = (int(v) for v in rec[1:6])
+    where = f"0x{addr:x}"
+    if _world is not None:
+        for r, base in enumerate(_world.heap.bases):
+            if base <= addr < base + _world.heap.nbytes:
+                where = f"rank {r}'s heap offset {addr - base} (0x{addr:x})"
+    return (f"triton_dist watchdog: rank {rank} waited {_world.config.wait_timeout_s if _world else '?'} s on the "
+            f"signal at {where} for value {expected}, last saw {seen} (SM {sm}); the kernel was stopped. "
+            "A peer never sent that signal: check the signal protocol, or raise TRITON_DIST_WAIT_TIMEOUT_S.")
+
+
+def check() -> None:
+    """Raise :class:`SignalTimeout` if a device wait of this process timed out."""
+    if _record is not None and int(_record[0]) == 2:
+        raise SignalTimeout(describe(_record.tolist()))
+
+
+def check_after(err: BaseException) -> None:
+    """Called with a CUDA error: raise :class:`SignalTimeout` from it if a wait timed out (the likely cause)."""
+    if _record is not None and int(_record[0]) == 2:
+        raise SignalTimeout(describe(_record.tolist())) from err
+
+
+def _watch(record_ref):
+    global _reported
+    while not _stop.wait(0.05):
+        rec = record_ref()
+        if rec is None:
+            return
+        if int(rec[0]) == 2 and not _reported:
+            _reported = True
+            print(describe(rec.tolist()), file=sys.stderr, flush=True)
+            return
+
+
+def install(world) -> None:
+    """Fill the state of every module loaded from now on (and of ones already loaded)."""
+    global _world, _record
+    _world = world
+    if _record is None:
+        _record = torch.zeros(8, dtype=torch.int64, pin_memory=True)
+        _stop.clear()
+        threading.Thread(target=_watch, args=(weakref.ref(_record),), daemon=True,
+                         name="triton_dist-watchdog").start()
+    if _on_load not in knobs.runtime.kernel_load_end_hook.calls:
+        knobs.runtime.kernel_load_end_hook.add(_on_load)
+    for module, addr in list(_modules.items()):
+        _cuda_driver.copy_to_device(addr, _state_bytes())
+
+
+def uninstall() -> None:
+    global _world, _record
+    _world = None
+    _stop.set()
+    _record = None
+    if _on_load in knobs.runtime.kernel_load_end_hook.calls:
+        knobs.runtime.kernel_load_end_hook.remove(_on_load)

@@ -1,0 +1,165 @@
+"""A persistent world of rank processes that runs Python functions on every rank.
+
+``ProcessWorld(n)`` starts ``n`` processes (CPU world: Triton's interpreter and shared-memory heaps; or one per
+GPU with ``backend="cuda"``), each of which calls ``triton_dist.init()`` once. ``world.run(fn, *args)`` runs
+``fn(*args)`` on every rank and returns the list of results by rank. A rank that raises fails the call with that
+rank's traceback (:class:`RankError`); ranks that do not finish within ``timeout`` seconds fail it with
+:class:`WorldTimeout` naming them. Either way the processes are killed and the next ``run`` starts a fresh world,
+so one broken test never poisons the next and nothing is left behind.
+
+``fn`` must be importable by name (a module-level function), because it travels to the ranks by pickle.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import time
+import traceback
+import uuid
+from multiprocessing.connection import wait as wait_conns
+
+
+class RankError(RuntimeError):
+    """A rank raised; the message carries its traceback."""
+
+
+class WorldTimeout(TimeoutError):
+    """Some ranks did not finish in time; the message names them."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, env: dict, conn) -> None:
+    os.environ.update(env)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
+    try:
+        import triton_dist
+        triton_dist.init()
+        conn.send(("ready", None))
+    except BaseException:  # report start-up failures to the parent instead of dying silently
+        conn.send(("err", traceback.format_exc()))
+        return
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            break
+        fn, args, kwargs = msg
+        try:
+            conn.send(("ok", fn(*args, **kwargs)))
+        except BaseException:
+            conn.send(("err", traceback.format_exc()))
+    triton_dist.finalize()
+
+
+class ProcessWorld:
+    """``n`` rank processes kept alive across calls; see the module docstring."""
+
+    def __init__(self, world_size: int, backend: str = "cpu", env: dict | None = None, start_timeout: float = 120):
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        self.world_size = world_size
+        self.backend = backend
+        self.extra_env = dict(env or {})
+        self.start_timeout = start_timeout
+        self._procs: list = []
+        self._conns: list = []
+
+    # ------------------------------------------------------------------ lifecycle
+    def _env(self) -> dict:
+        env = {"WORLD_SIZE": str(self.world_size), "LOCAL_WORLD_SIZE": str(self.world_size),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+               "TRITON_DIST_BACKEND": self.backend, "TRITON_DIST_RUN_ID": uuid.uuid4().hex[:12]}
+        if self.backend == "cpu":
+            env["TRITON_INTERPRET"] = "1"
+        env.update(self.extra_env)
+        return env
+
+    def start(self) -> None:
+        if self._procs:
+            return
+        ctx = mp.get_context("spawn")
+        env = self._env()
+        for r in range(self.world_size):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_worker, args=(r, self.world_size, env, child), daemon=True,
+                            name=f"triton_dist-rank{r}")
+            p.start()
+            child.close()
+            self._procs.append(p)
+            self._conns.append(parent)
+        self._collect(self.start_timeout, "start")
+
+    def close(self) -> None:
+        for c in self._conns:
+            try:
+                c.send(None)
+            except (OSError, BrokenPipeError):
+                pass
+        deadline = time.monotonic() + 10
+        for p in self._procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        self._kill()
+
+    def _kill(self) -> None:
+        for p in self._procs:
+            if p.is_alive():
+                p.kill()
+        for p in self._procs:
+            p.join(5)
+        for c in self._conns:
+            c.close()
+        self._procs, self._conns = [], []
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------ running
+    def run(self, fn, *args, timeout: float = 120, **kwargs) -> list:
+        """Run ``fn(*args, **kwargs)`` on every rank; return the results ordered by rank."""
+        self.start()
+        for c in self._conns:
+            c.send((fn, args, kwargs))
+        return self._collect(timeout, getattr(fn, "__name__", repr(fn)))
+
+    def _collect(self, timeout: float, what: str) -> list:
+        results: dict[int, object] = {}
+        errors: dict[int, str] = {}
+        pending = dict(enumerate(self._conns))
+        deadline = time.monotonic() + timeout
+        while pending:
+            left = deadline - time.monotonic()
+            if errors:  # the others may be blocked on the failed rank: give them a moment, then stop the world
+                left = min(left, 3.0)
+            ready = wait_conns(list(pending.values()), timeout=max(0.0, left))
+            if not ready:
+                break
+            for c in ready:
+                r = self._conns.index(c)
+                try:
+                    kind, payload = c.recv()
+                except (EOFError, OSError):
+                    kind, payload = "err", f"rank {r} died (exit code {self._procs[r].exitcode})"
+                pending.pop(r)
+                if kind == "err":
+                    errors[r] = payload
+                else:
+                    results[r] = payload
+        if errors or pending:
+            self._kill()
+            if errors:
+                first = min(errors)
+                others = f" (ranks {sorted(errors)} raised)" if len(errors) > 1 else ""
+                stuck = f"; ranks {sorted(pending)} were still running and were stopped" if pending else ""
+                raise RankError(f"{what}: rank {first} raised{others}{stuck}:\n{errors[first]}")
+            raise WorldTimeout(f"{what}: ranks {sorted(pending)} of {self.world_size} did not finish within "
+                               f"{timeout:g} s; the world was stopped")
+        return [results[r] for r in range(self.world_size)]
