@@ -93,18 +93,19 @@ def symm_at(ptr, peer):
     return tl.tensor(TensorHandle(np.asarray(new, dtype=np.uint64).reshape(addrs.shape), ptr.handle.dtype), ptr.type)
 
 
-def _spin(addr: int, cty, expected: int, timeout_s: float):
+def spin(addr: int, cty, done, what: str, timeout_s: float):
+    """Poll the word at ``addr`` until ``done(value)``; raise :class:`SignalTimeout` after ``timeout_s``."""
     cell = cty.from_address(addr)
     deadline = time.monotonic() + timeout_s
     polls = 0
-    while (seen := cell.value) != expected:
+    while not done(seen := cell.value):
         polls += 1
         if polls > 64:
             time.sleep(0.0002)
         if time.monotonic() > deadline:
             w = current_world()
             raise SignalTimeout(
-                f"rank {w.rank} waited {timeout_s:g} s on the signal at {where_is(addr)} for value {expected}, "
+                f"rank {w.rank} waited {timeout_s:g} s on the signal at {where_is(addr)} for value {what}, "
                 f"last saw {seen}; a peer never sent it (check the signal protocol, or raise "
                 "TRITON_DIST_WAIT_TIMEOUT_S)")
     return seen
@@ -123,7 +124,7 @@ def wait(signal_ptrs, num_signals=1, scope="gpu", semantic="acquire", wait_value
         expected -= 1 << (8 * ctypes.sizeof(cty))
     timeout = current_world().config.wait_timeout_s
     for i in range(_int(num_signals)):
-        _spin(addr0 + i * ctypes.sizeof(cty), cty, expected, timeout)
+        spin(addr0 + i * ctypes.sizeof(cty), cty, lambda v: v == expected, str(expected), timeout)
     return _scalar(0, tl.int32)  # the token's value means nothing; its use orders later loads
 
 

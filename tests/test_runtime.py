@@ -1,0 +1,144 @@
+"""Host runtime: symmetric heap allocation, peer views, barriers, bad input, the process world itself."""
+import os
+import time
+
+import pytest
+import torch
+
+import triton_dist
+from triton_dist.testing import ProcessWorld, RankError, WorldTimeout
+
+from _util import poison, rand, world
+
+
+def _alloc_offsets():
+    w = world()
+    heap = w.heap
+    a = triton_dist.empty((1151,), torch.float32)
+    b = triton_dist.zeros((5, 123), torch.float16)
+    assert torch.count_nonzero(b) == 0
+    offs = [heap.offset_of(a), heap.offset_of(b)]
+    triton_dist.free(a)
+    c = triton_dist.empty((1000,), torch.int32)  # fits in a's freed range: reused
+    offs.append(heap.offset_of(c))
+    triton_dist.free(b)
+    triton_dist.free(c)
+    assert heap.bytes_in_use == 0
+    return offs
+
+
+def test_allocation_is_symmetric_and_reuses_freed_ranges(world):
+    offsets = world.run(_alloc_offsets)
+    assert all(o == offsets[0] for o in offsets), offsets
+    a, b, c = offsets[0]
+    assert a % 256 == 0 and b % 256 == 0 and b > a
+    assert c == a
+
+
+def _peer_views(seed):
+    w = world()
+    x = triton_dist.empty((7, 13), torch.float32)
+    x.copy_(rand((7, 13), torch.float32, seed + w.rank, w.device))
+    triton_dist.barrier()
+    for peer in range(w.world_size):
+        expect = rand((7, 13), torch.float32, seed + peer, w.device)
+        assert torch.equal(triton_dist.peer_view(x, peer), expect)
+        view = x[2:5, 1::3]
+        assert torch.equal(triton_dist.peer_view(view, peer), expect[2:5, 1::3])
+    triton_dist.barrier()
+    # a write through a peer view lands in the peer's heap
+    right = (w.rank + 1) % w.world_size
+    triton_dist.peer_view(x, right)[0, 0] = 1000.0 + w.rank
+    triton_dist.barrier()
+    got = x[0, 0].item()
+    triton_dist.free(x)
+    return got
+
+
+def test_peer_view_reads_and_writes_peer_heaps(world, seed):
+    got = world.run(_peer_views, seed)
+    n = len(got)
+    assert got == [1000.0 + (r - 1) % n for r in range(n)]
+
+
+def test_peer_view_odd_world(world3, seed):
+    got = world3.run(_peer_views, seed)
+    assert got == [1002.0, 1000.0, 1001.0]
+
+
+def _exhaust():
+    heap = world().heap
+    with pytest.raises(triton_dist.HeapExhausted, match=r"TRITON_DIST_HEAP_SIZE"):
+        triton_dist.empty((heap.nbytes,), torch.uint8)
+    return True
+
+
+def _bad_inputs():
+    w = world()
+    outside = torch.zeros(4, device=w.device)
+    with pytest.raises(triton_dist.NotSymmetric, match="not on rank .* symmetric heap"):
+        triton_dist.peer_view(outside, 0)
+    with pytest.raises(triton_dist.NotSymmetric, match="not returned by triton_dist.empty"):
+        triton_dist.free(outside)
+    with pytest.raises(TypeError, match="complex64 is not supported"):
+        triton_dist.empty((4,), torch.complex64)
+    x = triton_dist.empty((4,), torch.float32)
+    with pytest.raises(ValueError, match=r"peer must be in \[0, "):
+        triton_dist.peer_view(x, w.world_size)
+    triton_dist.free(x)
+    return True
+
+
+def test_bad_input_gets_clear_errors(world2):
+    assert world2.run(_exhaust) == [True, True]
+    assert world2.run(_bad_inputs) == [True, True]
+
+
+def _mismatched_allocation():
+    w = world()
+    triton_dist.empty((100 + 100 * w.rank,), torch.float32)
+
+
+def test_debug_mode_detects_different_allocation_sequences():
+    with ProcessWorld(2, backend=os.environ.get("TRITON_DIST_TEST_BACKEND", "cpu"),
+                      env={"TRITON_DIST_DEBUG": "1"}) as w:
+        with pytest.raises(RankError, match="differs across ranks"):
+            w.run(_mismatched_allocation, timeout=60)
+
+
+def _barriers():
+    w = world()
+    for _ in range(3):
+        triton_dist.barrier()
+        triton_dist.stream_barrier()
+    return w.rank
+
+
+def test_barriers(world):
+    assert world.run(_barriers) == list(range(world.world_size))
+
+
+def _raise_on_rank_one():
+    if world().rank == 1:
+        raise ValueError("planted failure on rank 1")
+    return True
+
+
+def _hang_on_rank_one():
+    if world().rank == 1:
+        time.sleep(600)
+    return True
+
+
+def test_rank_that_raises_fails_with_its_traceback_and_world_recovers(world2):
+    with pytest.raises(RankError, match=r"rank 1 raised(.|\n)*planted failure on rank 1"):
+        world2.run(_raise_on_rank_one)
+    assert world2.run(_barriers) == [0, 1]
+
+
+def test_rank_that_hangs_is_named_and_world_recovers(world2):
+    t0 = time.monotonic()
+    with pytest.raises(WorldTimeout, match=r"ranks \[1\] of 2 did not finish within 3 s"):
+        world2.run(_hang_on_rank_one, timeout=3)
+    assert time.monotonic() - t0 < 20
+    assert world2.run(_barriers) == [0, 1]

@@ -1,0 +1,119 @@
+"""The ``triton-dist`` command (also ``python -m triton_dist``).
+
+::
+
+    triton-dist run -n 4 script.py [args...]        # 4 ranks: GPUs if present, else a CPU world
+    triton-dist run -n 2 --mode cpu -m pkg.mod      # a module, on the CPU world
+    triton-dist bench primitives [-n N] [args...]   # a benchmark of triton_dist.bench
+    triton-dist demo [-n N]                         # the intra-node all-gather tutorial
+
+The exit code is the world's: 0 when every rank succeeded, the failing rank's code, 124 on a timeout,
+130 when interrupted, 2 for a usage error.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+BENCHES = ["primitives"]
+DEMO_SCRIPT = os.path.join("tutorials", "02_intra_node_allgather.py")
+EXIT_USAGE = 2
+
+
+def _nprocs(text: str):
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+    return n
+
+
+def _seconds(text: str) -> float:
+    try:
+        s = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not s > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return s
+
+
+def _world_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    common.add_argument("-n", "--nprocs", type=_nprocs, default="auto",
+                        help="number of ranks, or 'auto' (local GPUs; 4 in the CPU world) [default: auto]")
+    common.add_argument("--mode", choices=("auto", "gpu", "cpu"), default="auto",
+                        help="gpu: torchrun, one rank per GPU; cpu: Triton-interpreter world; auto: gpu when "
+                             "CUDA GPUs are visible (TRITON_DIST_LAUNCH_MODE overrides) [default: auto]")
+    common.add_argument("--timeout", type=_seconds, default=None,
+                        help="seconds the world may run before it is stopped with exit code 124 "
+                             "[default: TRITON_DIST_RUN_TIMEOUT or 1800]")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``triton-dist``."""
+    common = _world_options()
+    parser = argparse.ArgumentParser(prog="triton-dist", description="Launch and try triton-dist worlds.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,bench,demo}")
+
+    run = sub.add_parser("run", parents=[common], allow_abbrev=False,
+                         help="run a script or module on every rank",
+                         description="Run a script (or with -m a module) on N ranks; arguments after it are "
+                                     "passed through untouched.")
+    run.add_argument("-m", dest="module", action="store_true", help="the target is a module name, as in python -m")
+    run.add_argument("target", help="script path, or module name with -m")
+    run.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+
+    bench = sub.add_parser("bench", parents=[common], allow_abbrev=False,
+                           help="run a benchmark of triton_dist.bench",
+                           description="Run benchmark module triton_dist.bench.NAME on N ranks; unrecognised "
+                                       "arguments (or all after '--') go to the benchmark.")
+    bench.add_argument("name", choices=BENCHES, help="benchmark name")
+
+    sub.add_parser("demo", parents=[common], allow_abbrev=False,
+                   help=f"run {DEMO_SCRIPT} (the intra-node all-gather tutorial)")
+    return parser
+
+
+def repo_root() -> str:
+    """The directory holding the ``triton_dist`` package (the repository root in a source checkout)."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``triton-dist``: parse ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    opts, extra = parser.parse_known_args(argv)
+    if extra and opts.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+
+    module = False
+    if opts.command == "run":
+        target, args, module = opts.target, opts.args, opts.module
+    elif opts.command == "bench":
+        target, args, module = f"triton_dist.bench.{opts.name}", extra, True
+    else:
+        target, args = os.path.join(repo_root(), DEMO_SCRIPT), []
+        if not os.path.isfile(target):
+            print(f"triton-dist: error: the demo script {target} is missing; `triton-dist demo` needs a source "
+                  "checkout of triton-dist (the tutorials/ directory is not part of the installed package)",
+                  file=sys.stderr)
+            return EXIT_USAGE
+
+    from .runtime.launcher import EXIT_INTERRUPTED, launch
+    try:
+        return launch(opts.nprocs, target, args, module=module, mode=opts.mode, timeout=opts.timeout)
+    except ValueError as err:
+        print(f"triton-dist: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED

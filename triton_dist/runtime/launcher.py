@@ -1,0 +1,357 @@
+"""The launcher behind ``triton-dist run``: start a world of ranks, watch it, and never leave a process behind.
+
+Two modes share one supervisor:
+
+* ``gpu``: one ``torchrun --standalone --nproc-per-node N`` child, which starts one rank per GPU;
+* ``cpu``: ``N`` Python children, one per emulated rank, each with the torchrun variables (``RANK``,
+  ``WORLD_SIZE``, ...) plus ``TRITON_INTERPRET=1`` and ``TRITON_DIST_BACKEND=cpu``, so that
+  ``triton_dist.init()`` joins the CPU world under Triton's interpreter.
+
+Every child runs in its own session, so its whole process group can be signalled. When a child fails
+the others are stopped (SIGTERM, then SIGKILL after ``grace`` seconds) and its exit code is returned;
+when the world overruns its deadline everything is stopped and 124 is returned (like ``timeout(1)``).
+
+========================================  ===========================================================
+variable                                  meaning
+========================================  ===========================================================
+``TRITON_DIST_LAUNCH_MODE``               ``gpu`` or ``cpu``: what ``mode="auto"`` picks
+``TRITON_DIST_RUN_TIMEOUT``               seconds the whole world may run (default 1800)
+``TRITON_DIST_STRAGGLER_TIMEOUT``         seconds the last ranks may run after the first one finished
+                                          successfully (default 300)
+========================================  ===========================================================
+"""
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from .config import MULTICAST_OFF_ENV
+
+MODES = ("auto", "gpu", "cpu")
+DEFAULT_RUN_TIMEOUT_S = 1800.0
+DEFAULT_STRAGGLER_TIMEOUT_S = 300.0
+DEFAULT_CPU_NPROCS = 4
+EXIT_TIMEOUT = 124
+EXIT_INTERRUPTED = 130
+_POLL_S = 0.02
+
+
+# ---------------------------------------------------------------------------- choosing the world
+def _cuda_device_count() -> int:
+    import torch  # only here: a CPU launch with an explicit rank count never imports torch
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def resolve_mode(mode: str = "auto") -> str:
+    """Return ``"gpu"`` or ``"cpu"`` for ``mode`` (``auto``: ``TRITON_DIST_LAUNCH_MODE``, else GPUs if any)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "auto":
+        env = os.environ.get("TRITON_DIST_LAUNCH_MODE", "").strip().lower()
+        if env and env != "auto":
+            if env not in ("gpu", "cpu"):
+                raise ValueError(f"TRITON_DIST_LAUNCH_MODE must be 'auto', 'gpu' or 'cpu', got {env!r}")
+            return env
+        return "gpu" if _cuda_device_count() >= 1 else "cpu"
+    return mode
+
+
+def resolve_nprocs(nprocs: int | str, mode: str) -> int:
+    """Number of ranks for ``nprocs`` (an int, or ``"auto"``: local GPUs in GPU mode, else 4) in ``mode``."""
+    if nprocs == "auto":
+        n = _cuda_device_count() if mode == "gpu" else DEFAULT_CPU_NPROCS
+        if n < 1:
+            raise ValueError("nprocs='auto' in GPU mode, but no CUDA GPU is visible; pass --mode cpu for the "
+                             "CPU world")
+        return n
+    try:
+        n = int(nprocs)
+    except (TypeError, ValueError):
+        raise ValueError(f"nprocs must be a positive integer or 'auto', got {nprocs!r}") from None
+    if n < 1 or str(n) != str(nprocs).strip():
+        raise ValueError(f"nprocs must be a positive integer or 'auto', got {nprocs!r}")
+    if mode == "gpu":
+        gpus = _cuda_device_count()
+        if n > gpus:
+            raise ValueError(f"asked for {n} ranks in GPU mode, but only {gpus} CUDA GPU(s) are visible; "
+                             f"use -n {gpus} or fewer (or --mode cpu for a CPU world of {n} ranks)")
+    return n
+
+
+def _seconds(value, env_name: str, default: float) -> float:
+    if value is None:
+        value = os.environ.get(env_name) or default
+    try:
+        s = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{env_name}: expected a number of seconds, got {value!r}") from None
+    if not s > 0:
+        raise ValueError(f"{env_name}: expected a positive number of seconds, got {value!r}")
+    return s
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for ``MASTER_PORT``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gpu_command(nprocs: int, target: str, args, *, module: bool = False) -> list[str]:
+    """The ``torchrun`` command line of a GPU launch."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nprocs}",
+            *(["-m"] if module else []), target, *args]
+
+
+def cpu_command(target: str, args, *, module: bool = False) -> list[str]:
+    """The command line of one rank of a CPU launch."""
+    return [sys.executable, *(["-m"] if module else []), target, *args]
+
+
+def gpu_env(base: dict) -> dict:
+    """Environment of the ``torchrun`` child: multicast forced off, ``OMP_NUM_THREADS=1`` unless set."""
+    env = dict(base)
+    env.update(MULTICAST_OFF_ENV)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def cpu_rank_env(base: dict, rank: int, world_size: int, port: int, run_id: str) -> dict:
+    """Environment of ``rank`` in a CPU world: the torchrun variables plus the interpreter switches."""
+    env = dict(base)
+    env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+               LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               TRITON_INTERPRET="1", TRITON_DIST_BACKEND="cpu", TRITON_DIST_RUN_ID=run_id)
+    env.update(MULTICAST_OFF_ENV)
+    return env
+
+
+# ---------------------------------------------------------------------------- process groups
+@dataclass
+class _Child:
+    name: str  # "rank 3", or "torchrun"
+    ranks: list[int]  # ranks this child stands for
+    proc: subprocess.Popen
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _descendants(roots: list[int]) -> set[tuple[int, str]]:
+    """(pid, start time) of every live descendant of ``roots`` (Linux ``/proc``; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for path in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(path) as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(path.split("/")[2]))
+    found, todo = set(), list(roots)
+    while todo:
+        for kid in children.get(todo.pop(), ()):
+            start = _start_time(kid)
+            if start is not None and (kid, start) not in found:
+                found.add((kid, start))
+                todo.append(kid)
+    return found
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Send ``sig`` to process group ``pgid``; False when the group is gone."""
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # the id was reused by someone else's group
+        return False
+
+
+def _stop(children: list[_Child], grace: float) -> None:
+    """SIGTERM every child's process group, wait up to ``grace`` s, then SIGKILL what is left.
+
+    Descendants that left their child's group (torchrun puts each worker in a session of its own) are
+    found through ``/proc`` and killed too, so nothing outlives the launcher.
+    """
+    pgids = [c.proc.pid for c in children]
+    strays = _descendants(pgids)
+    for pgid in pgids:
+        _signal_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        for c in children:
+            c.proc.poll()  # reap leaders so an exited one stops counting as a group member
+        if not any(_signal_group(pgid, 0) for pgid in pgids):
+            break
+        time.sleep(_POLL_S)
+    strays |= _descendants(pgids)
+    for pgid in pgids:
+        _signal_group(pgid, signal.SIGKILL)
+    for pid, start in strays:
+        if _start_time(pid) == start:  # still the same process, not a reused pid
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    for c in children:
+        try:
+            c.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # unkillable (D state): nothing more we can do
+            pass
+
+
+def _say(msg: str) -> None:
+    print(f"triton-dist: {msg}", file=sys.stderr, flush=True)
+
+
+def _exit_code(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _describe(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"{returncode} (killed by {signal.Signals(-returncode).name})"
+        except ValueError:
+            return str(returncode)
+    return str(returncode)
+
+
+def _running_ranks(children: list[_Child]) -> list[int]:
+    return sorted(r for c in children if c.proc.returncode is None for r in c.ranks)
+
+
+def _supervise(children: list[_Child], timeout: float, straggler_timeout: float, grace: float) -> int:
+    start = time.monotonic()
+    first_done: float | None = None
+    while True:
+        for c in children:
+            c.proc.poll()
+        failed = [c for c in children if c.proc.returncode not in (None, 0)]
+        if failed:
+            bad = failed[0]
+            _say(f"{bad.name} exited with code {_describe(bad.proc.returncode)}; "
+                 f"stopping ranks still running: {_running_ranks(children)}")
+            _stop(children, grace)
+            return _exit_code(bad.proc.returncode)
+        running = _running_ranks(children)
+        if not running:
+            return 0
+        now = time.monotonic()
+        if first_done is None and len(running) < sum(len(c.ranks) for c in children):
+            first_done = now
+        if now - start > timeout:
+            _say(f"the world made no progress within {timeout:g} s; ranks still running: {running}; stopping them")
+            _stop(children, grace)
+            return EXIT_TIMEOUT
+        if first_done is not None and now - first_done > straggler_timeout:
+            _say(f"the world made no progress within {straggler_timeout:g} s; ranks still running: {running}; "
+                 f"stopping them (the other ranks finished {now - first_done:.0f} s ago)")
+            _stop(children, grace)
+            return EXIT_TIMEOUT
+        time.sleep(_POLL_S)
+
+
+class _Terminated(Exception):
+    """SIGTERM reached the launcher."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def _stop_uninterrupted(children: list[_Child], grace: float, in_main: bool) -> None:
+    """:func:`_stop` with SIGINT and SIGTERM ignored meanwhile, so a second Ctrl-C cannot leave orphans."""
+    if not in_main:
+        _stop(children, grace)
+        return
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        _stop(children, grace)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------------------- entry point
+def launch(nprocs: int | str, target: str, args=(), *, module: bool = False, mode: str = "auto",
+           timeout: float | None = None, grace: float = 10.0, straggler_timeout: float | None = None) -> int:
+    """Run ``target`` (a script path, or a module name with ``module=True``) on ``nprocs`` ranks.
+
+    Args:
+        nprocs: number of ranks, or ``"auto"`` (the local GPUs in GPU mode, 4 in the CPU world).
+        target: script path, or module name when ``module`` is true; ``args`` are passed through untouched.
+        mode: ``"gpu"`` (torchrun, one rank per GPU), ``"cpu"`` (interpreter world) or ``"auto"``
+            (``TRITON_DIST_LAUNCH_MODE``, else GPU mode when CUDA GPUs are visible).
+        timeout: seconds the whole world may run (default ``TRITON_DIST_RUN_TIMEOUT`` or 1800).
+        grace: seconds between SIGTERM and SIGKILL when ranks are stopped.
+        straggler_timeout: seconds the remaining ranks may run once one rank exited 0 (default
+            ``TRITON_DIST_STRAGGLER_TIMEOUT`` or 300).
+
+    Returns the exit code for the launcher: 0 when every rank exited 0, the first failing rank's code
+    (128 + signal number for a rank killed by a signal), or 124 when a deadline passed. On
+    KeyboardInterrupt every rank is stopped and the interrupt re-raised; SIGTERM to the launcher stops
+    every rank and returns 130. Raises ``ValueError`` for bad arguments (before starting anything).
+    """
+    mode = resolve_mode(mode)
+    n = resolve_nprocs(nprocs, mode)
+    if not target:
+        raise ValueError("launch: target must name a script or (with module=True) a module")
+    if not module and not os.path.isfile(target):
+        raise ValueError(f"launch: script {target!r} does not exist (use module=True / -m for a module)")
+    timeout = _seconds(timeout, "TRITON_DIST_RUN_TIMEOUT", DEFAULT_RUN_TIMEOUT_S)
+    straggler_timeout = _seconds(straggler_timeout, "TRITON_DIST_STRAGGLER_TIMEOUT", DEFAULT_STRAGGLER_TIMEOUT_S)
+    if not grace >= 0:
+        raise ValueError(f"launch: grace must be >= 0 seconds, got {grace!r}")
+    args = list(args)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    old_handler = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
+    children: list[_Child] = []
+    run_id = uuid.uuid4().hex[:12]
+    try:
+        if mode == "gpu":
+            proc = subprocess.Popen(gpu_command(n, target, args, module=module), env=gpu_env(os.environ),
+                                    start_new_session=True)
+            children.append(_Child("torchrun", list(range(n)), proc))
+        else:
+            port = free_port()
+            for r in range(n):
+                env = cpu_rank_env(os.environ, r, n, port, run_id)
+                proc = subprocess.Popen(cpu_command(target, args, module=module), env=env, start_new_session=True)
+                children.append(_Child(f"rank {r}", [r], proc))
+        return _supervise(children, timeout, straggler_timeout, grace)
+    except KeyboardInterrupt:
+        _say(f"interrupted; stopping ranks still running: {_running_ranks(children)}")
+        _stop_uninterrupted(children, grace, in_main)
+        raise
+    except _Terminated:
+        _say(f"terminated; stopping ranks still running: {_running_ranks(children)}")
+        _stop_uninterrupted(children, grace, in_main)
+        return EXIT_INTERRUPTED
+    finally:
+        if children:  # normally a no-op; catches anything a rank left behind in its process group
+            _stop_uninterrupted(children, 0.0 if all(c.proc.returncode is not None for c in children) else grace,
+                                in_main)
+        if in_main:
+            signal.signal(signal.SIGTERM, old_handler)
+        if mode == "cpu":  # a rank killed before it unlinked its heap file would leak it
+            for path in glob.glob(f"/dev/shm/triton_dist_{run_id}_*"):
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
