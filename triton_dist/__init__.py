@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import torch
 
+from .runtime.errors import SignalTimeout
 from .runtime.heap import AllocationMismatch, HeapExhausted, NotSymmetric
 from .runtime.world import World, current_world, is_initialized
 from .runtime import world as _world
 
 __version__ = "0.1.0"
 __all__ = ["init", "finalize", "empty", "zeros", "free", "peer_view", "barrier", "stream_barrier", "current_world",
-           "is_initialized", "World", "HeapExhausted", "AllocationMismatch", "NotSymmetric"]
+           "is_initialized", "synchronize", "World", "HeapExhausted", "AllocationMismatch", "NotSymmetric",
+           "SignalTimeout"]
 
 
 def init(backend: str = "auto", *, heap_size: int | None = None) -> World:
@@ -58,6 +60,11 @@ def free(t: torch.Tensor) -> None:
 def peer_view(t: torch.Tensor, rank: int) -> torch.Tensor:
     """Host-side view of symmetric tensor ``t`` as it lives on ``rank`` (same shape and strides)."""
     return current_world().heap.peer_view(t, rank)
+
+
+def synchronize() -> None:
+    """Wait for this rank's GPU work; a kernel stopped by the hang watchdog raises :class:`SignalTimeout`."""
+    current_world().synchronize()
 
 
 def barrier() -> None:

@@ -16,14 +16,11 @@ import numpy as np
 import triton.language as tl
 from triton.runtime.interpreter import TensorHandle
 
+from ..runtime.errors import SignalTimeout
 from ..runtime.world import current_world
 
 _CTYPES = {tl.int32: ctypes.c_int32, tl.uint32: ctypes.c_uint32, tl.int64: ctypes.c_int64, tl.uint64: ctypes.c_uint64}
 _SCOPES = ("cta", "gpu", "sys", "intra_node", "inter_node", "system")
-
-
-class SignalTimeout(RuntimeError):
-    """A wait did not see its signal within TRITON_DIST_WAIT_TIMEOUT_S."""
 
 
 def _c(x):

@@ -60,13 +60,25 @@ def num_ranks(_semantic=None):
     return _extern("__triton_dist_num_ranks", [], [], core.int32, _semantic)
 
 
+HEAP_ALIGN = 256  # bytes; every heap base is page aligned, every allocation 256-byte aligned
+
+
 @core.extern
 def symm_at(ptr, peer, _semantic=None):
-    """Address of the symmetric object ``ptr`` (local heap) on rank ``peer``; scalar or block pointers."""
+    """Address of the symmetric object ``ptr`` (local heap) on rank ``peer``; scalar or block pointers.
+
+    Implemented as ``ptr + delta`` with a scalar element offset ``delta`` known to be a multiple of 256 bytes, so
+    Triton's contiguity and alignment analysis of ``ptr`` survives and peer loads/stores stay vectorised.
+    """
+    if not (isinstance(ptr, core.tensor) and ptr.dtype.is_ptr()):
+        raise TypeError(f"symm_at expects a pointer, got {ptr!r}")
+    elem_bytes = max(1, ptr.dtype.element_ty.primitive_bitwidth // 8)
     peer = _semantic.to_tensor(peer).to(core.int32, _semantic=_semantic)
-    addr = _extern("__triton_dist_symm_at", [_as_i64(ptr, _semantic), peer], [core.int64, core.int32],
-                   core.int64, _semantic)
-    return addr.to(ptr.dtype, _semantic=_semantic)
+    delta = _extern("__triton_dist_peer_delta", [peer, _semantic.to_tensor(elem_bytes)], [core.int32, core.int32],
+                    core.int64, _semantic)
+    if not delta.type.is_block():
+        delta = core.multiple_of(delta, core.constexpr(HEAP_ALIGN // elem_bytes), _semantic=_semantic)
+    return _semantic.add(ptr, delta, True)
 
 
 def _ld_op(scope, semantic, width) -> str:

@@ -37,15 +37,17 @@ define i64 @__triton_dist_wait_timeout_ns(i32 %unused) #0 {
   ret i64 %v
 }
 
-; symm_at: the address of the same symmetric object on `peer`.
-define i64 @__triton_dist_symm_at(i64 %addr, i32 %peer) #0 {
+; symm_at: (base[peer] - base[rank]) / elem_bytes, the element offset that moves a pointer into this rank's
+; heap onto the same object in peer's heap. Bases are page aligned, so the division is exact.
+define i64 @__triton_dist_peer_delta(i32 %peer, i32 %elem_bytes) #0 {
   %me = call i32 @__triton_dist_rank()
   %i_me = add i32 %me, 4
   %i_peer = add i32 %peer, 4
   %base_me = call i64 @__triton_dist_word(i32 %i_me)
   %base_peer = call i64 @__triton_dist_word(i32 %i_peer)
-  %off = sub i64 %addr, %base_me
-  %res = add i64 %base_peer, %off
+  %bytes = sub i64 %base_peer, %base_me
+  %es = sext i32 %elem_bytes to i64
+  %res = sdiv exact i64 %bytes, %es
   ret i64 %res
 }
 

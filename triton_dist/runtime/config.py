@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 
 BACKENDS = ("auto", "cuda", "nvshmem", "cpu")
-DEFAULT_HEAP_BYTES = {"cpu": 64 << 20, "cuda": 2 << 30, "nvshmem": 2 << 30}
+DEFAULT_HEAP_BYTES = {"cpu": 64 << 20, "cuda": 2 << 30, "nvshmem": 1 << 30}
 DEFAULT_WAIT_TIMEOUT_S = 60.0
 # Variables that keep NVLink multicast off; the launcher forces them on GPU machines.
 MULTICAST_OFF_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}

@@ -20,6 +20,7 @@ import torch
 from triton import knobs
 
 from . import _cuda_driver
+from .errors import SignalTimeout
 
 MAX_RANKS = 64
 STATE_WORDS = 4 + MAX_RANKS
@@ -30,10 +31,6 @@ _record: torch.Tensor | None = None  # int64[8], pinned
 _modules: dict[int, int] = {}  # CUmodule handle -> state address
 _reported = False
 _stop = threading.Event()
-
-
-class SignalTimeout(RuntimeError):
-    """A device-side wait did not see its signal within TRITON_DIST_WAIT_TIMEOUT_S."""
 
 
 def _state_bytes() -> bytes:
@@ -63,8 +60,9 @@ def describe(rec) -> str:
     if _world is not None:
         for r, base in enumerate(_world.heap.bases):
             if base <= addr < base + _world.heap.nbytes:
-                where = f"rank {r}'s heap offset {addr - base} (0x{addr:x})"
-    return (f"triton_dist watchdog: rank {rank} waited {_world.config.wait_timeout_s if _world else '?'} s on the "
+                where = f"rank {r}'s heap offset {addr - base}"
+    timeout = f"{_world.config.wait_timeout_s:g}" if _world else "?"
+    return (f"triton_dist watchdog: rank {rank} waited {timeout} s on the "
             f"signal at {where} for value {expected}, last saw {seen} (SM {sm}); the kernel was stopped. "
             "A peer never sent that signal: check the signal protocol, or raise TRITON_DIST_WAIT_TIMEOUT_S.")
 

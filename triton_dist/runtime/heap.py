@@ -224,6 +224,8 @@ class CUDAArena:
             if not symm_mem.is_nvshmem_available():
                 raise RuntimeError("backend 'nvshmem' asked for, but PyTorch reports NVSHMEM unavailable; "
                                    "use TRITON_DIST_BACKEND=cuda")
+            # NVSHMEM reserves its symmetric heap at the first allocation: make room for ours.
+            os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(nbytes + (512 << 20)))
             symm_mem.set_backend("NVSHMEM")
         self.nbytes = nbytes
         self.buffer = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)

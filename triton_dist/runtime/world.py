@@ -38,8 +38,9 @@ class World:
         """True in the CPU world, where kernels run under Triton's interpreter."""
         return self.backend == "cpu"
 
-    def barrier(self) -> None:
-        """Host barrier: returns once every rank reached it and this rank's queued GPU work finished."""
+    def synchronize(self) -> None:
+        """Wait for this rank's queued GPU work. If a kernel was stopped by the hang watchdog, raise
+        :class:`SignalTimeout` naming the rank and signal instead of a bare CUDA error."""
         if self.device.type == "cuda":
             try:
                 torch.cuda.synchronize(self.device)
@@ -47,6 +48,10 @@ class World:
                 from . import device_state
                 device_state.check_after(err)
                 raise
+
+    def barrier(self) -> None:
+        """Host barrier: returns once every rank reached it and this rank's queued GPU work finished."""
+        self.synchronize()
         dist.barrier(group=self.group)
 
     def stream_barrier(self) -> None:

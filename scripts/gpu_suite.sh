@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The GPU suite: every test on CUDA worlds of 2, 3 and 4 GPUs (plus the GPU-only tests), then the primitive
+# micro-benchmarks on all local GPUs. Run on a machine with GPUs from the repository root:
+#     bash scripts/gpu_suite.sh [OUT_DIR]
+# Writes OUT_DIR/pytest.log, OUT_DIR/junit.xml, OUT_DIR/<card>.jsonl (bench rows) and a summary table (last).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-${OUT:-tests/gpu_results/latest}}
+mkdir -p "$OUT_DIR"
+# NVLink multicast stays off on shared machines.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python3}
+NGPU=$($PY -c "import torch; print(torch.cuda.device_count())")
+echo "GPUs: $NGPU"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -n 8
+
+TRITON_DIST_TEST_BACKEND=cuda $PY -m pytest -q -m "" tests -p no:cacheprovider --timeout 900 \
+    --junitxml="$OUT_DIR/junit.xml" ${PYTEST_ARGS:-} 2>&1 | tee "$OUT_DIR/pytest.log"
+TEST_RC=${PIPESTATUS[0]}
+
+BENCH_RC=0
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+    $PY -m triton_dist bench primitives -n "$NGPU" --out "$OUT_DIR" ${BENCH_ARGS:-} 2>&1 | tee "$OUT_DIR/bench.log"
+    BENCH_RC=${PIPESTATUS[0]}
+fi
+
+$PY - "$OUT_DIR" "$TEST_RC" "$BENCH_RC" <<'PY'
+import glob, json, sys, xml.etree.ElementTree as ET
+out, test_rc, bench_rc = sys.argv[1], sys.argv[2], sys.argv[3]
+try:
+    suite = ET.parse(f"{out}/junit.xml").getroot().find("testsuite")
+    a = suite.attrib
+    print(f"tests: {a['tests']} run, {a['failures']} failed, {a['errors']} errors, {a['skipped']} skipped (rc {test_rc})")
+except (OSError, ET.ParseError, AttributeError) as e:
+    print(f"tests: no junit report ({e}); rc {test_rc}")
+print(f"bench rc {bench_rc}")
+for path in glob.glob(f"{out}/*.jsonl"):
+    rows = [json.loads(l) for l in open(path)]
+    last = rows[-1]["run_id"] if rows else None
+    for r in rows:
+        if r["run_id"] == last:
+            gb = "" if r["gbps"] is None else f"{r['gbps']:.1f} GB/s"
+            print(f"{r['op']:<11} {r['shape']:<18} {r['provider']:<28} {r['median_us']:>10.2f} us  {gb}")
+PY
+exit $(( TEST_RC != 0 || BENCH_RC != 0 ))
