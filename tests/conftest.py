@@ -13,7 +13,17 @@ from triton_dist.testing import ProcessWorld  # noqa: E402  (after TRITON_INTERP
 BACKEND = os.environ.get("TRITON_DIST_TEST_BACKEND", "cpu")
 
 
+def gpus_or_skip(n):
+    """On GPUs, a world of n ranks needs n GPUs: skip (with the reason) on a smaller machine."""
+    if BACKEND != "cpu":
+        import torch
+        have = torch.cuda.device_count()
+        if have < n:
+            pytest.skip(f"needs {n} GPUs, this machine has {have}")
+
+
 def _world(n):
+    gpus_or_skip(n)
     w = ProcessWorld(n, backend=BACKEND)
     w.start()
     yield w

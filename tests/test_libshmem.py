@@ -12,6 +12,7 @@ from triton_dist.language import libshmem_device as shmem
 from triton_dist.testing import ProcessWorld
 
 from _util import poison, rand, sync, world
+from conftest import gpus_or_skip
 
 BACKEND = os.environ.get("TRITON_DIST_TEST_BACKEND", "cpu")
 
@@ -22,6 +23,7 @@ def pes(request):
     if BACKEND == "cpu":
         yield request.getfixturevalue(f"world{request.param}")
         return
+    gpus_or_skip(request.param)
     with ProcessWorld(request.param, backend="nvshmem") as w:
         yield w
 

@@ -67,8 +67,10 @@ def _quantile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def time_op(fn, *, iters: int = 30, warmup: int = 5, group=None, inner: int = 1) -> list[float]:
-    """Per-sample microseconds of ``fn`` on this rank: barrier, event, ``fn`` ``inner`` times, event.
+def time_op(fn, *, iters: int = 30, warmup: int = 5, group=None, inner: int = 1,
+            sleep_cycles: int = 1_000_000) -> list[float]:
+    """Per-sample microseconds of ``fn`` on this rank: barrier, a GPU sleep of ``sleep_cycles`` while the host
+    enqueues, event, ``fn`` ``inner`` times, event; the sample is the time per call.
 
     Returns the samples of the *slowest rank* for each sample index (max over ranks), so the median of the result
     is the slowest rank's median in the sense of DESIGN.md.
@@ -81,6 +83,8 @@ def time_op(fn, *, iters: int = 30, warmup: int = 5, group=None, inner: int = 1)
     for _ in range(iters):
         dist.barrier(group=group)
         torch.cuda.synchronize()
+        # Keep the GPU busy while the host enqueues the timed launches, so host launch latency is not timed.
+        torch.cuda._sleep(sleep_cycles)
         start.record()
         for _ in range(inner):
             fn()

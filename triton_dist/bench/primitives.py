@@ -112,22 +112,23 @@ def bench_peer_copy(rec: Recorder, sizes: list[int], samples: int) -> None:
         triton_dist.barrier()
         block = 4096
         grid = (min(sms, triton.cdiv(n, block)),)
+        inner = 10 if nbytes < (16 << 20) else 1
         put = lambda: _copy_kernel[grid](sym, local, n, peer, PUSH=True, BLOCK=block, num_warps=8)  # noqa: E731
         get = lambda: _copy_kernel[grid](local, sym, n, peer, PUSH=False, BLOCK=block, num_warps=8)  # noqa: E731
         peer_sym = triton_dist.peer_view(sym, peer)
         ce = lambda: peer_sym.copy_(local)  # noqa: E731
-        rec.add("peer_put", f"nbytes={nbytes}", "int32", "triton_dist", time_op(put, iters=samples, group=world.group),
+        rec.add("peer_put", f"nbytes={nbytes}", "int32", "triton_dist", time_op(put, iters=samples, group=world.group, inner=inner),
                 nbytes=nbytes)
         triton_dist.barrier()
         if not torch.equal(sym, data((world.rank - 1) % world.world_size)):
             raise RuntimeError(f"peer_put of {nbytes} bytes delivered wrong data on rank {world.rank}")
         local.fill_(-7)
-        rec.add("peer_get", f"nbytes={nbytes}", "int32", "triton_dist", time_op(get, iters=samples, group=world.group),
+        rec.add("peer_get", f"nbytes={nbytes}", "int32", "triton_dist", time_op(get, iters=samples, group=world.group, inner=inner),
                 nbytes=nbytes)
         triton_dist.barrier()
         if not torch.equal(local, data(world.rank)):  # our heap holds the left rank's data; we pulled the right's
             raise RuntimeError(f"peer_get of {nbytes} bytes fetched wrong data on rank {world.rank}")
-        rec.add("peer_put", f"nbytes={nbytes}", "int32", "copy_engine", time_op(ce, iters=samples, group=world.group),
+        rec.add("peer_put", f"nbytes={nbytes}", "int32", "copy_engine", time_op(ce, iters=samples, group=world.group, inner=inner),
                 nbytes=nbytes)
         triton_dist.barrier()
         triton_dist.free(sym)

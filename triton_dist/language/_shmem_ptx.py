@@ -3,9 +3,11 @@
 Pointers travel as int64 addresses (what the C functions take as ``void*``); functions returning ``void`` are
 declared as returning int32, whose value is never used.
 """
+import triton
 from triton.language import core
 
-from ._shmem_names import ALL, BARRIERS, GETMEM, PUTMEM, PUTMEM_SIGNAL, nvshmem_symbol
+from . import _ptx
+from ._shmem_names import ALL, BARRIERS, GETMEM, PUTMEM, PUTMEM_SIGNAL, PER_THREAD, PER_WARP, nvshmem_symbol
 
 LIB = "libnvshmem_device"
 i32, i64, u64 = core.int32, core.int64, core.uint64
@@ -46,12 +48,17 @@ def _no_arg(name):
     return core.extern(fn)
 
 
+def _register(name, raw):
+    """Public name -> builtin; thread/warp-level functions get a guarded @triton.jit wrapper (below)."""
+    globals()[("_raw_" if name in PER_THREAD + PER_WARP else "") + name] = raw
+
+
 for _n in PUTMEM + GETMEM:
-    globals()[_n] = _rma(_n)
+    _register(_n, _rma(_n))
 for _n in PUTMEM_SIGNAL:
-    globals()[_n] = _put_signal(_n)
+    _register(_n, _put_signal(_n))
 for _n in BARRIERS + ("fence", "quiet"):
-    globals()[_n] = _no_arg(_n)
+    _register(_n, _no_arg(_n))
 
 
 @core.extern
@@ -74,7 +81,7 @@ def remote_ptr(ptr, pe, _semantic=None):
 
 
 @core.extern
-def signal_op(sig_addr, signal, sig_op, pe, _semantic=None):
+def _raw_signal_op(sig_addr, signal, sig_op, pe, _semantic=None):
     """``nvshmemx_signal_op``: set or add ``signal`` to the uint64 signal ``sig_addr`` on ``pe``."""
     return _call("signal_op", [sig_addr, signal, sig_op, pe], [i64, u64, i32, i32], i32, _semantic)
 
@@ -83,3 +90,152 @@ def signal_op(sig_addr, signal, sig_op, pe, _semantic=None):
 def signal_wait_until(sig_addr, cmp, cmp_value, _semantic=None):
     """``nvshmem_signal_wait_until``: spin until ``*sig_addr <cmp> cmp_value``; returns the signal's value."""
     return _call("signal_wait_until", [sig_addr, cmp, cmp_value], [i64, i32, u64], u64, _semantic)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Thread- and warp-level NVSHMEM functions, run by one thread (or warp 0) of the program. Every thread first meets
+# at a barrier, so data the program wrote is complete before the put; and again after, so no thread runs ahead of
+# a barrier_all/sync_all or of a put whose source it may overwrite.
+@triton.jit
+def _lane_ok(WARP: core.constexpr):
+    if WARP:
+        return _ptx.tid(0) < 32
+    else:
+        return _ptx.tid(0) == 0
+
+
+# Each public thread/warp-level name: barrier, the NVSHMEM call on thread 0 (or warp 0), barrier.
+@triton.jit
+def putmem(dest, source, nbytes, pe):
+    core.debug_barrier()
+    if _lane_ok(False):
+        _raw_putmem(dest, source, nbytes, pe)
+    core.debug_barrier()
+
+
+@triton.jit
+def putmem_nbi(dest, source, nbytes, pe):
+    core.debug_barrier()
+    if _lane_ok(False):
+        _raw_putmem_nbi(dest, source, nbytes, pe)
+    core.debug_barrier()
+
+
+@triton.jit
+def putmem_warp(dest, source, nbytes, pe):
+    core.debug_barrier()
+    if _lane_ok(True):
+        _raw_putmem_warp(dest, source, nbytes, pe)
+    core.debug_barrier()
+
+
+@triton.jit
+def putmem_nbi_warp(dest, source, nbytes, pe):
+    core.debug_barrier()
+    if _lane_ok(True):
+        _raw_putmem_nbi_warp(dest, source, nbytes, pe)
+    core.debug_barrier()
+
+
+@triton.jit
+def getmem(dest, source, nbytes, pe):
+    core.debug_barrier()
+    if _lane_ok(False):
+        _raw_getmem(dest, source, nbytes, pe)
+    core.debug_barrier()
+
+
+@triton.jit
+def getmem_nbi(dest, source, nbytes, pe):
+    core.debug_barrier()
+    if _lane_ok(False):
+        _raw_getmem_nbi(dest, source, nbytes, pe)
+    core.debug_barrier()
+
+
+@triton.jit
+def getmem_warp(dest, source, nbytes, pe):
+    core.debug_barrier()
+    if _lane_ok(True):
+        _raw_getmem_warp(dest, source, nbytes, pe)
+    core.debug_barrier()
+
+
+@triton.jit
+def getmem_nbi_warp(dest, source, nbytes, pe):
+    core.debug_barrier()
+    if _lane_ok(True):
+        _raw_getmem_nbi_warp(dest, source, nbytes, pe)
+    core.debug_barrier()
+
+
+@triton.jit
+def putmem_signal(dest, source, nbytes, sig_addr, signal, sig_op, pe):
+    core.debug_barrier()
+    if _lane_ok(False):
+        _raw_putmem_signal(dest, source, nbytes, sig_addr, signal, sig_op, pe)
+    core.debug_barrier()
+
+
+@triton.jit
+def putmem_signal_nbi(dest, source, nbytes, sig_addr, signal, sig_op, pe):
+    core.debug_barrier()
+    if _lane_ok(False):
+        _raw_putmem_signal_nbi(dest, source, nbytes, sig_addr, signal, sig_op, pe)
+    core.debug_barrier()
+
+
+@triton.jit
+def putmem_signal_warp(dest, source, nbytes, sig_addr, signal, sig_op, pe):
+    core.debug_barrier()
+    if _lane_ok(True):
+        _raw_putmem_signal_warp(dest, source, nbytes, sig_addr, signal, sig_op, pe)
+    core.debug_barrier()
+
+
+@triton.jit
+def putmem_signal_nbi_warp(dest, source, nbytes, sig_addr, signal, sig_op, pe):
+    core.debug_barrier()
+    if _lane_ok(True):
+        _raw_putmem_signal_nbi_warp(dest, source, nbytes, sig_addr, signal, sig_op, pe)
+    core.debug_barrier()
+
+
+@triton.jit
+def signal_op(sig_addr, signal, sig_op, pe):
+    core.debug_barrier()
+    if _lane_ok(False):
+        _raw_signal_op(sig_addr, signal, sig_op, pe)
+    core.debug_barrier()
+
+
+@triton.jit
+def barrier_all():
+    core.debug_barrier()
+    if _lane_ok(False):
+        _raw_barrier_all()
+    core.debug_barrier()
+
+
+@triton.jit
+def sync_all():
+    core.debug_barrier()
+    if _lane_ok(False):
+        _raw_sync_all()
+    core.debug_barrier()
+
+
+@triton.jit
+def barrier_all_warp():
+    core.debug_barrier()
+    if _lane_ok(True):
+        _raw_barrier_all_warp()
+    core.debug_barrier()
+
+
+@triton.jit
+def sync_all_warp():
+    core.debug_barrier()
+    if _lane_ok(True):
+        _raw_sync_all_warp()
+    core.debug_barrier()

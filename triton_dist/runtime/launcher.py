@@ -86,15 +86,15 @@ def resolve_nprocs(nprocs: int | str, mode: str) -> int:
     return n
 
 
-def _seconds(value, env_name: str, default: float) -> float:
+def _seconds(value, name: str, env_name: str, default: float) -> float:
     if value is None:
-        value = os.environ.get(env_name) or default
+        value, name = os.environ.get(env_name) or default, env_name
     try:
         s = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{env_name}: expected a number of seconds, got {value!r}") from None
+        raise ValueError(f"{name}: expected a number of seconds, got {value!r}") from None
     if not s > 0:
-        raise ValueError(f"{env_name}: expected a positive number of seconds, got {value!r}")
+        raise ValueError(f"{name}: expected a positive number of seconds, got {value!r}")
     return s
 
 
@@ -142,32 +142,39 @@ class _Child:
     proc: subprocess.Popen
 
 
-def _start_time(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _descendants(roots: list[int]) -> set[tuple[int, str]]:
-    """(pid, start time) of every live descendant of ``roots`` (Linux ``/proc``; empty elsewhere)."""
-    children: dict[int, list[int]] = {}
+def _proc_table() -> dict[int, tuple[int, int, str, str]]:
+    """pid -> (ppid, process group, state, start time) of every process (Linux ``/proc``; empty elsewhere)."""
+    table = {}
     for path in glob.glob("/proc/[0-9]*/stat"):
         try:
             with open(path) as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                fields = f.read().rsplit(")", 1)[1].split()
+            table[int(path.split("/")[2])] = (int(fields[1]), int(fields[2]), fields[0], fields[19])
         except (OSError, IndexError, ValueError):
             continue
-        children.setdefault(ppid, []).append(int(path.split("/")[2]))
+    return table
+
+
+def _descendants(roots: list[int], table: dict) -> set[tuple[int, str]]:
+    """(pid, start time) of every descendant of ``roots``; the start time tells a reused pid apart."""
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
     found, todo = set(), list(roots)
     while todo:
         for kid in children.get(todo.pop(), ()):
-            start = _start_time(kid)
-            if start is not None and (kid, start) not in found:
-                found.add((kid, start))
+            if (kid, table[kid][3]) not in found:
+                found.add((kid, table[kid][3]))
                 todo.append(kid)
     return found
+
+
+def _living(pgids: list[int], strays: set[tuple[int, str]], table: dict) -> set[tuple[int, str]]:
+    """Processes still running (zombies excluded) in the groups ``pgids`` or among ``strays``."""
+    if not table:  # no /proc: ask the kernel whether the groups still exist (zombies count)
+        return {(pg, "") for pg in pgids if _signal_group(pg, 0)}
+    return {(pid, start) for pid, (_, pgrp, state, start) in table.items()
+            if state != "Z" and (pgrp in pgids or (pid, start) in strays)}
 
 
 def _signal_group(pgid: int, sig: int) -> bool:
@@ -175,38 +182,43 @@ def _signal_group(pgid: int, sig: int) -> bool:
     try:
         os.killpg(pgid, sig)
         return True
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):  # gone, or the id now belongs to someone else
         return False
-    except PermissionError:  # the id was reused by someone else's group
-        return False
+
+
+def _signal_strays(strays: set[tuple[int, str]], sig: int, table: dict) -> None:
+    for pid, start in strays:
+        if pid in table and table[pid][3] == start:  # still the same process, not a reused pid
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 def _stop(children: list[_Child], grace: float) -> None:
     """SIGTERM every child's process group, wait up to ``grace`` s, then SIGKILL what is left.
 
     Descendants that left their child's group (torchrun puts each worker in a session of its own) are
-    found through ``/proc`` and killed too, so nothing outlives the launcher.
+    found through ``/proc`` and signalled too, so nothing outlives the launcher.
     """
     pgids = [c.proc.pid for c in children]
-    strays = _descendants(pgids)
+    table = _proc_table()
+    strays = _descendants(pgids, table)
     for pgid in pgids:
         _signal_group(pgid, signal.SIGTERM)
+    _signal_strays(strays, signal.SIGTERM, table)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
+    while True:
         for c in children:
-            c.proc.poll()  # reap leaders so an exited one stops counting as a group member
-        if not any(_signal_group(pgid, 0) for pgid in pgids):
+            c.proc.poll()  # reap the leaders: a zombie leader keeps its group alive
+        table = _proc_table()
+        strays |= _descendants(pgids, table)
+        if not _living(pgids, strays, table) or time.monotonic() >= deadline:
             break
         time.sleep(_POLL_S)
-    strays |= _descendants(pgids)
     for pgid in pgids:
         _signal_group(pgid, signal.SIGKILL)
-    for pid, start in strays:
-        if _start_time(pid) == start:  # still the same process, not a reused pid
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+    _signal_strays(strays, signal.SIGKILL, table)
     for c in children:
         try:
             c.proc.wait(timeout=5)
@@ -266,8 +278,8 @@ def _supervise(children: list[_Child], timeout: float, straggler_timeout: float,
         time.sleep(_POLL_S)
 
 
-class _Terminated(Exception):
-    """SIGTERM reached the launcher."""
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM reached the launcher (a KeyboardInterrupt, so a caller that stops on Ctrl-C stops on it too)."""
 
 
 def _on_sigterm(signum, frame):
@@ -285,6 +297,20 @@ def _stop_uninterrupted(children: list[_Child], grace: float, in_main: bool) -> 
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+def _start(children: list[_Child], mode: str, n: int, target: str, args: list, module: bool, run_id: str) -> None:
+    """Start the world's children, appending each to ``children`` as soon as it runs."""
+    if mode == "gpu":
+        proc = subprocess.Popen(gpu_command(n, target, args, module=module), env=gpu_env(os.environ),
+                                start_new_session=True)
+        children.append(_Child("torchrun", list(range(n)), proc))
+        return
+    port = free_port()
+    for r in range(n):
+        env = cpu_rank_env(os.environ, r, n, port, run_id)
+        proc = subprocess.Popen(cpu_command(target, args, module=module), env=env, start_new_session=True)
+        children.append(_Child(f"rank {r}", [r], proc))
 
 
 # ---------------------------------------------------------------------------- entry point
@@ -305,7 +331,8 @@ def launch(nprocs: int | str, target: str, args=(), *, module: bool = False, mod
     Returns the exit code for the launcher: 0 when every rank exited 0, the first failing rank's code
     (128 + signal number for a rank killed by a signal), or 124 when a deadline passed. On
     KeyboardInterrupt every rank is stopped and the interrupt re-raised; SIGTERM to the launcher stops
-    every rank and returns 130. Raises ``ValueError`` for bad arguments (before starting anything).
+    every rank and returns 130 (a signal the caller ignores, as a background shell job ignores SIGINT,
+    stays ignored). Raises ``ValueError`` for bad arguments (before starting anything).
     """
     mode = resolve_mode(mode)
     n = resolve_nprocs(nprocs, mode)
@@ -313,42 +340,45 @@ def launch(nprocs: int | str, target: str, args=(), *, module: bool = False, mod
         raise ValueError("launch: target must name a script or (with module=True) a module")
     if not module and not os.path.isfile(target):
         raise ValueError(f"launch: script {target!r} does not exist (use module=True / -m for a module)")
-    timeout = _seconds(timeout, "TRITON_DIST_RUN_TIMEOUT", DEFAULT_RUN_TIMEOUT_S)
-    straggler_timeout = _seconds(straggler_timeout, "TRITON_DIST_STRAGGLER_TIMEOUT", DEFAULT_STRAGGLER_TIMEOUT_S)
-    if not grace >= 0:
-        raise ValueError(f"launch: grace must be >= 0 seconds, got {grace!r}")
+    timeout = _seconds(timeout, "timeout", "TRITON_DIST_RUN_TIMEOUT", DEFAULT_RUN_TIMEOUT_S)
+    straggler_timeout = _seconds(straggler_timeout, "straggler_timeout", "TRITON_DIST_STRAGGLER_TIMEOUT",
+                                 DEFAULT_STRAGGLER_TIMEOUT_S)
+    if not isinstance(grace, (int, float)) or not grace >= 0:
+        raise ValueError(f"launch: grace must be a number of seconds >= 0, got {grace!r}")
     args = list(args)
 
     in_main = threading.current_thread() is threading.main_thread()
-    old_handler = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
     children: list[_Child] = []
     run_id = uuid.uuid4().hex[:12]
+    pending: list[int] = []  # signals that arrived while ranks were starting
+    saved = {}
+    if in_main:  # hold SIGINT/SIGTERM until every started child is on the list, so none can be missed
+        saved = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
+                 for sig in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
-        if mode == "gpu":
-            proc = subprocess.Popen(gpu_command(n, target, args, module=module), env=gpu_env(os.environ),
-                                    start_new_session=True)
-            children.append(_Child("torchrun", list(range(n)), proc))
-        else:
-            port = free_port()
-            for r in range(n):
-                env = cpu_rank_env(os.environ, r, n, port, run_id)
-                proc = subprocess.Popen(cpu_command(target, args, module=module), env=env, start_new_session=True)
-                children.append(_Child(f"rank {r}", [r], proc))
+        _start(children, mode, n, target, args, module, run_id)
+        if saved:
+            if signal.SIGINT in saved:
+                signal.signal(signal.SIGINT, saved[signal.SIGINT])
+            if signal.SIGTERM in saved:
+                signal.signal(signal.SIGTERM, _on_sigterm)
+            if pending:
+                raise KeyboardInterrupt if pending[0] == signal.SIGINT else _Terminated()
         return _supervise(children, timeout, straggler_timeout, grace)
-    except KeyboardInterrupt:
-        _say(f"interrupted; stopping ranks still running: {_running_ranks(children)}")
-        _stop_uninterrupted(children, grace, in_main)
-        raise
     except _Terminated:
         _say(f"terminated; stopping ranks still running: {_running_ranks(children)}")
         _stop_uninterrupted(children, grace, in_main)
         return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        _say(f"interrupted; stopping ranks still running: {_running_ranks(children)}")
+        _stop_uninterrupted(children, grace, in_main)
+        raise
     finally:
         if children:  # normally a no-op; catches anything a rank left behind in its process group
             _stop_uninterrupted(children, 0.0 if all(c.proc.returncode is not None for c in children) else grace,
                                 in_main)
-        if in_main:
-            signal.signal(signal.SIGTERM, old_handler)
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
         if mode == "cpu":  # a rank killed before it unlinked its heap file would leak it
             for path in glob.glob(f"/dev/shm/triton_dist_{run_id}_*"):
                 try:

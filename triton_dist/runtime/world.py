@@ -44,7 +44,7 @@ class World:
         if self.device.type == "cuda":
             try:
                 torch.cuda.synchronize(self.device)
-            except RuntimeError as err:
+            except Exception as err:  # torch.AcceleratorError on newer torch
                 from . import device_state
                 device_state.check_after(err)
                 raise
