@@ -1,5 +1,6 @@
 """The launcher (`triton-dist run`) on the CPU world: success, a raising rank, a hanging world, stragglers,
 ``init`` outside a launcher, modules, and argument errors. Every world must end with no process left behind."""
+import json
 import os
 import signal
 import subprocess
@@ -186,9 +187,11 @@ def test_mode_and_nprocs_resolution(monkeypatch):
 
 
 def test_gpu_command_and_env_force_multicast_off():
-    assert launcher.gpu_command(4, "pkg.mod", ["--x", "1"], module=True)[1:] == [
-        "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m", "pkg.mod", "--x", "1"]
-    env = launcher.gpu_env({"NCCL_NVLS_ENABLE": "1", "NVSHMEM_DISABLE_NVLS": "0", "OMP_NUM_THREADS": "8"})
+    assert launcher.gpu_command(4)[1:] == [
+        "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m", "triton_dist.runtime._trampoline"]
+    env = launcher.gpu_env({"NCCL_NVLS_ENABLE": "1", "NVSHMEM_DISABLE_NVLS": "0", "OMP_NUM_THREADS": "8"},
+                           "pkg.mod", ["--m", "1151"], module=True)
+    assert json.loads(env["TRITON_DIST_TARGET"]) == {"target": "pkg.mod", "args": ["--m", "1151"], "module": True}
     assert {k: env[k] for k in MULTICAST_OFF_ENV} == MULTICAST_OFF_ENV
     assert env["OMP_NUM_THREADS"] == "8"
     assert launcher.gpu_env({})["OMP_NUM_THREADS"] == "1"
@@ -202,3 +205,14 @@ def test_demo_without_tutorial_is_a_clear_error(monkeypatch, tmp_path, capsys):
     assert cli.main(["demo", "-n", "2", "--mode", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "02_intra_node_allgather.py" in err and "missing" in err
+
+
+def test_trampoline_passes_script_arguments_untouched(tmp_path):
+    """GPU ranks start through the trampoline: options like --m must reach the script, not torchrun."""
+    script = str(SCRIPTS / "echo_rank.py")
+    env = dict(os.environ, RANK="0", PYTHONPATH=str(ROOT),
+               TRITON_DIST_TARGET=json.dumps({"target": script, "args": ["--m", "1151", "-n"], "module": False}))
+    out = subprocess.run([sys.executable, "-m", "triton_dist.runtime._trampoline"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "args=['--m', '1151', '-n']" in out.stdout

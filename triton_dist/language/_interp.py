@@ -108,7 +108,7 @@ def spin(addr: int, cty, done, what: str, timeout_s: float):
     return seen
 
 
-def wait(signal_ptrs, num_signals=1, scope="gpu", semantic="acquire", wait_value=1):
+def wait(signal_ptrs, num_signals=1, scope="sys", semantic="acquire", wait_value=1):
     """Spin until ``num_signals`` consecutive signals from ``signal_ptrs`` each equal ``wait_value``."""
     _check_scope(scope)
     if signal_ptrs.type.is_block():

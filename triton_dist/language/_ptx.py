@@ -91,7 +91,7 @@ def _ld_op(scope, semantic, width) -> str:
 
 
 @core.extern
-def wait(signal_ptrs, num_signals=1, scope="gpu", semantic="acquire", wait_value=1, _semantic=None):
+def wait(signal_ptrs, num_signals=1, scope="sys", semantic="acquire", wait_value=1, _semantic=None):
     """Spin until ``num_signals`` consecutive signals from ``signal_ptrs`` each equal ``wait_value``.
 
     Every thread of the program spins, so every thread's later loads are ordered after the wait.

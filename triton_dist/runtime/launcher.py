@@ -23,6 +23,7 @@ variable                                  meaning
 from __future__ import annotations
 
 import glob
+import json
 import os
 import signal
 import socket
@@ -33,6 +34,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from ._trampoline import ENV as TARGET_ENV
 from .config import MULTICAST_OFF_ENV
 
 MODES = ("auto", "gpu", "cpu")
@@ -105,10 +107,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def gpu_command(nprocs: int, target: str, args, *, module: bool = False) -> list[str]:
-    """The ``torchrun`` command line of a GPU launch."""
+def gpu_command(nprocs: int) -> list[str]:
+    """The ``torchrun`` command line of a GPU launch. Each rank runs the trampoline, which runs the target with
+    its arguments from ``TRITON_DIST_TARGET`` (see :func:`gpu_env`), so torchrun never parses them."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nprocs}",
-            *(["-m"] if module else []), target, *args]
+            "-m", "triton_dist.runtime._trampoline"]
 
 
 def cpu_command(target: str, args, *, module: bool = False) -> list[str]:
@@ -116,17 +119,28 @@ def cpu_command(target: str, args, *, module: bool = False) -> list[str]:
     return [sys.executable, *(["-m"] if module else []), target, *args]
 
 
-def gpu_env(base: dict) -> dict:
-    """Environment of the ``torchrun`` child: multicast forced off, ``OMP_NUM_THREADS=1`` unless set."""
-    env = dict(base)
+def _with_package_path(env: dict) -> dict:
+    """Ranks import triton_dist from where this launcher did, installed or not."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if root not in parts:
+        env["PYTHONPATH"] = os.pathsep.join([root, *parts])
+    return env
+
+
+def gpu_env(base: dict, target: str = "", args=(), *, module: bool = False) -> dict:
+    """Environment of the ``torchrun`` child: multicast forced off, ``OMP_NUM_THREADS=1`` unless set, and the
+    target for the trampoline."""
+    env = _with_package_path(dict(base))
     env.update(MULTICAST_OFF_ENV)
     env.setdefault("OMP_NUM_THREADS", "1")
+    env[TARGET_ENV] = json.dumps({"target": target, "args": list(args), "module": module})
     return env
 
 
 def cpu_rank_env(base: dict, rank: int, world_size: int, port: int, run_id: str) -> dict:
     """Environment of ``rank`` in a CPU world: the torchrun variables plus the interpreter switches."""
-    env = dict(base)
+    env = _with_package_path(dict(base))
     env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                TRITON_INTERPRET="1", TRITON_DIST_BACKEND="cpu", TRITON_DIST_RUN_ID=run_id)
@@ -302,7 +316,7 @@ def _stop_uninterrupted(children: list[_Child], grace: float, in_main: bool) -> 
 def _start(children: list[_Child], mode: str, n: int, target: str, args: list, module: bool, run_id: str) -> None:
     """Start the world's children, appending each to ``children`` as soon as it runs."""
     if mode == "gpu":
-        proc = subprocess.Popen(gpu_command(n, target, args, module=module), env=gpu_env(os.environ),
+        proc = subprocess.Popen(gpu_command(n), env=gpu_env(os.environ, target, args, module=module),
                                 start_new_session=True)
         children.append(_Child("torchrun", list(range(n)), proc))
         return
