@@ -3,7 +3,8 @@
 * ``signal_rtt``: ranks (0,1), (2,3), ... ping-pong a signal ``--iters`` times inside one kernel (one program of one
   warp per rank); round trip = kernel time / iters. Flavours: ``release_acquire`` (``dl.notify`` =
   ``st.release.sys`` + ``dl.wait`` acquire), ``relaxed`` (``st.relaxed.sys`` + ``ld.relaxed.sys`` spin),
-  ``volatile`` (``st.volatile`` + ``ld.volatile`` spin), ``atomic`` (``atom.exch.release.sys`` + acquire spin).
+  ``volatile`` (``st.volatile`` + ``ld.volatile`` spin), ``atomic`` (``atom.exch.release.sys`` + acquire spin),
+  ``release_relaxed_fence`` (``dl.notify`` + relaxed spin + one ``fence.acq_rel.sys``).
 * ``peer_put`` / ``peer_get``: every rank at once pushes to / pulls from rank+1 with a persistent copy kernel
   (one program per SM, 16-byte accesses); GB/s per GPU = bytes / time. Baseline ``copy_engine``: a peer
   ``Tensor.copy_`` (cudaMemcpy over NVLink).
@@ -23,12 +24,12 @@ import triton_dist
 import triton_dist.language as dl
 from triton_dist.bench.harness import Recorder, time_op
 
-FLAVOURS = ("release_acquire", "relaxed", "volatile", "atomic")
+FLAVOURS = ("release_acquire", "release_relaxed_fence", "relaxed", "volatile", "atomic")
 
 
 @triton.jit
 def _send(sig_ptr, peer, value, FLAVOUR: tl.constexpr):
-    if FLAVOUR == "release_acquire":
+    if FLAVOUR == "release_acquire" or FLAVOUR == "release_relaxed_fence":
         dl.notify(sig_ptr, peer, value, "set", "intra_node")
     elif FLAVOUR == "relaxed":
         dl.st(dl.symm_at(sig_ptr, peer), value, "sys", "relaxed")
@@ -42,6 +43,9 @@ def _send(sig_ptr, peer, value, FLAVOUR: tl.constexpr):
 def _recv(sig_ptr, value, FLAVOUR: tl.constexpr):
     if FLAVOUR == "relaxed":
         dl.wait(sig_ptr, 1, "sys", "relaxed", value)
+    elif FLAVOUR == "release_relaxed_fence":
+        dl.wait(sig_ptr, 1, "sys", "relaxed", value)
+        dl.fence("sys", "acq_rel")
     elif FLAVOUR == "volatile":
         dl.wait(sig_ptr, 1, "sys", "volatile", value)
     else:

@@ -102,11 +102,9 @@ def wait(signal_ptrs, num_signals=1, scope="sys", semantic="acquire", wait_value
         raise TypeError("dl.wait takes the first signal's scalar pointer and num_signals (consecutive signals), "
                         "not a block of pointers")
     width, reg, ty = _word(signal_ptrs)
-    # acquire = relaxed polls + one acquire fence once every signal was seen (fence-based synchronisation in
-    # the PTX memory model): the fence is paid once, not on every poll.
-    acquire = _c(semantic) == "acquire"
-    ld = _ld_op(scope, "relaxed" if acquire else semantic, width)
-    after = f"fence.acq_rel.{_scope(scope)};" if acquire else ""
+    # Acquire polls (ld.acquire) measured faster than relaxed polls plus one fence.acq_rel.sys after the loop
+    # (2x H100 / 4x H100, docs/perf/NOTES.md): a sys-scope fence waits for the whole memory system.
+    ld = _ld_op(scope, semantic, width)
     step = 4 if width == "b32" else 8
     n = _semantic.to_tensor(num_signals).to(core.int32, _semantic=_semantic)
     expected = _semantic.to_tensor(wait_value).to(ty, _semantic=_semantic)
@@ -139,7 +137,6 @@ def wait(signal_ptrs, num_signals=1, scope="sys", semantic="acquire", wait_value
     add.u32 %i, %i, 1;
     bra NEXT;
     DONE:
-    {after}
     mov.{width} $0, %v;
     mov.u64 $2, %a;
     }}"""
