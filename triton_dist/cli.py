@@ -93,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     opts, extra = parser.parse_known_args(argv)
     if extra and opts.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if extra[:1] == ["--"]:
-        extra = extra[1:]
+    extra = [a for a in extra if a != "--"]  # '--' only separates; argparse may leave it anywhere in extra
 
     module = False
     if opts.command == "run":
