@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU suite: every test on CUDA worlds of 2, 3 and 4 GPUs (plus the GPU-only tests), then the primitive
 # micro-benchmarks on all local GPUs. Run on a machine with GPUs from the repository root:
-#     bash scripts/gpu_suite.sh [OUT_DIR]
+#     TRITON_DIST_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_suite.sh [OUT_DIR]
+# (TRITON_DIST_COMMIT names the commit in the benchmark rows where the checkout has no .git.)
 # Writes OUT_DIR/pytest.log, OUT_DIR/junit.xml, OUT_DIR/<card>.jsonl (bench rows) and a summary table (last).
 set -uo pipefail
 cd "$(dirname "$0")/.."

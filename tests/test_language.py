@@ -44,7 +44,7 @@ def _pull_kernel(buf_ptr, out_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _ring_kernel(buf_ptr, sig_ptr, epoch, n: tl.constexpr, BLOCK: tl.constexpr):
+def _ring_kernel(buf_ptr, sig_ptr, n, epoch, BLOCK: tl.constexpr):
     """Push my slot to the right neighbour, signal it, wait for the left one, double what it sent."""
     me = dl.rank()
     world = dl.num_ranks()
@@ -174,7 +174,7 @@ def _ring(n, seed, calls):
         buf.copy_(poison(torch.empty_like(buf)))
         buf[w.rank] = rand((n,), torch.float32, seed + 31 * epoch + w.rank, w.device)
         triton_dist.barrier()
-        _ring_kernel[(1,)](buf, sig, epoch, n=n, BLOCK=256)
+        _ring_kernel[(1,)](buf, sig, n, epoch, BLOCK=256)
         sync()
         expect = rand((n,), torch.float32, seed + 31 * epoch + left, w.device) * 2
         assert torch.equal(buf[left], expect), f"call {epoch}: data from rank {left} wrong"

@@ -88,6 +88,17 @@ def _pick_backend(requested: str) -> str:
     return "cuda"
 
 
+def _check_interpreter_numpy() -> None:
+    import warnings
+
+    import numpy
+    import triton
+    if triton.__version__ == "3.6.0" and tuple(int(p) for p in numpy.__version__.split(".")[:2]) >= (2, 4):
+        warnings.warn(f"numpy {numpy.__version__} with Triton 3.6.0's interpreter: kernel loops whose bounds are "
+                      "runtime arguments fail ('only 0-dimensional arrays can be converted'); install numpy<2.4 "
+                      "(triton-lang/triton#9171)", RuntimeWarning, stacklevel=3)
+
+
 def init(backend: str = "auto", *, heap_size: int | None = None) -> World:
     """Join the world described by the torchrun environment and build the symmetric heap.
 
@@ -118,6 +129,7 @@ def init(backend: str = "auto", *, heap_size: int | None = None) -> World:
     nbytes = cfg.heap_bytes or DEFAULT_HEAP_BYTES[kind]
 
     if kind == "cpu":
+        _check_interpreter_numpy()
         device = torch.device("cpu")
         if not dist.is_initialized():
             dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
