@@ -22,33 +22,42 @@ def gpus_or_skip(n):
             pytest.skip(f"needs {n} GPUs, this machine has {have}")
 
 
-def _world(n):
+# World sizes of the `world` fixture: "2,4" by default; e.g. TRITON_DIST_TEST_WORLD_SIZES=8 on an 8-GPU machine.
+WORLD_SIZES = [int(n) for n in os.environ.get("TRITON_DIST_TEST_WORLD_SIZES", "2,4").split(",") if n.strip()]
+
+
+@pytest.fixture(scope="session")
+def worlds():
+    """Session cache of worlds by size, started on first use and closed at the end."""
+    cache = {}
+    yield cache
+    for w in cache.values():
+        w.close()
+
+
+def get_world(cache, n, backend=BACKEND):
     gpus_or_skip(n)
-    w = ProcessWorld(n, backend=BACKEND)
-    w.start()
-    yield w
-    w.close()
+    key = (n, backend)
+    if key not in cache:
+        cache[key] = ProcessWorld(n, backend=backend)
+        cache[key].start()
+    return cache[key]
 
 
 @pytest.fixture(scope="session")
-def world2():
-    yield from _world(2)
+def world2(worlds):
+    return get_world(worlds, 2)
 
 
 @pytest.fixture(scope="session")
-def world3():
-    yield from _world(3)
+def world3(worlds):
+    return get_world(worlds, 3)
 
 
-@pytest.fixture(scope="session")
-def world4():
-    yield from _world(4)
-
-
-@pytest.fixture(params=[2, 4], ids=lambda n: f"{n}ranks")
-def world(request):
-    """Each test that takes ``world`` runs on 2 and 4 ranks."""
-    return request.getfixturevalue(f"world{request.param}")
+@pytest.fixture(params=WORLD_SIZES, ids=lambda n: f"{n}ranks")
+def world(request, worlds):
+    """Each test that takes ``world`` runs on every size of TRITON_DIST_TEST_WORLD_SIZES (default 2 and 4)."""
+    return get_world(worlds, request.param)
 
 
 @pytest.fixture

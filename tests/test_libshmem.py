@@ -9,23 +9,17 @@ import triton.language as tl
 import triton_dist
 import triton_dist.language as dl
 from triton_dist.language import libshmem_device as shmem
-from triton_dist.testing import ProcessWorld
 
 from _util import poison, rand, sync, world
-from conftest import gpus_or_skip
+from conftest import WORLD_SIZES, get_world
 
 BACKEND = os.environ.get("TRITON_DIST_TEST_BACKEND", "cpu")
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"{n}pes")
-def pes(request):
+@pytest.fixture(params=WORLD_SIZES, ids=lambda n: f"{n}pes")
+def pes(request, worlds):
     """A world whose heap NVSHMEM can use: the CPU world, or backend 'nvshmem' on GPUs."""
-    if BACKEND == "cpu":
-        yield request.getfixturevalue(f"world{request.param}")
-        return
-    gpus_or_skip(request.param)
-    with ProcessWorld(request.param, backend="nvshmem") as w:
-        yield w
+    return get_world(worlds, request.param, backend="cpu" if BACKEND == "cpu" else "nvshmem")
 
 
 @triton.jit
