@@ -108,9 +108,13 @@ def spin(addr: int, cty, done, what: str, timeout_s: float):
     return seen
 
 
-def wait(signal_ptrs, num_signals=1, scope="sys", semantic="acquire", wait_value=1):
-    """Spin until ``num_signals`` consecutive signals from ``signal_ptrs`` each equal ``wait_value``."""
+def wait(signal_ptrs, num_signals=1, scope="sys", semantic="acquire", wait_value=1, cmp="eq"):
+    """Spin until ``num_signals`` consecutive signals from ``signal_ptrs`` each equal (``cmp="ge"``: reach)
+    ``wait_value``."""
     _check_scope(scope)
+    cmp = _c(cmp)
+    if cmp not in ("eq", "ge"):
+        raise ValueError(f"wait: cmp must be 'eq' or 'ge', got {cmp!r}")
     if signal_ptrs.type.is_block():
         raise TypeError("dl.wait takes the first signal's scalar pointer and num_signals (consecutive signals), "
                         "not a block of pointers")
@@ -121,7 +125,10 @@ def wait(signal_ptrs, num_signals=1, scope="sys", semantic="acquire", wait_value
         expected -= 1 << (8 * ctypes.sizeof(cty))
     timeout = current_world().config.wait_timeout_s
     for i in range(_int(num_signals)):
-        spin(addr0 + i * ctypes.sizeof(cty), cty, lambda v: v == expected, str(expected), timeout)
+        if cmp == "eq":
+            spin(addr0 + i * ctypes.sizeof(cty), cty, lambda v: v == expected, str(expected), timeout)
+        else:
+            spin(addr0 + i * ctypes.sizeof(cty), cty, lambda v: v >= expected, f">= {expected}", timeout)
     return _scalar(0, tl.int32)  # the token's value means nothing; its use orders later loads
 
 

@@ -91,8 +91,9 @@ def _ld_op(scope, semantic, width) -> str:
 
 
 @core.extern
-def wait(signal_ptrs, num_signals=1, scope="sys", semantic="acquire", wait_value=1, _semantic=None):
-    """Spin until ``num_signals`` consecutive signals from ``signal_ptrs`` each equal ``wait_value``.
+def wait(signal_ptrs, num_signals=1, scope="sys", semantic="acquire", wait_value=1, cmp="eq", _semantic=None):
+    """Spin until ``num_signals`` consecutive signals from ``signal_ptrs`` each equal ``wait_value``
+    (``cmp="ge"``, an extension: each is at least ``wait_value``, signed for int32/int64, for monotonic counters).
 
     Every thread of the program spins, so every thread's later loads are ordered after the wait.
     Returns a token for :func:`consume_token`. A wait longer than ``TRITON_DIST_WAIT_TIMEOUT_S`` records
@@ -102,6 +103,10 @@ def wait(signal_ptrs, num_signals=1, scope="sys", semantic="acquire", wait_value
         raise TypeError("dl.wait takes the first signal's scalar pointer and num_signals (consecutive signals), "
                         "not a block of pointers")
     width, reg, ty = _word(signal_ptrs)
+    cmp = _c(cmp)
+    if cmp not in ("eq", "ge"):
+        raise ValueError(f"wait: cmp must be 'eq' or 'ge', got {cmp!r}")
+    test = f"setp.eq.{width}" if cmp == "eq" else f"setp.ge.{('s' if ty in (core.int32, core.int64) else 'u')}{width[1:]}"
     # Acquire polls (ld.acquire) measured faster than relaxed polls plus one fence.acq_rel.sys after the loop
     # (2x H100 / 4x H100, docs/perf/NOTES.md): a sys-scope fence waits for the whole memory system.
     ld = _ld_op(scope, semantic, width)
@@ -124,7 +129,7 @@ def wait(signal_ptrs, num_signals=1, scope="sys", semantic="acquire", wait_value
     @%p_done bra DONE;
     SPIN:
     {ld} %v, [%a];
-    setp.eq.{width} %p_eq, %v, $4;
+    {test} %p_eq, %v, $4;
     @%p_eq bra ADVANCE;
     mov.u64 %t1, %globaltimer;
     sub.u64 %t1, %t1, %t0;

@@ -1,0 +1,142 @@
+"""AllReduce, AllGather, ReduceScatter against their torch.distributed references (CPU world; GPUs in the suite)."""
+import os
+
+import pytest
+import torch
+
+import triton_dist
+from triton_dist import ops
+from triton_dist.kernels import all_gather as ag
+from triton_dist.kernels import all_reduce as ar
+from triton_dist.kernels import reduce_scatter as rs
+
+from _util import poison, rand, sync, world
+
+BACKEND = os.environ.get("TRITON_DIST_TEST_BACKEND", "cpu")
+FLOATS = [torch.float32, torch.float16] + ([torch.bfloat16] if BACKEND != "cpu" else [])
+
+
+def _tol(dtype):
+    return {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1e-2)}[dtype]
+
+
+def _all_reduce(shape, dtype, method, seed, calls):
+    w = world()
+    ctx = ar.AllReduceContext(4096, dtype, num_programs=2)
+    for call in range(calls):  # back-to-back calls on one context exercise the epoch protocol
+        x = rand(shape, dtype, seed + 1000 * call + w.rank, w.device)
+        out = poison(torch.empty_like(x))
+        ar.all_reduce(x, ctx=ctx, method=method, out=out)
+        sync()
+        ref = ar.all_reduce_reference(x)
+        rtol, atol = _tol(dtype)
+        torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
+    ctx.close()
+    return out.sum().item()
+
+
+@pytest.mark.parametrize("method", ["one_shot", "two_shot"])
+@pytest.mark.parametrize("shape,dtype", [((1151,), torch.float32), ((5, 123), torch.float16), ((3,), torch.float32)])
+def test_all_reduce(world, method, shape, dtype, seed):
+    sums = world.run(_all_reduce, shape, dtype, method, seed, 3)
+    assert len(set(sums)) == 1, "every rank must get bit-identical sums"
+
+
+def test_all_reduce_odd_world(world3, seed):
+    for method in ("one_shot", "two_shot"):
+        world3.run(_all_reduce, (1001,), torch.float32, method, seed, 2)
+
+
+def _all_gather(shape, dtype, method, seed, calls):
+    w = world()
+    ctx = ag.AllGatherContext(2048, dtype, num_programs=2)
+    for call in range(calls):
+        x = rand(shape, dtype, seed + 1000 * call + w.rank, w.device)
+        out = torch.empty((w.world_size * shape[0], *shape[1:]), dtype=dtype, device=w.device)
+        out.view(torch.uint8).fill_(0xEE)
+        ag.all_gather(x, ctx=ctx, method=method, out=out)
+        sync()
+        ref = torch.cat([rand(shape, dtype, seed + 1000 * call + r, w.device) for r in range(w.world_size)])
+        assert torch.equal(out.view(torch.uint8), ref.view(torch.uint8)), f"call {call}: gathered bytes differ"
+        if dtype in (torch.float32, torch.int8):
+            assert torch.equal(out, ag.all_gather_reference(x))
+    ctx.close()
+    return True
+
+
+@pytest.mark.parametrize("method", ["pull", "push"])
+@pytest.mark.parametrize("shape,dtype", [((37, 51), torch.float32), ((5, 123), torch.float16), ((999,), torch.int8),
+                                         ((7, 33), torch.float8_e4m3fn)])
+def test_all_gather_exact(world, method, shape, dtype, seed):
+    assert all(world.run(_all_gather, shape, dtype, method, seed, 3))
+
+
+def test_all_gather_odd_world(world3, seed):
+    for method in ("pull", "push"):
+        assert all(world3.run(_all_gather, (11, 13), torch.float32, method, seed, 2))
+
+
+def _reduce_scatter(rows, cols, dtype, seed, calls):
+    w = world()
+    ctx = rs.ReduceScatterContext(8192, dtype, num_programs=2)
+    for call in range(calls):
+        x = rand((w.world_size * rows, cols), dtype, seed + 1000 * call + w.rank, w.device)
+        out = poison(torch.empty((rows, cols), dtype=dtype, device=w.device))
+        rs.reduce_scatter(x, ctx=ctx, out=out)
+        sync()
+        rtol, atol = _tol(dtype)
+        torch.testing.assert_close(out, rs.reduce_scatter_reference(x), rtol=rtol, atol=atol)
+    ctx.close()
+    return True
+
+
+@pytest.mark.parametrize("rows,cols,dtype", [(5, 123, torch.float32), (37, 51, torch.float16), (1, 7, torch.float32)])
+def test_reduce_scatter(world, rows, cols, dtype, seed):
+    assert all(world.run(_reduce_scatter, rows, cols, dtype, seed, 3))
+
+
+def test_reduce_scatter_odd_world(world3, seed):
+    assert all(world3.run(_reduce_scatter, 9, 17, torch.float32, seed, 2))
+
+
+def _ops_api(seed):
+    """The public ops: cached contexts, auto methods, growth to a larger size, every dtype on GPUs."""
+    w = world()
+    results = []
+    for dtype in FLOATS:
+        for n in (300, 5000):  # the second size grows the cached contexts
+            x = rand((n,), dtype, seed + n + w.rank, w.device)
+            rtol, atol = _tol(dtype)
+            torch.testing.assert_close(ops.all_reduce(x), ar.all_reduce_reference(x), rtol=rtol, atol=atol)
+            assert torch.equal(ops.all_gather(x.view(-1, 1)), ag.all_gather_reference(x.view(-1, 1)))
+            xs = rand((w.world_size * 7, n // 100), dtype, seed + 7 + w.rank, w.device)
+            torch.testing.assert_close(ops.reduce_scatter(xs), rs.reduce_scatter_reference(xs), rtol=rtol, atol=atol)
+            results.append(True)
+    ops.release_contexts()
+    return all(results)
+
+
+def test_ops_api(world, seed):
+    assert all(world.run(_ops_api, seed))
+
+
+def _bad_inputs():
+    w = world()
+    ctx = ar.AllReduceContext(64, torch.float32, num_programs=2)
+    with pytest.raises(ValueError, match="context is for up to 64 elements"):
+        ar.all_reduce(torch.ones(65, device=w.device), ctx=ctx)
+    with pytest.raises(ValueError, match="method must be"):
+        ar.all_reduce(torch.ones(8, device=w.device), ctx=ctx, method="three_shot")
+    with pytest.raises(ValueError, match="contiguous"):
+        ar.all_reduce(torch.ones(8, 2, device=w.device).t(), ctx=ctx)
+    with pytest.raises(TypeError, match="int32 is not supported"):
+        ops.all_reduce(torch.ones(8, dtype=torch.int32, device=w.device))
+    with pytest.raises(ValueError, match="multiple of the world size"):
+        ops.reduce_scatter(torch.ones(w.world_size * 3 + 1, device=w.device))
+    ctx.close()
+    ops.release_contexts()
+    return True
+
+
+def test_bad_input(world2):
+    assert all(world2.run(_bad_inputs))

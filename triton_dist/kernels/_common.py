@@ -1,0 +1,110 @@
+"""Shared pieces of the collective kernels: the per-program rendezvous protocol and the context base.
+
+Protocol ("epochs"). Every context owns a *signal pad* on the symmetric heap: ``regions`` regions of
+``num_programs x world`` int32 slots, and a local device counter ``epoch`` that the host bumps (``epoch.add_(1)``,
+a stream-ordered op, so CUDA-graph capturable) before every call. Program ``p`` of rank ``r`` talks only to program
+``p`` of the other ranks:
+
+* ``announce(pad, region, e)``: set slot ``[region][p][r]`` on every rank to ``e`` (barrier + release store);
+* ``await_all(pad, region, e)``: wait until slots ``[region][p][0..world)`` of this rank are all ``>= e``.
+
+Counters only grow, so a fast peer that already announced epoch ``e+1`` still satisfies a wait for ``e``; nothing is
+ever reset, which is what makes back-to-back calls (and graph replays) safe without a host barrier. A collective
+that stages data in a symmetric buffer uses a ``done`` region: before overwriting its staging block a program waits
+until every peer announced ``done >= e-1`` (it finished reading the previous call's data).
+
+Because no program waits for another program of the same rank, the kernels progress under the CPU world's
+interpreter (programs run one at a time, in pid order) as well as on GPUs.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+import triton_dist
+import triton_dist.language as dl
+
+
+@triton.jit
+def announce(pad_ptr, region, epoch, nprog, rank, world):
+    """Tell program ``pid`` of every rank that this program reached ``epoch`` in ``region`` (release)."""
+    slot = pad_ptr + (region * nprog + tl.program_id(0)) * world + rank
+    for peer in range(world):
+        dl.notify(slot, peer, epoch, "set", "intra_node")
+
+
+@triton.jit
+def await_all(pad_ptr, region, epoch, nprog, world):
+    """Wait until program ``pid`` of every rank announced at least ``epoch`` in ``region``; returns a token."""
+    first = pad_ptr + (region * nprog + tl.program_id(0)) * world
+    return dl.wait(first, world, "sys", "acquire", epoch, cmp="ge")
+
+
+@triton.jit
+def copy_blocks(src_ptr, dst_ptr, lo, hi, nprog, BLOCK: tl.constexpr):
+    """Copy this program's blocks of [lo, hi) (``lo + pid*BLOCK``, ``lo + (pid + nprog)*BLOCK``, ...) from ``src_ptr``
+    to ``dst_ptr`` (same offsets). Block assignment per range is what lets program p of one rank rely on
+    program p of another having handled exactly these blocks."""
+    offs0 = tl.arange(0, BLOCK)
+    for start in range(lo + tl.program_id(0) * BLOCK, hi, nprog * BLOCK):
+        offs = start + offs0
+        mask = offs < hi
+        tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=mask), mask=mask)
+
+
+def default_programs(world) -> int:
+    """Programs per collective launch: one per SM on GPUs, 2 in the CPU world (the interpreter is slow)."""
+    if world.interpreted:
+        return 2
+    return torch.cuda.get_device_properties(world.device).multi_processor_count
+
+
+class CollectiveContext:
+    """Symmetric staging buffer + signal pad + epoch counter, made once and reused by every call.
+
+    Creating a context allocates from the symmetric heap, so every rank must create the same contexts in the same
+    order (the op functions in :mod:`triton_dist.ops` do this lazily on the first call with a given size).
+    """
+
+    def __init__(self, staging_bytes: int, regions: int, num_programs: int | None = None):
+        self.world = triton_dist.current_world()
+        self.num_programs = num_programs or default_programs(self.world)
+        self.staging_bytes = staging_bytes
+        # rounded up to 16 bytes, so the staging can be viewed as any word type
+        self.staging = triton_dist.empty((max(-(-staging_bytes // 16) * 16, 16),), torch.uint8)
+        self.pad = triton_dist.zeros((regions * self.num_programs * self.world.world_size,), torch.int32)
+        self.epoch = torch.zeros(1, dtype=torch.int32, device=self.world.device)
+        self.world.barrier()  # every pad is zero before any rank announces into it
+
+    def staging_as(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if nbytes > self.staging_bytes:
+            raise ValueError(f"{type(self).__name__}: {numel} elements of {dtype} need {nbytes} bytes of staging, "
+                             f"the context has {self.staging_bytes}; make a larger context")
+        return self.staging[:nbytes].view(dtype)
+
+    def next_epoch(self) -> torch.Tensor:
+        """Bump the epoch on the stream (no host sync) and return the device counter for the kernel."""
+        self.epoch.add_(1)
+        return self.epoch
+
+    def close(self) -> None:
+        """Free the symmetric buffers (collective: every rank closes the same contexts in the same order)."""
+        self.world.barrier()
+        triton_dist.free(self.pad)
+        triton_dist.free(self.staging)
+
+
+def check_collective_input(x: torch.Tensor, what: str, dtypes) -> None:
+    world = triton_dist.current_world()
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.device != world.device and not (x.device.type == world.device.type == "cuda"
+                                         and x.device.index == world.device.index):
+        raise ValueError(f"{what}: tensor is on {x.device}, expected this rank's device {world.device}")
+    if x.dtype not in dtypes:
+        raise TypeError(f"{what}: dtype {x.dtype} is not supported; expected one of "
+                        f"{', '.join(str(d).replace('torch.', '') for d in dtypes)}")
+    if not x.is_contiguous():
+        raise ValueError(f"{what}: tensor must be contiguous (call .contiguous() first)")

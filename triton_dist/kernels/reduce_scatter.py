@@ -1,0 +1,95 @@
+"""ReduceScatter (sum), full mesh, fp32 accumulation.
+
+Shards: every rank holds ``x`` of shape ``(world * m, ...)``; rank ``r`` gets ``sum_q x_q[r*m:(r+1)*m]`` of shape
+``(m, ...)`` (the semantics of ``torch.distributed.reduce_scatter_tensor``).
+
+Protocol (``_common.py``; regions 0 ``ready``, 2 ``done``): wait ``done >= e-1``; stage every chunk of ``x`` (blocks
+assigned per chunk); announce ``ready = e``; wait all ``ready >= e``; each program sums its blocks of chunk ``rank``
+over every rank's staging in rank order and writes ``out``; announce ``done = e``. Each rank reads
+``(world - 1) m`` elements over NVLink.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import triton
+import triton.language as tl
+
+import triton_dist
+import triton_dist.language as dl
+
+from ._common import CollectiveContext, announce, await_all, check_collective_input, copy_blocks
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+METHODS = ("full_mesh",)
+
+
+@triton.jit
+def _full_mesh_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, chunk, BLOCK: tl.constexpr):
+    rank = dl.rank()
+    world = dl.num_ranks()
+    nprog = tl.num_programs(0)
+    e = tl.load(epoch_ptr)
+    await_all(pad_ptr, 2, e - 1, nprog, world)
+    for c in range(world):
+        copy_blocks(x_ptr, staging_ptr, c * chunk, c * chunk + chunk, nprog, BLOCK)
+    announce(pad_ptr, 0, e, nprog, rank, world)
+    base = dl.consume_token(staging_ptr, await_all(pad_ptr, 0, e, nprog, world))
+    lo = rank * chunk
+    offs0 = tl.arange(0, BLOCK)
+    for start in range(lo + tl.program_id(0) * BLOCK, lo + chunk, nprog * BLOCK):
+        offs = start + offs0
+        mask = offs < lo + chunk
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for peer in range(world):
+            acc += tl.load(dl.symm_at(base, peer) + offs, mask=mask).to(tl.float32)
+        tl.store(out_ptr + (offs - lo), acc.to(out_ptr.dtype.element_ty), mask=mask)
+    announce(pad_ptr, 2, e, nprog, rank, world)
+
+
+class ReduceScatterContext(CollectiveContext):
+    """Staging for reduce-scatters of inputs of up to ``max_numel`` elements of ``dtype``."""
+
+    def __init__(self, max_numel: int, dtype: torch.dtype, num_programs: int | None = None):
+        if dtype not in DTYPES:
+            raise TypeError(f"reduce_scatter: dtype {dtype} is not supported; expected bf16, fp16 or fp32")
+        self.max_numel = max_numel
+        self.dtype = dtype
+        super().__init__(max_numel * torch.empty((), dtype=dtype).element_size(), regions=3,
+                         num_programs=num_programs)
+
+
+def reduce_scatter(x: torch.Tensor, *, ctx: ReduceScatterContext, method: str = "auto",
+                   out: torch.Tensor | None = None, block: int | None = None) -> torch.Tensor:
+    """Sum ``x`` (``(world*m, ...)``) over ranks and keep chunk ``rank`` (``(m, ...)``); no host sync."""
+    check_collective_input(x, "reduce_scatter", DTYPES)
+    world = ctx.world.world_size
+    if x.dim() == 0 or x.shape[0] % world:
+        raise ValueError(f"reduce_scatter: dim 0 of x ({tuple(x.shape)}) must be a multiple of the world size "
+                         f"{world}")
+    if x.dtype != ctx.dtype or x.numel() > ctx.max_numel:
+        raise ValueError(f"reduce_scatter: context is for up to {ctx.max_numel} elements of {ctx.dtype}, got "
+                         f"{x.numel()} of {x.dtype}")
+    if method not in ("auto",) + METHODS:
+        raise ValueError(f"reduce_scatter: method must be 'auto' or one of {METHODS}, got {method!r}")
+    shape = (x.shape[0] // world, *x.shape[1:])
+    out = torch.empty(shape, dtype=x.dtype, device=x.device) if out is None else out
+    if tuple(out.shape) != shape or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(f"reduce_scatter: out must be a contiguous {shape} {x.dtype} tensor")
+    chunk = x.numel() // world
+    if chunk == 0:
+        return out
+    block = block or (1024 if ctx.world.interpreted else 2048)
+    epoch = ctx.next_epoch()
+    _full_mesh_kernel[(ctx.num_programs,)](x, out, ctx.staging_as(x.dtype, x.numel()), ctx.pad, epoch, chunk,
+                                           BLOCK=block, num_warps=8)
+    return out
+
+
+def reduce_scatter_reference(x: torch.Tensor) -> torch.Tensor:
+    """torch.distributed: all-reduce in fp32 and slice (gloo has no reduce_scatter_tensor)."""
+    world = triton_dist.current_world()
+    acc = x.to(torch.float32)
+    dist.all_reduce(acc, group=world.group)
+    m = x.shape[0] // world.world_size
+    return acc[world.rank * m:(world.rank + 1) * m].to(x.dtype)
