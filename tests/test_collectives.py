@@ -22,7 +22,7 @@ def _tol(dtype):
 
 def _all_reduce(shape, dtype, method, seed, calls):
     w = world()
-    ctx = ar.AllReduceContext(4096, dtype, num_programs=2)
+    ctx = ar.AllReduceContext(torch.Size(shape).numel(), dtype, num_programs=2)
     for call in range(calls):  # back-to-back calls on one context exercise the epoch protocol
         x = rand(shape, dtype, seed + 1000 * call + w.rank, w.device)
         out = poison(torch.empty_like(x))
@@ -49,7 +49,7 @@ def test_all_reduce_odd_world(world3, seed):
 
 def _all_gather(shape, dtype, method, seed, calls):
     w = world()
-    ctx = ag.AllGatherContext(2048, dtype, num_programs=2)
+    ctx = ag.AllGatherContext(torch.Size(shape).numel(), dtype, num_programs=2)
     for call in range(calls):
         x = rand(shape, dtype, seed + 1000 * call + w.rank, w.device)
         out = torch.empty((w.world_size * shape[0], *shape[1:]), dtype=dtype, device=w.device)
@@ -78,7 +78,7 @@ def test_all_gather_odd_world(world3, seed):
 
 def _reduce_scatter(rows, cols, dtype, seed, calls):
     w = world()
-    ctx = rs.ReduceScatterContext(8192, dtype, num_programs=2)
+    ctx = rs.ReduceScatterContext(w.world_size * rows * cols, dtype, num_programs=2)
     for call in range(calls):
         x = rand((w.world_size * rows, cols), dtype, seed + 1000 * call + w.rank, w.device)
         out = poison(torch.empty((rows, cols), dtype=dtype, device=w.device))
@@ -140,3 +140,47 @@ def _bad_inputs():
 
 def test_bad_input(world2):
     assert all(world2.run(_bad_inputs))
+
+
+def _stress(calls, seed):
+    """Back-to-back calls with random sizes and methods, every result checked (GPU only)."""
+    w = world()
+    g = torch.Generator().manual_seed(seed)
+    for i in range(calls):
+        n = int(torch.randint(1, 1 << 16, (1,), generator=g))
+        op = ("all_reduce", "all_gather", "reduce_scatter")[i % 3]
+        x = torch.randn(w.world_size * n, device=w.device, dtype=torch.bfloat16)
+        if op == "all_reduce":
+            method = ("one_shot", "two_shot")[int(torch.randint(0, 2, (1,), generator=g))]
+            got, ref = ops.all_reduce(x, method=method), ar.all_reduce_reference(x)
+            torch.testing.assert_close(got, ref, rtol=1.6e-2, atol=1e-2)
+        elif op == "all_gather":
+            method = ("pull", "push")[int(torch.randint(0, 2, (1,), generator=g))]
+            assert torch.equal(ops.all_gather(x[:n], method=method), ag.all_gather_reference(x[:n])), f"call {i}"
+        else:
+            torch.testing.assert_close(ops.reduce_scatter(x), rs.reduce_scatter_reference(x), rtol=1.6e-2, atol=1e-2)
+    ops.release_contexts()
+    return True
+
+
+@pytest.mark.gpu
+def test_collectives_stress(world, seed):
+    calls = int(os.environ.get("TRITON_DIST_STRESS_CALLS", "10000"))
+    assert all(world.run(_stress, calls, seed, timeout=1800))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["one_shot", "two_shot"])
+def test_all_reduce_bf16(world, method, seed):
+    world.run(_all_reduce, (4099,), torch.bfloat16, method, seed, 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["pull", "push"])
+def test_all_gather_bf16(world, method, seed):
+    assert all(world.run(_all_gather, (33, 65), torch.bfloat16, method, seed, 3))
+
+
+@pytest.mark.gpu
+def test_reduce_scatter_bf16(world, seed):
+    assert all(world.run(_reduce_scatter, 37, 129, torch.bfloat16, seed, 3))
