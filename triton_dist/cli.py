@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-BENCHES = ["primitives"]
+BENCHES = ["primitives", "collectives"]
 DEMO_SCRIPT = os.path.join("tutorials", "02_intra_node_allgather.py")
 EXIT_USAGE = 2
 

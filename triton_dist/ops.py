@@ -22,6 +22,7 @@ import torch
 
 from .kernels import all_gather as _ag
 from .kernels import all_reduce as _ar
+from .kernels import all_to_all as _a2a
 from .kernels import reduce_scatter as _rs
 
 _contexts: dict = {}
@@ -43,6 +44,7 @@ def release_contexts() -> None:
     for ctx in _contexts.values():
         ctx.close()
     _contexts.clear()
+    _a2a.close_default_context()
 
 
 def all_reduce(x: torch.Tensor, *, method: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
@@ -61,3 +63,15 @@ def reduce_scatter(x: torch.Tensor, *, method: str = "auto", out: torch.Tensor |
     """Chunk ``rank`` (along dim 0) of the sum of ``x`` over ranks; see :mod:`triton_dist.kernels.reduce_scatter`."""
     ctx = _context("reduce_scatter", _rs.ReduceScatterContext, x.numel(), x.dtype)
     return _rs.reduce_scatter(x, ctx=ctx, method=method, out=out)
+
+
+def all_to_all(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Equal-split all-to-all along dim 0 (``all_to_all_single`` semantics); see
+    :mod:`triton_dist.kernels.all_to_all`."""
+    return _a2a.all_to_all(x, out=out)
+
+
+def all_to_all_v(x: torch.Tensor, input_split_sizes, output_split_sizes, *,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """Variable-split all-to-all along dim 0 (``all_to_all_single`` with split sizes)."""
+    return _a2a.all_to_all_v(x, input_split_sizes, output_split_sizes, out=out)

@@ -42,14 +42,27 @@ def await_all(pad_ptr, region, epoch, nprog, world):
 
 
 @triton.jit
-def copy_blocks(src_ptr, dst_ptr, lo, hi, nprog, BLOCK: tl.constexpr):
-    """Copy this program's blocks of [lo, hi) (``lo + pid*BLOCK``, ``lo + (pid + nprog)*BLOCK``, ...) from ``src_ptr``
-    to ``dst_ptr`` (same offsets). Block assignment per range is what lets program p of one rank rely on
-    program p of another having handled exactly these blocks."""
+def tile_span(lo, hi, base, nprog, BLOCK: tl.constexpr):
+    """Tiles of this program covering indices [lo, hi) of a range stored at staging position ``base + i``.
+
+    Staging is cut into fixed tiles of BLOCK elements; tile ``t`` always belongs to program ``t % nprog``, whatever
+    the call's sizes. That is what makes the per-program ``done`` signal enough: the bytes program p overwrites in
+    call e are exactly the bytes program p of every peer read in call e-1. Returns (first tile, end, step)."""
+    pid = tl.program_id(0)
+    first = (base + lo) // BLOCK
+    t0 = first + (pid - first % nprog + nprog) % nprog
+    return t0, tl.cdiv(base + hi, BLOCK), nprog
+
+
+@triton.jit
+def copy_blocks(src_ptr, dst_ptr, lo, hi, nprog, BLOCK: tl.constexpr, base=0):
+    """Copy this program's tiles of indices [lo, hi) from ``src_ptr`` to ``dst_ptr`` (same indices); the range sits
+    at staging position ``base + i`` (see :func:`tile_span`)."""
+    t0, t1, step = tile_span(lo, hi, base, nprog, BLOCK)
     offs0 = tl.arange(0, BLOCK)
-    for start in range(lo + tl.program_id(0) * BLOCK, hi, nprog * BLOCK):
-        offs = start + offs0
-        mask = offs < hi
+    for t in range(t0, t1, step):
+        offs = t * BLOCK - base + offs0
+        mask = (offs >= lo) & (offs < hi)
         tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=mask), mask=mask)
 
 

@@ -53,11 +53,11 @@ def _push_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, m, BLOCK: tl.c
     await_all(pad_ptr, 2, e - 1, nprog, world)
     for i in range(world):
         dst = (rank + i) % world
-        copy_blocks(x_ptr, dl.symm_at(staging_ptr + rank * m, dst), 0, m, nprog, BLOCK)
+        copy_blocks(x_ptr, dl.symm_at(staging_ptr + rank * m, dst), 0, m, nprog, BLOCK, rank * m)
     announce(pad_ptr, 0, e, nprog, rank, world)
     base = dl.consume_token(staging_ptr, await_all(pad_ptr, 0, e, nprog, world))
     for src in range(world):
-        copy_blocks(base + src * m, out_ptr + src * m, 0, m, nprog, BLOCK)
+        copy_blocks(base + src * m, out_ptr + src * m, 0, m, nprog, BLOCK, src * m)
     announce(pad_ptr, 2, e, nprog, rank, world)
 
 
@@ -80,8 +80,7 @@ def _word_dtype(nbytes: int) -> torch.dtype:
     return torch.uint8
 
 
-def all_gather(x: torch.Tensor, *, ctx: AllGatherContext, method: str = "auto", out: torch.Tensor | None = None,
-               block: int | None = None) -> torch.Tensor:
+def all_gather(x: torch.Tensor, *, ctx: AllGatherContext, method: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
     """Gather ``x`` (``(m, ...)``) from every rank into ``(world * m, ...)`` in rank order; no host sync."""
     from triton_dist.runtime.heap import SUPPORTED_DTYPES
     check_collective_input(x, "all_gather", SUPPORTED_DTYPES)
@@ -104,7 +103,7 @@ def all_gather(x: torch.Tensor, *, ctx: AllGatherContext, method: str = "auto", 
     xw, outw = x.reshape(-1).view(torch.uint8).view(word), out.reshape(-1).view(torch.uint8).view(word)
     m = xw.numel()
     staging = ctx.staging.view(word)
-    block = block or (1024 if ctx.world.interpreted else 4096)
+    block = 1024 if ctx.world.interpreted else 4096  # fixed per context: tiles own staging bytes
     epoch = ctx.next_epoch()
     kernel = _pull_kernel if method == "pull" else _push_kernel
     kernel[(ctx.num_programs,)](xw, outw, staging, ctx.pad, epoch, m, BLOCK=block, num_warps=8)

@@ -3,7 +3,8 @@
 Shards: every rank holds ``x`` (any shape, n elements); every rank gets ``sum_r x_r`` with the same shape.
 
 Both methods stage ``x`` in the context's symmetric buffer and use the epoch protocol of ``_common.py``
-(regions: 0 ``ready``, 1 ``reduced``, 2 ``done``); program ``p`` owns blocks ``p, p + P, p + 2P, ...``.
+(regions: 0 ``ready``, 1 ``reduced``, 2 ``done``); program ``p`` owns the staging tiles ``p, p + P, p + 2P, ...``
+(fixed tiles, whatever the size of the call).
 
 * one-shot (latency): wait ``done >= e-1``; copy my blocks of ``x`` to staging; announce ``ready = e``; wait all
   ``ready >= e``; for each block sum the peers' staging in rank order (fp32) into ``out``; announce ``done = e``.
@@ -25,7 +26,7 @@ import triton.language as tl
 import triton_dist
 import triton_dist.language as dl
 
-from ._common import CollectiveContext, announce, await_all, check_collective_input, copy_blocks
+from ._common import CollectiveContext, announce, await_all, check_collective_input, copy_blocks, tile_span
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 METHODS = ("one_shot", "two_shot")
@@ -50,9 +51,9 @@ def _one_shot_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, n, BLOCK: 
     copy_blocks(x_ptr, staging_ptr, 0, n, nprog, BLOCK)
     announce(pad_ptr, 0, e, nprog, rank, world)
     base = dl.consume_token(staging_ptr, await_all(pad_ptr, 0, e, nprog, world))
-    offs0 = tl.arange(0, BLOCK)
-    for start in range(tl.program_id(0) * BLOCK, n, nprog * BLOCK):
-        offs = start + offs0
+    t0, t1, step = tile_span(0, n, 0, nprog, BLOCK)
+    for t in range(t0, t1, step):
+        offs = t * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         acc = _sum_peers(base, offs, mask, world, BLOCK)
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -64,21 +65,18 @@ def _two_shot_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, n, chunk, 
     rank = dl.rank()
     world = dl.num_ranks()
     nprog = tl.num_programs(0)
-    pid = tl.program_id(0)
     e = tl.load(epoch_ptr)
     await_all(pad_ptr, 2, e - 1, nprog, world)
-    # blocks are assigned per chunk, so program p of every rank touches the same blocks in every phase
-    for c in range(world):
-        copy_blocks(x_ptr, staging_ptr, c * chunk, tl.minimum(c * chunk + chunk, n), nprog, BLOCK)
+    copy_blocks(x_ptr, staging_ptr, 0, n, nprog, BLOCK)
     announce(pad_ptr, 0, e, nprog, rank, world)
     base = dl.consume_token(staging_ptr, await_all(pad_ptr, 0, e, nprog, world))
-    offs0 = tl.arange(0, BLOCK)
     # reduce-scatter: my chunk, summed over every rank's staging, into out and back into my staging
     lo = rank * chunk
     hi = tl.minimum(lo + chunk, n)
-    for start in range(lo + pid * BLOCK, hi, nprog * BLOCK):
-        offs = start + offs0
-        mask = offs < hi
+    t0, t1, step = tile_span(lo, hi, 0, nprog, BLOCK)
+    for t in range(t0, t1, step):
+        offs = t * BLOCK + tl.arange(0, BLOCK)
+        mask = (offs >= lo) & (offs < hi)
         acc = _sum_peers(base, offs, mask, world, BLOCK).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + offs, acc, mask=mask)
         tl.store(base + offs, acc, mask=mask)
@@ -110,8 +108,7 @@ def pick_method(nbytes: int) -> str:
     return "one_shot" if nbytes <= ONE_SHOT_MAX_BYTES else "two_shot"
 
 
-def all_reduce(x: torch.Tensor, *, ctx: AllReduceContext, method: str = "auto", out: torch.Tensor | None = None,
-               block: int | None = None) -> torch.Tensor:
+def all_reduce(x: torch.Tensor, *, ctx: AllReduceContext, method: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
     """Sum ``x`` over all ranks (fp32 accumulation); returns ``out`` (new tensor if None). No host sync."""
     check_collective_input(x, "all_reduce", DTYPES)
     if x.dtype != ctx.dtype or x.numel() > ctx.max_numel:
@@ -126,7 +123,7 @@ def all_reduce(x: torch.Tensor, *, ctx: AllReduceContext, method: str = "auto", 
     n = x.numel()
     if n == 0:
         return out
-    block = block or (1024 if ctx.world.interpreted else 2048)
+    block = 1024 if ctx.world.interpreted else 2048  # fixed per context: tiles own staging bytes
     staging = ctx.staging_as(x.dtype, n)
     epoch = ctx.next_epoch()
     grid = (ctx.num_programs,)

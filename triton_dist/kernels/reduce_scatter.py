@@ -3,8 +3,8 @@
 Shards: every rank holds ``x`` of shape ``(world * m, ...)``; rank ``r`` gets ``sum_q x_q[r*m:(r+1)*m]`` of shape
 ``(m, ...)`` (the semantics of ``torch.distributed.reduce_scatter_tensor``).
 
-Protocol (``_common.py``; regions 0 ``ready``, 2 ``done``): wait ``done >= e-1``; stage every chunk of ``x`` (blocks
-assigned per chunk); announce ``ready = e``; wait all ``ready >= e``; each program sums its blocks of chunk ``rank``
+Protocol (``_common.py``; regions 0 ``ready``, 2 ``done``): wait ``done >= e-1``; stage ``x`` (fixed tiles);
+announce ``ready = e``; wait all ``ready >= e``; each program sums its tiles of chunk ``rank``
 over every rank's staging in rank order and writes ``out``; announce ``done = e``. Each rank reads
 ``(world - 1) m`` elements over NVLink.
 """
@@ -18,7 +18,7 @@ import triton.language as tl
 import triton_dist
 import triton_dist.language as dl
 
-from ._common import CollectiveContext, announce, await_all, check_collective_input, copy_blocks
+from ._common import CollectiveContext, announce, await_all, check_collective_input, copy_blocks, tile_span
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 METHODS = ("full_mesh",)
@@ -31,15 +31,14 @@ def _full_mesh_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, chunk, BL
     nprog = tl.num_programs(0)
     e = tl.load(epoch_ptr)
     await_all(pad_ptr, 2, e - 1, nprog, world)
-    for c in range(world):
-        copy_blocks(x_ptr, staging_ptr, c * chunk, c * chunk + chunk, nprog, BLOCK)
+    copy_blocks(x_ptr, staging_ptr, 0, world * chunk, nprog, BLOCK)
     announce(pad_ptr, 0, e, nprog, rank, world)
     base = dl.consume_token(staging_ptr, await_all(pad_ptr, 0, e, nprog, world))
     lo = rank * chunk
-    offs0 = tl.arange(0, BLOCK)
-    for start in range(lo + tl.program_id(0) * BLOCK, lo + chunk, nprog * BLOCK):
-        offs = start + offs0
-        mask = offs < lo + chunk
+    t0, t1, step = tile_span(lo, lo + chunk, 0, nprog, BLOCK)
+    for t in range(t0, t1, step):
+        offs = t * BLOCK + tl.arange(0, BLOCK)
+        mask = (offs >= lo) & (offs < lo + chunk)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for peer in range(world):
             acc += tl.load(dl.symm_at(base, peer) + offs, mask=mask).to(tl.float32)
@@ -60,7 +59,7 @@ class ReduceScatterContext(CollectiveContext):
 
 
 def reduce_scatter(x: torch.Tensor, *, ctx: ReduceScatterContext, method: str = "auto",
-                   out: torch.Tensor | None = None, block: int | None = None) -> torch.Tensor:
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Sum ``x`` (``(world*m, ...)``) over ranks and keep chunk ``rank`` (``(m, ...)``); no host sync."""
     check_collective_input(x, "reduce_scatter", DTYPES)
     world = ctx.world.world_size
@@ -79,7 +78,7 @@ def reduce_scatter(x: torch.Tensor, *, ctx: ReduceScatterContext, method: str = 
     chunk = x.numel() // world
     if chunk == 0:
         return out
-    block = block or (1024 if ctx.world.interpreted else 2048)
+    block = 1024 if ctx.world.interpreted else 2048  # fixed per context: tiles own staging bytes
     epoch = ctx.next_epoch()
     _full_mesh_kernel[(ctx.num_programs,)](x, out, ctx.staging_as(x.dtype, x.numel()), ctx.pad, epoch, chunk,
                                            BLOCK=block, num_warps=8)

@@ -1,0 +1,816 @@
+"""Collective benchmarks against NCCL and PyTorch symmetric memory: ``triton-dist bench collectives``.
+
+::
+
+    triton-dist bench collectives [--out DIR] [--ops all_reduce,all_gather,reduce_scatter,all_to_all]
+                                  [--min-bytes 4K] [--max-bytes 256M] [--step 4] [--dtype bf16] [--samples 20]
+                                  [--graph-below 1M] [--graph-calls 20] [--plot PATH | --no-plot]
+    python -m triton_dist.bench.collectives --render bench/results/h100.jsonl [--run-id ID]   # no GPUs needed
+
+Sweep: per-rank message sizes ``S`` from ``--min-bytes`` to ``--max-bytes`` in x``--step`` steps. What ``S`` is, per op
+(the row's ``shape`` is ``nbytes=S``):
+
+==================  ================================  ==================  =======================================
+op                  shards per rank                   algbw bytes         providers
+==================  ================================  ==================  =======================================
+``all_reduce``      S in -> S out                     S                   ``triton_dist:one_shot``, ``:two_shot``,
+                                                                          ``nccl``, ``torch_symm_mem:one_shot``,
+                                                                          ``torch_symm_mem:two_shot``
+``all_gather``      S in -> world*S out               world*S             ``triton_dist:pull``, ``:push``, ``nccl``
+``reduce_scatter``  world*S in -> S out               world*S             ``triton_dist:full_mesh``, ``nccl``
+``all_to_all``      world*S in -> world*S out         world*S             ``triton_dist``, ``nccl``
+                    (S to each rank, itself included)
+==================  ================================  ==================  =======================================
+
+**Bus bandwidth** (nccl-tests' conventions, GB = 1e9 bytes): ``algbw = algbw bytes / time`` and
+``busbw = algbw * factor`` with factor ``2(n-1)/n`` for all_reduce and ``(n-1)/n`` for all_gather, reduce_scatter
+and all_to_all (n = world size). The rows' ``gbps`` is **busbw**; it is comparable across ops and world sizes with
+the per-GPU link bandwidth.
+
+Timing (``harness.time_op``: barrier, GPU sleep while the host enqueues, CUDA events, the slowest rank's median):
+sizes below ``--graph-below`` are timed as CUDA-graph replays of ``--graph-calls`` back-to-back calls (time / calls);
+larger sizes one call per sample. If a provider's graph capture fails on any rank, every rank times it directly and
+a note says so. When ``--graph-calls`` inputs would not fit in L2 together, calls rotate over enough input buffers to
+cover twice the L2 cache (smaller inputs stay L2-resident, as they are right after the kernel that produced them).
+
+Data: uniform random in [-1, 1), different on every rank. Before timing, each (op, size) checks every provider's
+result on one input against NCCL's: exact for all_gather and all_to_all; for the reductions, against NCCL's sum of
+the fp32-upcast inputs with fp32-accumulation tolerance (one final rounding: ``rtol = eps(dtype)``,
+``atol = world^2 eps(fp32)``). A triton_dist mismatch raises; a baseline that is unavailable (raises) or wrong
+(checked with the looser bound of chained low-precision roundings) is skipped with a printed note. Our ops return a
+new tensor per call; NCCL's all_reduce and torch's two_shot_all_reduce_ work in place, so their timed buffers hold
+zeros (a sum of zeros stays finite over many calls; the check used random data).
+
+Rows go to ``<out>/<card>.jsonl`` (one ``run_id`` for the whole sweep); rank 0 prints one table per op (median us and
+busbw per provider, baseline time / our best time) and plots ``docs/perf/collectives_<card>.png`` when matplotlib
+is importable. ``--smoke`` runs the loop in the CPU world with wall-clock timing (plumbing check; writes nothing).
+Unless ``TRITON_DIST_HEAP_SIZE`` is set, the symmetric heap is sized for ``--max-bytes`` (:func:`heap_bytes_for`);
+the ops' cached contexts are released after each op.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import asdict
+
+OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
+OUR_METHODS = {"all_reduce": ("one_shot", "two_shot"), "all_gather": ("pull", "push"),
+               "reduce_scatter": ("full_mesh",), "all_to_all": (None,)}
+SYMM_MEM_METHODS = {"all_reduce": ("one_shot", "two_shot")}
+OURS = "triton_dist"
+DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+DEFAULT_PLOT = os.path.join("docs", "perf", "collectives_{card}.png")
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pure helpers (no GPU, no torch.distributed): sizes, bus bandwidth, progress, tables, plots. Tested on fake rows.
+# ----------------------------------------------------------------------------------------------------------------
+
+_BYTES_RE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)(?:i?[bB])?\s*$")
+
+
+def parse_bytes(text) -> int:
+    """``"4096"``, ``"4K"``, ``"64KiB"``, ``"256M"``, ``"1G"`` -> bytes (K/M/G are powers of 1024)."""
+    m = _BYTES_RE.match(str(text))
+    if not m:
+        raise ValueError(f"expected a byte count like 4096, 64K or 256M, got {text!r}")
+    return int(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()]
+
+
+def size_sweep(min_bytes: int, max_bytes: int, step: int = 4) -> list[int]:
+    """``min_bytes * step**k`` for every k with the result <= ``max_bytes`` (so ``max_bytes`` only if on the grid)."""
+    if min_bytes <= 0:
+        raise ValueError(f"--min-bytes must be positive, got {min_bytes}")
+    if max_bytes < min_bytes:
+        raise ValueError(f"--max-bytes ({max_bytes}) is smaller than --min-bytes ({min_bytes})")
+    if step < 2:
+        raise ValueError(f"--step must be at least 2, got {step}")
+    sizes, s = [], min_bytes
+    while s <= max_bytes:
+        sizes.append(s)
+        s *= step
+    return sizes
+
+
+def parse_ops(text: str) -> list[str]:
+    ops = [o.strip() for o in text.split(",") if o.strip()]
+    bad = [o for o in ops if o not in OPS]
+    if bad or not ops:
+        raise ValueError(f"--ops: expected a comma-separated subset of {','.join(OPS)}, got {text!r}")
+    return list(dict.fromkeys(ops))
+
+
+def fmt_bytes(n: int) -> str:
+    """``4096`` -> ``4 KiB``; ``3 << 20`` -> ``3 MiB``; non-multiples keep bytes."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} B"
+
+
+def alg_bytes(op: str, nbytes: int, world: int) -> int:
+    """Bytes of nccl-tests' algbw for per-rank size ``nbytes`` (the module docstring's table)."""
+    if op == "all_reduce":
+        return nbytes
+    if op in ("all_gather", "reduce_scatter", "all_to_all"):
+        return world * nbytes
+    raise ValueError(f"unknown op {op!r}")
+
+
+def bus_factor(op: str, world: int) -> float:
+    """nccl-tests' busbw / algbw: ``2(n-1)/n`` for all_reduce, ``(n-1)/n`` for the others."""
+    if op == "all_reduce":
+        return 2 * (world - 1) / world
+    if op in ("all_gather", "reduce_scatter", "all_to_all"):
+        return (world - 1) / world
+    raise ValueError(f"unknown op {op!r}")
+
+
+def bus_bytes(op: str, nbytes: int, world: int) -> float:
+    """algbw bytes x bus factor: divided by the time it gives busbw (``Recorder.add(nbytes=...)`` does that)."""
+    return alg_bytes(op, nbytes, world) * bus_factor(op, world)
+
+
+def busbw_gbps(op: str, nbytes: int, world: int, us: float) -> float:
+    return bus_bytes(op, nbytes, world) / (us * 1e-6) / 1e9
+
+
+def heap_bytes_for(world: int, max_bytes: int) -> int:
+    """Symmetric heap for the sweep: one op's contexts at a time (released between ops), each replaced as sizes grow
+    (so up to ~4/3 of the largest staging, up to ``world * max_bytes``, with the smaller ones' holes) with
+    room for ops that stage twice that; at least 2 GiB."""
+    return max(2 << 30, 3 * world * max_bytes + (256 << 20))
+
+
+def reduction_tolerance(dtype, world: int, *, fp32_accumulation: bool = True) -> tuple[float, float]:
+    """(rtol, atol) for a sum of ``world`` inputs in [-1, 1) against the exact (fp32) sum.
+
+    fp32 accumulation rounds once to ``dtype``: error <= eps/2 |sum|, plus fp32 order differences
+    (<= world roundings of partial sums <= world). Chained low-precision accumulation (``fp32_accumulation=False``,
+    e.g. a ring in bf16) rounds after every hop: up to (world-1)/2 eps of partial sums <= world.
+    """
+    import torch
+    eps = torch.finfo(dtype).eps
+    eps32 = torch.finfo(torch.float32).eps
+    if fp32_accumulation:
+        return eps, world * world * eps32
+    return eps, max(world * world * eps / 2, world * world * eps32)
+
+
+def compare(got, ref, *, exact: bool, dtype, world: int, fp32_accumulation: bool = True) -> str | None:
+    """None if ``got`` matches the reference, else what is wrong. ``exact``: bitwise equal to ``ref``; otherwise
+    ``ref`` is the fp32 sum and ``got`` must be within :func:`reduction_tolerance`."""
+    import torch
+    if tuple(got.shape) != tuple(ref.shape):
+        return f"shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
+    if exact:
+        if got.dtype == ref.dtype and torch.equal(got, ref):
+            return None
+        bad = (got != ref).reshape(-1).nonzero()
+        first = f" (first at flat index {int(bad[0])})" if bad.numel() else ""
+        return f"{bad.numel()} of {got.numel()} elements differ from NCCL's{first}"
+    rtol, atol = reduction_tolerance(dtype, world, fp32_accumulation=fp32_accumulation)
+    g, r = got.float().reshape(-1), ref.float().reshape(-1)
+    err = (g - r).abs()
+    lim = atol + rtol * r.abs()
+    if bool((err <= lim).all()):  # NaN compares False: a NaN fails
+        return None
+    i = int(torch.nan_to_num(err - lim, nan=math.inf).argmax())
+    return (f"max error {err.max().item():.3g} exceeds the {'fp32' if fp32_accumulation else 'low-precision'}-"
+            f"accumulation tolerance (rtol {rtol:.3g}, atol {atol:.3g}); worst at flat index {i}: got "
+            f"{g[i].item():.6g}, NCCL fp32 sum {r[i].item():.6g}")
+
+
+def progress_line(done: int, total: int, label: str = "", width: int = 30) -> str:
+    """``[#####.....] 12/54 all_reduce 64 KiB``."""
+    total = max(total, 1)
+    filled = min(width, (width * done) // total)
+    return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}" + (f" {label}" if label else "")
+
+
+class Progress:
+    """A dependency-free progress bar on ``stream`` (stderr): redrawn in place on a terminal, one line per update
+    otherwise; ``note`` prints a message above it."""
+
+    def __init__(self, total: int, enabled: bool = True, stream=None, width: int = 30):
+        self.total, self.enabled, self.width = total, enabled, width
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.done, self.label, self._last = 0, "", 0
+
+    def _draw(self) -> None:
+        line = progress_line(self.done, self.total, self.label, self.width)
+        if self.tty:
+            self.stream.write("\r" + line.ljust(self._last))
+            self._last = len(line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def update(self, done: int, label: str = "") -> None:
+        self.done, self.label = done, label
+        if self.enabled:
+            self._draw()
+
+    def note(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        if self.tty:
+            self.stream.write("\r" + " " * self._last + "\r")
+        self.stream.write(f"note: {msg}\n")
+        if self.tty and self._last:
+            self._draw()
+        self.stream.flush()
+
+    def finish(self) -> None:
+        if self.enabled and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _size_of(row: dict) -> int:
+    shape = row["shape"]
+    if not shape.startswith("nbytes="):
+        raise ValueError(f"row shape {shape!r} is not nbytes=<bytes>")
+    return int(shape.split("=", 1)[1])
+
+
+def _family(provider: str) -> str:
+    return provider.split(":", 1)[0]
+
+
+def summarize(rows: list[dict]) -> dict:
+    """``{op: {"sizes": [...], "providers": [...], "cells": {(size, provider): row}, "world": n, "dtype": str}}``;
+    ops in OPS order, providers ours first (in order of appearance), a later duplicate row replaces an earlier one."""
+    out: dict = {}
+    for r in rows:
+        d = out.setdefault(r["op"], {"sizes": [], "providers": [], "cells": {}, "world": r["world_size"],
+                                     "dtype": r["dtype"]})
+        s = _size_of(r)
+        if s not in d["sizes"]:
+            d["sizes"].append(s)
+        if r["provider"] not in d["providers"]:
+            d["providers"].append(r["provider"])
+        d["cells"][(s, r["provider"])] = r
+    for d in out.values():
+        d["sizes"].sort()
+        seen = list(d["providers"])
+        d["providers"].sort(key=lambda p: (_family(p) != OURS, seen.index(p)))
+    order = {op: i for i, op in enumerate(OPS)}
+    return dict(sorted(out.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+
+
+def _fmt_us(us: float) -> str:
+    return f"{us:.2f}" if us < 10 else f"{us:.1f}" if us < 1000 else f"{us:.0f}"
+
+
+def _fmt_gbps(g: float) -> str:
+    return f"{g:.2f}" if g < 10 else f"{g:.1f}"
+
+
+def ratios(d: dict, size: int) -> tuple[str | None, dict[str, float]]:
+    """For one op summary and size: our fastest provider, and per baseline family its best time / our best time
+    (> 1: ours is faster)."""
+    cells = {p: d["cells"][(size, p)] for p in d["providers"] if (size, p) in d["cells"]}
+    ours = {p: r["median_us"] for p, r in cells.items() if _family(p) == OURS}
+    if not ours:
+        return None, {}
+    best = min(ours, key=ours.get)
+    fams: dict[str, float] = {}
+    for p, r in cells.items():
+        f = _family(p)
+        if f != OURS:
+            fams[f] = min(fams.get(f, math.inf), r["median_us"])
+    return best, {f: t / ours[best] for f, t in fams.items()}
+
+
+def format_tables(rows: list[dict], notes: list[str] | None = None) -> str:
+    """One text table per op: size; median us and busbw GB/s per provider; our fastest method; each baseline
+    family's best time divided by ours."""
+    blocks = []
+    for op, d in summarize(rows).items():
+        fams = list(dict.fromkeys(_family(p) for p in d["providers"] if _family(p) != OURS))
+        cols = [("", "size", [fmt_bytes(s) for s in d["sizes"]])]
+        for p in d["providers"]:
+            us, gb = [], []
+            for s in d["sizes"]:
+                r = d["cells"].get((s, p))
+                us.append("-" if r is None else _fmt_us(r["median_us"]))
+                gb.append("-" if r is None or r.get("gbps") is None else _fmt_gbps(r["gbps"]))
+            cols.append((p, "us", us))
+            cols.append(("", "GB/s", gb))
+        per_size = [ratios(d, s) for s in d["sizes"]]
+        if any(b for b, _ in per_size):
+            cols.append(("best", "ours", ["-" if b is None else b.split(":", 1)[-1] for b, _ in per_size]))
+        for f in fams:
+            cols.append((f"{f}", "/ours", ["-" if f not in rt else f"{rt[f]:.2f}" for _, rt in per_size]))
+        # a provider name (h1 of a "us" column) spans its "us" and "GB/s" columns: it does not size "us" alone
+        widths = [max(len(h2), *(len(v) for v in vals), 0 if h2 == "us" else len(h1)) for h1, h2, vals in cols]
+        head1, head2 = [], []
+        i = 0
+        while i < len(cols):
+            h1, h2, _ = cols[i]
+            if h2 == "us":
+                span = widths[i] + 2 + widths[i + 1]
+                if len(h1) > span:
+                    extra = len(h1) - span
+                    widths[i] += extra // 2
+                    widths[i + 1] += extra - extra // 2
+                    span = len(h1)
+                head1.append(h1.center(span))
+                head2.append(h2.rjust(widths[i]) + "  " + cols[i + 1][1].rjust(widths[i + 1]))
+                i += 2
+            else:
+                head1.append(h1.rjust(widths[i]))
+                head2.append(h2.rjust(widths[i]) if i else h2.ljust(widths[i]))
+                i += 1
+        lines = [f"{op}  ({d['world']} ranks, {d['dtype']}; median us, busbw GB/s; <baseline>/ours = baseline "
+                 f"time / our best time, > 1: ours faster)",
+                 " | ".join(head1), " | ".join(head2)]
+        lines.append("-" * len(lines[-1]))
+        for k in range(len(d["sizes"])):
+            cells, i = [], 0
+            while i < len(cols):
+                h1, h2, vals = cols[i]
+                if h2 == "us":
+                    cells.append(vals[k].rjust(widths[i]) + "  " + cols[i + 1][2][k].rjust(widths[i + 1]))
+                    i += 2
+                else:
+                    cells.append(vals[k].ljust(widths[i]) if i == 0 else vals[k].rjust(widths[i]))
+                    i += 1
+            lines.append(" | ".join(cells))
+        blocks.append("\n".join(lines))
+    if notes:
+        blocks.append("notes:\n" + "\n".join(f"  - {n}" for n in notes))
+    return "\n\n".join(blocks)
+
+
+def _style(provider: str) -> dict:
+    fam = _family(provider)
+    if fam == OURS:
+        return dict(linestyle="-", marker="o", linewidth=2.0)
+    if fam == "nccl":
+        return dict(linestyle="--", marker="s", linewidth=1.5)
+    return dict(linestyle=":", marker="^", linewidth=1.5)
+
+
+def plot_rows(rows: list[dict], path: str, title: str | None = None) -> str | None:
+    """Two panels per op (latency vs size, log-log; busbw vs size), one line per provider, saved as PNG at ``path``.
+    Returns the path, or None (with a printed note) when matplotlib is not importable or there are no rows."""
+    try:
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import FixedLocator, NullLocator
+    except ImportError:
+        print(f"note: matplotlib is not importable, so no plot was drawn ({path} skipped); "
+              "`pip install matplotlib` and rerun with --render to draw it")
+        return None
+    summary = summarize(rows)
+    if not summary:
+        print(f"note: no collective rows to plot ({path} skipped)")
+        return None
+    providers = list(dict.fromkeys(p for d in summary.values() for p in d["providers"]))
+    colors = {p: f"C{i % 10}" for i, p in enumerate(providers)}
+    fig = Figure(figsize=(13, 3.8 * len(summary)), layout="constrained")
+    axes = fig.subplots(len(summary), 2, squeeze=False)
+    for (op, d), (ax_t, ax_b) in zip(summary.items(), axes):
+        for p in d["providers"]:
+            pts = [(s, d["cells"][(s, p)]) for s in d["sizes"] if (s, p) in d["cells"]]
+            if not pts:
+                continue
+            xs = [s for s, _ in pts]
+            ax_t.plot(xs, [r["median_us"] for _, r in pts], label=p, color=colors[p], **_style(p))
+            bw = [(s, r["gbps"]) for s, r in pts if r.get("gbps") is not None]
+            if bw:
+                ax_b.plot([s for s, _ in bw], [g for _, g in bw], label=p, color=colors[p], **_style(p))
+        for ax, what in ((ax_t, "latency (median us)"), (ax_b, "bus bandwidth (GB/s)")):
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_locator(FixedLocator(d["sizes"]))
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xticklabels([fmt_bytes(s).replace(" ", "") for s in d["sizes"]], rotation=0, fontsize=8)
+            ax.set_xlabel("per-rank message size S")
+            ax.set_ylabel(what)
+            ax.set_title(f"{op}: {what.split(' (')[0]} ({d['world']} ranks, {d['dtype']})", fontsize=10)
+            ax.grid(True, which="both", alpha=0.3)
+        ax_t.set_yscale("log")
+        ax_b.set_ylim(bottom=0)
+        ax_t.legend(fontsize=8)
+    if title is None:
+        r0 = rows[0]
+        title = (f"{r0.get('card', '?')}: collectives, busbw by nccl-tests' conventions "
+                 f"(commit {r0.get('commit', '?')}, {r0.get('date', '?')}, run {r0.get('run_id', '?')})")
+    fig.suptitle(title, fontsize=11)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def load_rows(path: str, run_id: str | None = None) -> list[dict]:
+    """The collective rows of one run in a ``<card>.jsonl`` (default: the last run in the file that has some)."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                r = json.loads(line)
+                if r.get("op") in OPS and str(r.get("shape", "")).startswith("nbytes="):
+                    rows.append(r)
+    if not rows:
+        raise ValueError(f"{path} holds no collective rows")
+    run_id = run_id or rows[-1]["run_id"]
+    picked = [r for r in rows if r["run_id"] == run_id]
+    if not picked:
+        raise ValueError(f"{path} has no collective rows of run {run_id!r}")
+    return picked
+
+
+def default_plot_path(card: str) -> str:
+    from triton_dist.bench.harness import card_slug
+    return DEFAULT_PLOT.format(card=card_slug(card))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The benchmark (ranks of a world)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Skip(Exception):
+    """A provider cannot run this case (recorded as a note, not a failure)."""
+
+
+def _agree(err: str | None, group) -> list[str]:
+    """Every rank learns which ranks failed a step: returns ``["rank r: message", ...]`` (empty: all succeeded)."""
+    import torch
+    import torch.distributed as dist
+    flag = torch.tensor([0 if err is None else 1], dtype=torch.int32)  # CPU tensor: gloo, even if NCCL is broken
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if not flag.item():
+        return []
+    errs = [None] * dist.get_world_size(group)
+    dist.all_gather_object(errs, err, group=group)
+    return group_errors(errs)
+
+
+def group_errors(errs: list[str | None]) -> list[str]:
+    """``["ranks 0,2: message", ...]`` for the ranks whose entry is not None; ``"all ranks"`` when every rank has it."""
+    by_msg: dict[str, list[int]] = {}
+    for r, e in enumerate(errs):
+        if e is not None:
+            by_msg.setdefault(e, []).append(r)
+    out = []
+    for msg, ranks in by_msg.items():
+        who = ("all ranks" if len(ranks) == len(errs) > 1 else
+               f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ",".join(map(str, ranks)))
+        out.append(f"{who}: {msg}")
+    return out
+
+
+class _Bench:
+    def __init__(self, world, rec, args, dtype, progress: Progress):
+        import torch
+        self.world, self.rec, self.args, self.dtype, self.progress = world, rec, args, dtype, progress
+        self.group = world.group
+        self.n = world.world_size
+        self.notes: list[str] = []
+        self.gpu = not world.interpreted
+        self.elem = torch.empty((), dtype=dtype).element_size()
+        self.l2 = torch.cuda.get_device_properties(world.device).L2_cache_size if self.gpu else 0
+        self.step = 0
+
+    # -- helpers --------------------------------------------------------------------------------------------------
+    def note(self, msg: str) -> None:
+        self.notes.append(msg)
+        if self.world.rank == 0:
+            self.progress.note(msg)
+
+    def sync(self) -> None:
+        import triton_dist
+        triton_dist.synchronize()
+
+    def rand(self, numel: int, seed: int):
+        import torch
+        g = torch.Generator(device=self.world.device).manual_seed(seed)
+        x = torch.rand(numel, generator=g, device=self.world.device, dtype=torch.float32) * 2 - 1
+        return x.to(self.dtype)
+
+    def rotation(self, in_bytes: int) -> int:
+        """Input buffers to rotate over: enough to cover 2x L2 when ``graph_calls`` inputs would overflow it."""
+        k = self.args.graph_calls
+        if not self.gpu or in_bytes * k < self.l2:
+            return 1
+        return max(1, min(k, math.ceil(2 * self.l2 / in_bytes)))
+
+    def time(self, call, rot: int, nbytes: int, provider: str, op: str) -> list[float]:
+        """Per-call microseconds (slowest rank's samples): graph replay below --graph-below, else direct."""
+        import torch
+        args = self.args
+        counter = [0]
+
+        def direct():
+            call(counter[0] % rot)
+            counter[0] += 1
+
+        if not self.gpu:
+            return _wall_times(direct, args.samples, self.group)
+        from triton_dist.bench.harness import time_op
+        if nbytes < args.graph_below:
+            k = args.graph_calls
+            graph, err = None, None
+            try:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for i in range(3):
+                        call(i % rot)
+                torch.cuda.current_stream().wait_stream(side)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    for i in range(k):
+                        call(i % rot)
+                torch.cuda.synchronize()
+            except Exception as e:  # noqa: BLE001  (any capture failure falls back to direct timing)
+                graph, err = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                try:
+                    torch.cuda.synchronize()
+                except Exception:  # noqa: BLE001
+                    pass
+            failed = _agree(err, self.group)
+            if not failed:
+                try:
+                    return [t / k for t in time_op(graph.replay, iters=args.samples, warmup=2, group=self.group)]
+                finally:
+                    del graph
+            self.note(f"{op} {fmt_bytes(nbytes)} {provider}: CUDA-graph capture failed ({'; '.join(failed)}); "
+                      "timed directly instead")
+            del graph
+        return time_op(direct, iters=args.samples, warmup=5, group=self.group)
+
+    # -- one (op, size) -------------------------------------------------------------------------------------------
+    def case(self, op: str, nbytes: int):
+        """Inputs (``rot`` buffers), the reference result of input 0, whether it is exact, per-rank input bytes."""
+        import torch
+        import torch.distributed as dist
+        numel = nbytes // self.elem
+        n, me = self.n, self.world.rank
+        in_numel = numel if op in ("all_reduce", "all_gather") else n * numel
+        rot = self.rotation(in_numel * self.elem)
+        seed = 7919 * (OPS.index(op) + 1) + 104729 * (nbytes.bit_length()) + 1000003 * me
+        xs = [self.rand(in_numel, seed + i) for i in range(rot)]
+        x = xs[0]
+        if op == "all_reduce":
+            ref = x.to(torch.float32, copy=True)  # copy: for fp32 inputs .float() would alias x
+            dist.all_reduce(ref, group=self.group)
+            exact = False
+        elif op == "reduce_scatter":
+            acc = x.to(torch.float32, copy=True)
+            dist.all_reduce(acc, group=self.group)
+            ref = acc[me * numel:(me + 1) * numel].clone()
+            exact = False
+        elif op == "all_gather":
+            parts = [torch.empty_like(x) for _ in range(n)]
+            dist.all_gather(parts, x, group=self.group)
+            ref = torch.cat(parts)
+            exact = True
+        else:
+            ref = torch.empty_like(x)
+            dist.all_to_all_single(ref, x, group=self.group)
+            exact = True
+        self.sync()
+        return xs, ref, exact, rot
+
+    def providers(self, op: str, xs, numel: int):
+        """``[(provider, ours, setup)]``; ``setup()`` returns ``call(i)`` (runs the op on input i, returns the result
+        to check) and may raise :class:`_Skip`."""
+        import torch
+        import torch.distributed as dist
+        from triton_dist import ops
+        group, n = self.group, self.n
+        out = []
+        for method in OUR_METHODS[op]:
+            name = OURS if method is None else f"{OURS}:{method}"
+
+            def setup(method=method):
+                fn = getattr(ops, op, None)
+                if fn is None:
+                    raise _Skip(f"triton_dist.ops has no {op}")
+                kw = {} if method is None else {"method": method}
+                return lambda i: fn(xs[i], **kw)
+            out.append((name, True, setup))
+
+        base = "nccl" if self.gpu else dist.get_backend(group)
+
+        def nccl_setup():
+            if op == "all_reduce":
+                bufs = [torch.zeros_like(x) for x in xs]
+                probe = xs[0].clone()
+
+                def call(i):
+                    if call.first:  # the check runs on random data, timing on the zero buffers
+                        call.first = False
+                        dist.all_reduce(probe, group=group)
+                        return probe
+                    dist.all_reduce(bufs[i], group=group)
+                    return bufs[i]
+                call.first = True
+                return call
+            if op == "all_gather":
+                o = torch.empty(n * numel, dtype=self.dtype, device=self.world.device)
+                return lambda i: (dist.all_gather_into_tensor(o, xs[i], group=group), o)[1]
+            if op == "reduce_scatter":
+                o = torch.empty(numel, dtype=self.dtype, device=self.world.device)
+                return lambda i: (dist.reduce_scatter_tensor(o, xs[i], group=group), o)[1]
+            o = torch.empty_like(xs[0])
+            return lambda i: (dist.all_to_all_single(o, xs[i], group=group), o)[1]
+        out.append((base, False, nccl_setup))
+
+        for method in SYMM_MEM_METHODS.get(op, ()):
+            def symm_setup(method=method):
+                if not self.gpu:
+                    raise _Skip("PyTorch symmetric memory needs CUDA")
+                import torch.distributed._symmetric_memory as symm_mem
+                gname = group.group_name
+                bufs = []
+                for x in xs:
+                    b = symm_mem.empty(x.numel(), dtype=x.dtype, device=x.device)
+                    symm_mem.rendezvous(b, gname)
+                    b.copy_(x)
+                    bufs.append(b)
+                if method == "one_shot":
+                    return lambda i: torch.ops.symm_mem.one_shot_all_reduce(bufs[i], "sum", gname)
+
+                def call(i):  # in place: checked once on random data, then timed on zeros
+                    torch.ops.symm_mem.two_shot_all_reduce_(bufs[i], "sum", gname)
+                    if call.first:
+                        call.first = False
+                        res = bufs[0].clone()
+                        for b in bufs:
+                            b.zero_()
+                        return res
+                    return bufs[i]
+                call.first = True
+                return call
+            out.append((f"torch_symm_mem:{method}", False, symm_setup))
+        return out
+
+    def run_op(self, op: str, sizes: list[int]) -> None:
+        from triton_dist import ops
+        for nbytes in sizes:
+            xs, ref, exact, rot = self.case(op, nbytes)
+            numel = nbytes // self.elem
+            for provider, ours, setup in self.providers(op, xs, numel):
+                self.step += 1
+                if self.world.rank == 0:
+                    self.progress.update(self.step, f"{op} {fmt_bytes(nbytes)} {provider}")
+                self.one(op, nbytes, provider, ours, setup, ref, exact, rot)
+            del xs, ref
+            if self.gpu:
+                import torch
+                torch.cuda.empty_cache()  # sizes grow x4: hand back the previous size's blocks
+        release = getattr(ops, "release_contexts", None)
+        if release is not None:
+            release()  # the next op's contexts start from an empty heap
+
+    def one(self, op, nbytes, provider, ours, setup, ref, exact, rot) -> None:
+        err, call = None, None
+        try:
+            call = setup()
+            got = call(0)
+            self.sync()
+            err = compare(got, ref, exact=exact, dtype=self.dtype, world=self.n, fp32_accumulation=ours)
+            mismatch = err is not None
+            del got
+        except _Skip as e:
+            err, mismatch = str(e), False
+        except Exception as e:  # noqa: BLE001
+            if ours and not isinstance(e, (ValueError, TypeError, NotImplementedError, MemoryError)):
+                raise
+            err, mismatch = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", False
+        failed = _agree(None if err is None else f"{'MISMATCH ' if mismatch else ''}{err}", self.group)
+        if failed:
+            if ours and any("MISMATCH" in f for f in failed):
+                raise RuntimeError(f"{op} {fmt_bytes(nbytes)} {provider}: result differs from NCCL's: "
+                                   + "; ".join(failed))
+            self.note(f"{op} {fmt_bytes(nbytes)} {provider}: not timed ({'; '.join(failed)})")
+            return
+        samples = self.time(call, rot, nbytes, provider, op)
+        self.rec.add(op, f"nbytes={nbytes}", str(self.dtype).replace("torch.", ""), provider, samples,
+                     nbytes=bus_bytes(op, nbytes, self.n))
+        del call
+        self.sync()
+
+
+def _wall_times(fn, iters: int, group) -> list[float]:
+    """CPU world: barrier, wall clock around one call; the slowest rank's samples (plumbing check, not a timing)."""
+    import torch
+    import torch.distributed as dist
+    fn()
+    times = []
+    for _ in range(iters):
+        dist.barrier(group=group)
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e6)
+    t = torch.tensor(times, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.tolist()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="triton-dist bench collectives", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.path.join("bench", "results"), help="directory of <card>.jsonl")
+    ap.add_argument("--ops", type=parse_ops, default=list(OPS), help="comma-separated subset of " + ",".join(OPS))
+    ap.add_argument("--min-bytes", type=parse_bytes, default=4 << 10, help="smallest per-rank size (4096, 4K, ...)")
+    ap.add_argument("--max-bytes", type=parse_bytes, default=256 << 20, help="largest per-rank size")
+    ap.add_argument("--step", type=int, default=4, help="size multiplier between sweep points")
+    ap.add_argument("--dtype", choices=tuple(DTYPE_NAMES), default="bf16")
+    ap.add_argument("--samples", type=int, default=20, help="timed samples per (op, size, provider)")
+    ap.add_argument("--graph-below", type=parse_bytes, default=1 << 20,
+                    help="sizes below this are timed by CUDA-graph replay (0: never)")
+    ap.add_argument("--graph-calls", type=int, default=20, help="calls captured per CUDA graph")
+    ap.add_argument("--plot", default=None, help=f"PNG path [default: {DEFAULT_PLOT}]")
+    ap.add_argument("--no-plot", action="store_true", help="draw no plot")
+    ap.add_argument("--smoke", action="store_true",
+                    help="allow the CPU world (wall-clock timing, nothing written): checks the plumbing only")
+    ap.add_argument("--render", metavar="JSONL", default=None,
+                    help="no benchmark: print the tables and draw the plot of a recorded run, then exit")
+    ap.add_argument("--run-id", default=None, help="with --render: the run to show [default: the last one]")
+    return ap
+
+
+def main(argv=None) -> None:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.render:
+        rows = load_rows(args.render, args.run_id)
+        print(format_tables(rows))
+        if not args.no_plot:
+            path = plot_rows(rows, args.plot or default_plot_path(rows[0]["card"]))
+            if path:
+                print(f"plot written to {path}")
+        return
+    try:
+        sizes = size_sweep(args.min_bytes, args.max_bytes, args.step)
+    except ValueError as e:
+        ap.error(str(e))
+    if args.samples < 1 or args.graph_calls < 1:
+        ap.error("--samples and --graph-calls must be positive")
+
+    import warnings
+
+    import torch
+
+    import triton_dist
+    from triton_dist.bench.harness import Recorder
+    # torch >= 2.13 renames all_gather_into_tensor / reduce_scatter_tensor (*_single); the old names still work
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.",
+                            category=FutureWarning)
+    dtype = getattr(torch, DTYPE_NAMES[args.dtype])
+    elem = torch.empty((), dtype=dtype).element_size()
+    odd = [s for s in sizes if s % elem]
+    if odd:
+        ap.error(f"sizes must be multiples of the {args.dtype} element size ({elem} bytes): {odd}")
+
+    heap = None
+    gpu_expected = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+    if gpu_expected and not os.environ.get("TRITON_DIST_HEAP_SIZE") and \
+            os.environ.get("TRITON_DIST_BACKEND", "auto").lower() in ("auto", "cuda"):
+        heap = heap_bytes_for(int(os.environ.get("WORLD_SIZE", "1")), max(sizes))
+    world = triton_dist.init(heap_size=heap)
+    if world.interpreted and not args.smoke:
+        raise SystemExit("triton-dist bench collectives needs GPUs (the CPU world has no meaningful timings; "
+                         "--smoke runs the loop there as a plumbing check)")
+    rec = Recorder(args.out, world.world_size, world.rank)
+    n_prov = {op: len(OUR_METHODS[op]) + 1 + len(SYMM_MEM_METHODS.get(op, ())) for op in args.ops}
+    progress = Progress(sum(n_prov[op] for op in args.ops) * len(sizes), enabled=world.rank == 0)
+    bench = _Bench(world, rec, args, dtype, progress)
+    if heap and world.rank == 0:
+        progress.note(f"symmetric heap {heap / 2**30:.2f} GiB per rank for sizes up to {fmt_bytes(max(sizes))} "
+                      "(TRITON_DIST_HEAP_SIZE overrides)")
+    for op in args.ops:
+        bench.run_op(op, sizes)
+    progress.finish()
+    rows = [asdict(r) for r in rec.rows]
+    path = None if args.smoke else rec.write()
+    if world.rank == 0:
+        notes = list(bench.notes)
+        if world.interpreted:
+            notes.append("CPU world (--smoke): wall-clock times of interpreted kernels, not a benchmark")
+        elif args.graph_below:
+            notes.append(f"sizes below {fmt_bytes(args.graph_below)}: CUDA-graph replay of {args.graph_calls} "
+                         "calls; larger: one call per sample")
+        print(format_tables(rows, notes))
+        if path:
+            print(f"rows appended to {path} (run {rec.common['run_id']})")
+        if rows and not args.no_plot and (not args.smoke or args.plot):
+            plot = plot_rows(rows, args.plot or default_plot_path(rec.common["card"]))
+            if plot:
+                print(f"plot written to {plot}")
+    triton_dist.finalize()
+
+
+if __name__ == "__main__":
+    main()
