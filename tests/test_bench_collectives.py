@@ -9,6 +9,7 @@ import torch
 
 from triton_dist import cli
 from triton_dist.bench import collectives as C
+from triton_dist.bench import report as R
 from triton_dist.bench.harness import Recorder
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -148,7 +149,7 @@ def test_group_errors():
 
 def test_summarize_orders_ops_sizes_and_providers():
     rows = list(reversed(_fake_rows()))
-    s = C.summarize(rows)
+    s = R.summarize(rows)
     assert list(s) == ["all_reduce", "all_gather"]
     assert s["all_reduce"]["sizes"] == [4 * KiB, 256 * MiB]
     assert [p.split(":")[0] for p in s["all_reduce"]["providers"]][:2] == ["triton_dist", "triton_dist"]
@@ -156,17 +157,17 @@ def test_summarize_orders_ops_sizes_and_providers():
 
 
 def test_ratios_use_each_family_best_over_our_best():
-    s = C.summarize(_fake_rows())["all_reduce"]
-    best, r = C.ratios(s, 4 * KiB)
+    s = R.summarize(_fake_rows())["all_reduce"]
+    best, r = R.ratios(s, 4 * KiB)
     assert best == "triton_dist:one_shot"
     assert r == pytest.approx({"nccl": 20.0 / 8.0, "torch_symm_mem": 10.0 / 8.0})
-    best, r = C.ratios(s, 256 * MiB)
+    best, r = R.ratios(s, 256 * MiB)
     assert best == "triton_dist:two_shot"
     assert r == pytest.approx({"nccl": 1280.0 / 1100.0, "torch_symm_mem": 1300.0 / 1100.0})
 
 
 def test_format_tables():
-    text = C.format_tables(_fake_rows(), notes=["something was skipped"])
+    text = R.format_tables(_fake_rows(), notes=["something was skipped"])
     ar, ag, notes = text.split("\n\n")
     lines = ar.splitlines()
     assert lines[0].startswith("all_reduce  (4 ranks, bfloat16")
@@ -186,14 +187,14 @@ def test_format_tables():
     ag4k = next(line for line in ag.splitlines() if line.startswith("4 KiB"))
     assert ag4k.split("|")[1].split() == ["-", "-"] and ag4k.split("|")[-2].strip() == "-"
     assert notes == "notes:\n  - something was skipped"
-    assert C.format_tables([]) == ""
+    assert R.format_tables([]) == ""
 
 
 # ---------------------------------------------------------------- plot
 
 def test_plot_rows(tmp_path, capsys):
     path = tmp_path / "perf" / "collectives_h100.png"
-    got = C.plot_rows(_fake_rows(), str(path))
+    got = R.plot_rows(_fake_rows(), str(path))
     if importlib.util.find_spec("matplotlib") is not None:
         assert got == str(path)
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -208,13 +209,13 @@ def test_plot_without_matplotlib_prints_a_note(tmp_path, capsys, monkeypatch):
         monkeypatch.delitem(sys.modules, mod)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     path = tmp_path / "p.png"
-    assert C.plot_rows(_fake_rows(), str(path)) is None
+    assert R.plot_rows(_fake_rows(), str(path)) is None
     assert not path.exists()
     assert "matplotlib is not importable" in capsys.readouterr().out
 
 
 def test_default_plot_path():
-    assert C.default_plot_path("NVIDIA H100 80GB HBM3") == "docs/perf/collectives_h100.png"
+    assert R.default_plot_path("NVIDIA H100 80GB HBM3") == "docs/perf/collectives_h100.png"
 
 
 # ---------------------------------------------------------------- recorded rows
@@ -225,10 +226,10 @@ def test_load_rows_picks_the_last_collectives_run(tmp_path):
     new = [_row("all_reduce", 4 * KiB, "nccl", 20.0, run_id="new")]
     prim = dict(old[0], op="peer_put", run_id="prim")
     path.write_text("".join(json.dumps(r) + "\n" for r in old + new + [prim]))
-    assert [r["median_us"] for r in C.load_rows(str(path))] == [20.0]
-    assert [r["median_us"] for r in C.load_rows(str(path), "old")] == [30.0]
+    assert [r["median_us"] for r in R.load_rows(str(path))] == [20.0]
+    assert [r["median_us"] for r in R.load_rows(str(path), "old")] == [30.0]
     with pytest.raises(ValueError):
-        C.load_rows(str(path), "prim")
+        R.load_rows(str(path), "prim")
 
 
 def test_render_prints_tables_without_a_world(tmp_path, capsys):
@@ -242,9 +243,9 @@ def test_render_prints_tables_without_a_world(tmp_path, capsys):
 # ---------------------------------------------------------------- progress bar
 
 def test_progress_line():
-    assert C.progress_line(12, 54, "all_reduce 64 KiB", width=10) == "[##........] 12/54 all_reduce 64 KiB"
-    assert C.progress_line(0, 3, width=4) == "[....] 0/3"
-    assert C.progress_line(3, 3, width=4) == "[####] 3/3"
+    assert R.progress_line(12, 54, "all_reduce 64 KiB", width=10) == "[##........] 12/54 all_reduce 64 KiB"
+    assert R.progress_line(0, 3, width=4) == "[....] 0/3"
+    assert R.progress_line(3, 3, width=4) == "[####] 3/3"
 
 
 class _TTY(io.StringIO):
@@ -254,20 +255,20 @@ class _TTY(io.StringIO):
 
 def test_progress_bar_streams():
     pipe = io.StringIO()
-    bar = C.Progress(2, stream=pipe, width=4)
+    bar = R.Progress(2, stream=pipe, width=4)
     bar.update(1, "a")
     bar.note("hello")
     bar.update(2, "b")
     bar.finish()
     assert pipe.getvalue() == "[##..] 1/2 a\nnote: hello\n[####] 2/2 b\n"
     tty = _TTY()
-    bar = C.Progress(2, stream=tty, width=4)
+    bar = R.Progress(2, stream=tty, width=4)
     bar.update(1, "long label")
     bar.update(2, "x")
     bar.finish()
     assert tty.getvalue() == "\r[##..] 1/2 long label" + "\r" + "[####] 2/2 x".ljust(21) + "\n"
     quiet = io.StringIO()
-    bar = C.Progress(2, enabled=False, stream=quiet)
+    bar = R.Progress(2, enabled=False, stream=quiet)
     bar.update(1, "a")
     bar.note("n")
     bar.finish()

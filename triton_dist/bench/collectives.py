@@ -50,21 +50,18 @@ the ops' cached contexts are released after each op.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
-import sys
 import time
 from dataclasses import asdict
 
-OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
+from .report import DEFAULT_PLOT, OPS, OURS, Progress, default_plot_path, fmt_bytes, format_tables, load_rows, plot_rows
+
 OUR_METHODS = {"all_reduce": ("one_shot", "two_shot"), "all_gather": ("pull", "push"),
                "reduce_scatter": ("full_mesh",), "all_to_all": (None,)}
 SYMM_MEM_METHODS = {"all_reduce": ("one_shot", "two_shot")}
-OURS = "triton_dist"
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-DEFAULT_PLOT = os.path.join("docs", "perf", "collectives_{card}.png")
 
 # ----------------------------------------------------------------------------------------------------------------
 # Pure helpers (no GPU, no torch.distributed): sizes, bus bandwidth, progress, tables, plots. Tested on fake rows.
@@ -102,14 +99,6 @@ def parse_ops(text: str) -> list[str]:
     if bad or not ops:
         raise ValueError(f"--ops: expected a comma-separated subset of {','.join(OPS)}, got {text!r}")
     return list(dict.fromkeys(ops))
-
-
-def fmt_bytes(n: int) -> str:
-    """``4096`` -> ``4 KiB``; ``3 << 20`` -> ``3 MiB``; non-multiples keep bytes."""
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift and n % (1 << shift) == 0:
-            return f"{n >> shift} {unit}"
-    return f"{n} B"
 
 
 def alg_bytes(op: str, nbytes: int, world: int) -> int:
@@ -183,258 +172,6 @@ def compare(got, ref, *, exact: bool, dtype, world: int, fp32_accumulation: bool
     return (f"max error {err.max().item():.3g} exceeds the {'fp32' if fp32_accumulation else 'low-precision'}-"
             f"accumulation tolerance (rtol {rtol:.3g}, atol {atol:.3g}); worst at flat index {i}: got "
             f"{g[i].item():.6g}, NCCL fp32 sum {r[i].item():.6g}")
-
-
-def progress_line(done: int, total: int, label: str = "", width: int = 30) -> str:
-    """``[#####.....] 12/54 all_reduce 64 KiB``."""
-    total = max(total, 1)
-    filled = min(width, (width * done) // total)
-    return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}" + (f" {label}" if label else "")
-
-
-class Progress:
-    """A dependency-free progress bar on ``stream`` (stderr): redrawn in place on a terminal, one line per update
-    otherwise; ``note`` prints a message above it."""
-
-    def __init__(self, total: int, enabled: bool = True, stream=None, width: int = 30):
-        self.total, self.enabled, self.width = total, enabled, width
-        self.stream = stream if stream is not None else sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.done, self.label, self._last = 0, "", 0
-
-    def _draw(self) -> None:
-        line = progress_line(self.done, self.total, self.label, self.width)
-        if self.tty:
-            self.stream.write("\r" + line.ljust(self._last))
-            self._last = len(line)
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-    def update(self, done: int, label: str = "") -> None:
-        self.done, self.label = done, label
-        if self.enabled:
-            self._draw()
-
-    def note(self, msg: str) -> None:
-        if not self.enabled:
-            return
-        if self.tty:
-            self.stream.write("\r" + " " * self._last + "\r")
-        self.stream.write(f"note: {msg}\n")
-        if self.tty and self._last:
-            self._draw()
-        self.stream.flush()
-
-    def finish(self) -> None:
-        if self.enabled and self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def _size_of(row: dict) -> int:
-    shape = row["shape"]
-    if not shape.startswith("nbytes="):
-        raise ValueError(f"row shape {shape!r} is not nbytes=<bytes>")
-    return int(shape.split("=", 1)[1])
-
-
-def _family(provider: str) -> str:
-    return provider.split(":", 1)[0]
-
-
-def summarize(rows: list[dict]) -> dict:
-    """``{op: {"sizes": [...], "providers": [...], "cells": {(size, provider): row}, "world": n, "dtype": str}}``;
-    ops in OPS order, providers ours first (in order of appearance), a later duplicate row replaces an earlier one."""
-    out: dict = {}
-    for r in rows:
-        d = out.setdefault(r["op"], {"sizes": [], "providers": [], "cells": {}, "world": r["world_size"],
-                                     "dtype": r["dtype"]})
-        s = _size_of(r)
-        if s not in d["sizes"]:
-            d["sizes"].append(s)
-        if r["provider"] not in d["providers"]:
-            d["providers"].append(r["provider"])
-        d["cells"][(s, r["provider"])] = r
-    for d in out.values():
-        d["sizes"].sort()
-        seen = list(d["providers"])
-        d["providers"].sort(key=lambda p: (_family(p) != OURS, seen.index(p)))
-    order = {op: i for i, op in enumerate(OPS)}
-    return dict(sorted(out.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
-
-
-def _fmt_us(us: float) -> str:
-    return f"{us:.2f}" if us < 10 else f"{us:.1f}" if us < 1000 else f"{us:.0f}"
-
-
-def _fmt_gbps(g: float) -> str:
-    return f"{g:.2f}" if g < 10 else f"{g:.1f}"
-
-
-def ratios(d: dict, size: int) -> tuple[str | None, dict[str, float]]:
-    """For one op summary and size: our fastest provider, and per baseline family its best time / our best time
-    (> 1: ours is faster)."""
-    cells = {p: d["cells"][(size, p)] for p in d["providers"] if (size, p) in d["cells"]}
-    ours = {p: r["median_us"] for p, r in cells.items() if _family(p) == OURS}
-    if not ours:
-        return None, {}
-    best = min(ours, key=ours.get)
-    fams: dict[str, float] = {}
-    for p, r in cells.items():
-        f = _family(p)
-        if f != OURS:
-            fams[f] = min(fams.get(f, math.inf), r["median_us"])
-    return best, {f: t / ours[best] for f, t in fams.items()}
-
-
-def format_tables(rows: list[dict], notes: list[str] | None = None) -> str:
-    """One text table per op: size; median us and busbw GB/s per provider; our fastest method; each baseline
-    family's best time divided by ours."""
-    blocks = []
-    for op, d in summarize(rows).items():
-        fams = list(dict.fromkeys(_family(p) for p in d["providers"] if _family(p) != OURS))
-        cols = [("", "size", [fmt_bytes(s) for s in d["sizes"]])]
-        for p in d["providers"]:
-            us, gb = [], []
-            for s in d["sizes"]:
-                r = d["cells"].get((s, p))
-                us.append("-" if r is None else _fmt_us(r["median_us"]))
-                gb.append("-" if r is None or r.get("gbps") is None else _fmt_gbps(r["gbps"]))
-            cols.append((p, "us", us))
-            cols.append(("", "GB/s", gb))
-        per_size = [ratios(d, s) for s in d["sizes"]]
-        if any(b for b, _ in per_size):
-            cols.append(("best", "ours", ["-" if b is None else b.split(":", 1)[-1] for b, _ in per_size]))
-        for f in fams:
-            cols.append((f"{f}", "/ours", ["-" if f not in rt else f"{rt[f]:.2f}" for _, rt in per_size]))
-        # a provider name (h1 of a "us" column) spans its "us" and "GB/s" columns: it does not size "us" alone
-        widths = [max(len(h2), *(len(v) for v in vals), 0 if h2 == "us" else len(h1)) for h1, h2, vals in cols]
-        head1, head2 = [], []
-        i = 0
-        while i < len(cols):
-            h1, h2, _ = cols[i]
-            if h2 == "us":
-                span = widths[i] + 2 + widths[i + 1]
-                if len(h1) > span:
-                    extra = len(h1) - span
-                    widths[i] += extra // 2
-                    widths[i + 1] += extra - extra // 2
-                    span = len(h1)
-                head1.append(h1.center(span))
-                head2.append(h2.rjust(widths[i]) + "  " + cols[i + 1][1].rjust(widths[i + 1]))
-                i += 2
-            else:
-                head1.append(h1.rjust(widths[i]))
-                head2.append(h2.rjust(widths[i]) if i else h2.ljust(widths[i]))
-                i += 1
-        lines = [f"{op}  ({d['world']} ranks, {d['dtype']}; median us, busbw GB/s; <baseline>/ours = baseline "
-                 f"time / our best time, > 1: ours faster)",
-                 " | ".join(head1), " | ".join(head2)]
-        lines.append("-" * len(lines[-1]))
-        for k in range(len(d["sizes"])):
-            cells, i = [], 0
-            while i < len(cols):
-                h1, h2, vals = cols[i]
-                if h2 == "us":
-                    cells.append(vals[k].rjust(widths[i]) + "  " + cols[i + 1][2][k].rjust(widths[i + 1]))
-                    i += 2
-                else:
-                    cells.append(vals[k].ljust(widths[i]) if i == 0 else vals[k].rjust(widths[i]))
-                    i += 1
-            lines.append(" | ".join(cells))
-        blocks.append("\n".join(lines))
-    if notes:
-        blocks.append("notes:\n" + "\n".join(f"  - {n}" for n in notes))
-    return "\n\n".join(blocks)
-
-
-def _style(provider: str) -> dict:
-    fam = _family(provider)
-    if fam == OURS:
-        return dict(linestyle="-", marker="o", linewidth=2.0)
-    if fam == "nccl":
-        return dict(linestyle="--", marker="s", linewidth=1.5)
-    return dict(linestyle=":", marker="^", linewidth=1.5)
-
-
-def plot_rows(rows: list[dict], path: str, title: str | None = None) -> str | None:
-    """Two panels per op (latency vs size, log-log; busbw vs size), one line per provider, saved as PNG at ``path``.
-    Returns the path, or None (with a printed note) when matplotlib is not importable or there are no rows."""
-    try:
-        from matplotlib.figure import Figure
-        from matplotlib.ticker import FixedLocator, NullLocator
-    except ImportError:
-        print(f"note: matplotlib is not importable, so no plot was drawn ({path} skipped); "
-              "`pip install matplotlib` and rerun with --render to draw it")
-        return None
-    summary = summarize(rows)
-    if not summary:
-        print(f"note: no collective rows to plot ({path} skipped)")
-        return None
-    providers = list(dict.fromkeys(p for d in summary.values() for p in d["providers"]))
-    colors = {p: f"C{i % 10}" for i, p in enumerate(providers)}
-    fig = Figure(figsize=(13, 3.8 * len(summary)), layout="constrained")
-    axes = fig.subplots(len(summary), 2, squeeze=False)
-    for (op, d), (ax_t, ax_b) in zip(summary.items(), axes):
-        for p in d["providers"]:
-            pts = [(s, d["cells"][(s, p)]) for s in d["sizes"] if (s, p) in d["cells"]]
-            if not pts:
-                continue
-            xs = [s for s, _ in pts]
-            ax_t.plot(xs, [r["median_us"] for _, r in pts], label=p, color=colors[p], **_style(p))
-            bw = [(s, r["gbps"]) for s, r in pts if r.get("gbps") is not None]
-            if bw:
-                ax_b.plot([s for s, _ in bw], [g for _, g in bw], label=p, color=colors[p], **_style(p))
-        for ax, what in ((ax_t, "latency (median us)"), (ax_b, "bus bandwidth (GB/s)")):
-            ax.set_xscale("log", base=2)
-            ax.xaxis.set_major_locator(FixedLocator(d["sizes"]))
-            ax.xaxis.set_minor_locator(NullLocator())
-            ax.set_xticklabels([fmt_bytes(s).replace(" ", "") for s in d["sizes"]], rotation=0, fontsize=8)
-            ax.set_xlabel("per-rank message size S")
-            ax.set_ylabel(what)
-            ax.set_title(f"{op}: {what.split(' (')[0]} ({d['world']} ranks, {d['dtype']})", fontsize=10)
-            ax.grid(True, which="both", alpha=0.3)
-        ax_t.set_yscale("log")
-        ax_b.set_ylim(bottom=0)
-        ax_t.legend(fontsize=8)
-    if title is None:
-        r0 = rows[0]
-        title = (f"{r0.get('card', '?')}: collectives, busbw by nccl-tests' conventions "
-                 f"(commit {r0.get('commit', '?')}, {r0.get('date', '?')}, run {r0.get('run_id', '?')})")
-    fig.suptitle(title, fontsize=11)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
-
-
-def load_rows(path: str, run_id: str | None = None) -> list[dict]:
-    """The collective rows of one run in a ``<card>.jsonl`` (default: the last run in the file that has some)."""
-    rows = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                r = json.loads(line)
-                if r.get("op") in OPS and str(r.get("shape", "")).startswith("nbytes="):
-                    rows.append(r)
-    if not rows:
-        raise ValueError(f"{path} holds no collective rows")
-    run_id = run_id or rows[-1]["run_id"]
-    picked = [r for r in rows if r["run_id"] == run_id]
-    if not picked:
-        raise ValueError(f"{path} has no collective rows of run {run_id!r}")
-    return picked
-
-
-def default_plot_path(card: str) -> str:
-    from triton_dist.bench.harness import card_slug
-    return DEFAULT_PLOT.format(card=card_slug(card))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The benchmark (ranks of a world)
-# ----------------------------------------------------------------------------------------------------------------
 
 
 class _Skip(Exception):
