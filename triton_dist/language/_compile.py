@@ -13,7 +13,6 @@ import glob
 import hashlib
 import os
 
-import triton
 from triton import knobs
 
 from . import _ptx
