@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU suite: every test on CUDA worlds of 2, 3 and 4 GPUs (plus the GPU-only tests), then the primitive
-# micro-benchmarks on all local GPUs. Run on a machine with GPUs from the repository root:
+# The GPU suite: every test on CUDA worlds of 2, 3 and 4 GPUs (and all GPUs when there are more), the GPU-only
+# tests, then the primitive and collective benchmarks on all local GPUs. Run on a machine with GPUs from the repository root:
 #     TRITON_DIST_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_suite.sh [OUT_DIR]
 # (TRITON_DIST_COMMIT names the commit in the benchmark rows where the checkout has no .git.)
 # Writes OUT_DIR/pytest.log, OUT_DIR/junit.xml, OUT_DIR/<card>.jsonl (bench rows) and a summary table (last).
@@ -15,6 +15,11 @@ PY=${PYTHON:-python3}
 NGPU=$($PY -c "import torch; print(torch.cuda.device_count())")
 echo "GPUs: $NGPU"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -n 8
 
+# World sizes of the `world` fixtures: 2 and 4, plus all GPUs on a larger machine (e.g. 8).
+if [ -z "${TRITON_DIST_TEST_WORLD_SIZES:-}" ]; then
+    export TRITON_DIST_TEST_WORLD_SIZES=2,4
+    [ "$NGPU" -gt 4 ] && export TRITON_DIST_TEST_WORLD_SIZES=2,4,$NGPU
+fi
 TRITON_DIST_TEST_BACKEND=cuda $PY -m pytest -q -m "" tests -p no:cacheprovider --timeout 900 \
     --junitxml="$OUT_DIR/junit.xml" ${PYTEST_ARGS:-} 2>&1 | tee "$OUT_DIR/pytest.log"
 TEST_RC=${PIPESTATUS[0]}
@@ -23,6 +28,9 @@ BENCH_RC=0
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
     $PY -m triton_dist bench primitives -n "$NGPU" --out "$OUT_DIR" ${BENCH_ARGS:-} 2>&1 | tee "$OUT_DIR/bench.log"
     BENCH_RC=${PIPESTATUS[0]}
+    $PY -m triton_dist bench collectives -n "$NGPU" --out "$OUT_DIR" --plot "$OUT_DIR/collectives.png" \
+        ${COLL_ARGS:-} 2>&1 | tee "$OUT_DIR/bench_collectives.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || BENCH_RC=1
 fi
 
 $PY - "$OUT_DIR" "$TEST_RC" "$BENCH_RC" <<'PY'
