@@ -26,6 +26,12 @@ import triton_dist
 import triton_dist.language as dl
 
 
+READY = tl.constexpr(0)  # pad regions: staging filled,
+REDUCED = tl.constexpr(1)  # my chunk reduced (two-shot),
+DONE = tl.constexpr(2)  # finished reading the peers' staging
+REDUCTION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
 @triton.jit
 def announce(pad_ptr, region, epoch, nprog, rank, world):
     """Tell program ``pid`` of every rank that this program reached ``epoch`` in ``region`` (release)."""
@@ -64,6 +70,39 @@ def copy_blocks(src_ptr, dst_ptr, lo, hi, nprog, BLOCK: tl.constexpr, base=0):
         offs = t * BLOCK - base + offs0
         mask = (offs >= lo) & (offs < hi)
         tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=mask), mask=mask)
+
+
+@triton.jit
+def stage_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, BLOCK: tl.constexpr):
+    """The common prologue: wait until peers finished reading the previous call's staging (``DONE >= e-1``), copy my
+    tiles of ``x[0:n]`` into staging, announce ``READY = e`` and wait for everyone's. Returns
+    ``(rank, world, nprog, e, base)`` with ``base`` the staging pointer made dependent on the wait."""
+    rank = dl.rank()
+    world = dl.num_ranks()
+    nprog = tl.num_programs(0)
+    e = tl.load(epoch_ptr)
+    await_all(pad_ptr, DONE, e - 1, nprog, world)
+    copy_blocks(x_ptr, staging_ptr, 0, n, nprog, BLOCK)
+    announce(pad_ptr, READY, e, nprog, rank, world)
+    base = dl.consume_token(staging_ptr, await_all(pad_ptr, READY, e, nprog, world))
+    return rank, world, nprog, e, base
+
+
+@triton.jit
+def reduce_tiles(base, out_ptr, lo, hi, out_shift, world, nprog, BLOCK: tl.constexpr, WRITE_BACK: tl.constexpr):
+    """For this program's tiles of [lo, hi): sum every rank's staging in rank order (fp32), store at
+    ``out_ptr + i - out_shift`` and, with ``WRITE_BACK``, into my own staging."""
+    t0, t1, step = tile_span(lo, hi, 0, nprog, BLOCK)
+    for t in range(t0, t1, step):
+        offs = t * BLOCK + tl.arange(0, BLOCK)
+        mask = (offs >= lo) & (offs < hi)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for peer in range(world):
+            acc += tl.load(dl.symm_at(base, peer) + offs, mask=mask).to(tl.float32)
+        acc = acc.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + (offs - out_shift), acc, mask=mask)
+        if WRITE_BACK:
+            tl.store(base + offs, acc, mask=mask)
 
 
 def default_programs(world) -> int:
@@ -107,6 +146,26 @@ class CollectiveContext:
         self.world.barrier()
         triton_dist.free(self.pad)
         triton_dist.free(self.staging)
+
+
+class ReductionContext(CollectiveContext):
+    """Context of a reduction over up to ``max_numel`` input elements of ``dtype`` (bf16, fp16 or fp32)."""
+
+    op = "reduction"
+
+    def __init__(self, max_numel: int, dtype: torch.dtype, num_programs: int | None = None):
+        if dtype not in REDUCTION_DTYPES:
+            raise TypeError(f"{self.op}: dtype {dtype} is not supported; expected bf16, fp16 or fp32")
+        self.max_numel = max_numel
+        self.dtype = dtype
+        super().__init__(max_numel * torch.empty((), dtype=dtype).element_size(), regions=3,
+                         num_programs=num_programs)
+
+    def check(self, x: torch.Tensor) -> None:
+        check_collective_input(x, self.op, REDUCTION_DTYPES)
+        if x.dtype != self.dtype or x.numel() > self.max_numel:
+            raise ValueError(f"{self.op}: context is for up to {self.max_numel} elements of {self.dtype}, got "
+                             f"{x.numel()} of {x.dtype}")
 
 
 def check_collective_input(x: torch.Tensor, what: str, dtypes) -> None:

@@ -23,25 +23,19 @@ import triton.language as tl
 import triton_dist
 import triton_dist.language as dl
 
-from ._common import CollectiveContext, announce, await_all, check_collective_input, copy_blocks
+from ._common import (DONE, READY, CollectiveContext, announce, await_all, check_collective_input, copy_blocks,
+                      stage_and_publish)
 
 METHODS = ("pull", "push")
 
 
 @triton.jit
 def _pull_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, m, BLOCK: tl.constexpr):
-    rank = dl.rank()
-    world = dl.num_ranks()
-    nprog = tl.num_programs(0)
-    e = tl.load(epoch_ptr)
-    await_all(pad_ptr, 2, e - 1, nprog, world)
-    copy_blocks(x_ptr, staging_ptr, 0, m, nprog, BLOCK)
-    announce(pad_ptr, 0, e, nprog, rank, world)
-    base = dl.consume_token(staging_ptr, await_all(pad_ptr, 0, e, nprog, world))
+    rank, world, nprog, e, base = stage_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, m, BLOCK)
     for i in range(world):
         src = (rank + i) % world
         copy_blocks(dl.symm_at(base, src), out_ptr + src * m, 0, m, nprog, BLOCK)
-    announce(pad_ptr, 2, e, nprog, rank, world)
+    announce(pad_ptr, DONE, e, nprog, rank, world)
 
 
 @triton.jit
@@ -50,15 +44,15 @@ def _push_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, m, BLOCK: tl.c
     world = dl.num_ranks()
     nprog = tl.num_programs(0)
     e = tl.load(epoch_ptr)
-    await_all(pad_ptr, 2, e - 1, nprog, world)
+    await_all(pad_ptr, DONE, e - 1, nprog, world)
     for i in range(world):
         dst = (rank + i) % world
         copy_blocks(x_ptr, dl.symm_at(staging_ptr + rank * m, dst), 0, m, nprog, BLOCK, rank * m)
-    announce(pad_ptr, 0, e, nprog, rank, world)
-    base = dl.consume_token(staging_ptr, await_all(pad_ptr, 0, e, nprog, world))
+    announce(pad_ptr, READY, e, nprog, rank, world)
+    base = dl.consume_token(staging_ptr, await_all(pad_ptr, READY, e, nprog, world))
     for src in range(world):
         copy_blocks(base + src * m, out_ptr + src * m, 0, m, nprog, BLOCK, src * m)
-    announce(pad_ptr, 2, e, nprog, rank, world)
+    announce(pad_ptr, DONE, e, nprog, rank, world)
 
 
 class AllGatherContext(CollectiveContext):

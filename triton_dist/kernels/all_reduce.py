@@ -26,81 +26,39 @@ import triton.language as tl
 import triton_dist
 import triton_dist.language as dl
 
-from ._common import CollectiveContext, announce, await_all, check_collective_input, copy_blocks, tile_span
+from ._common import (DONE, REDUCED, REDUCTION_DTYPES, ReductionContext, announce, await_all, copy_blocks,
+                      reduce_tiles, stage_and_publish)
 
-DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+DTYPES = REDUCTION_DTYPES
 METHODS = ("one_shot", "two_shot")
 ONE_SHOT_MAX_BYTES = 512 << 10  # auto: one-shot up to here, two-shot above (4x H100 crossover, docs/perf/NOTES.md)
 
 
 @triton.jit
-def _sum_peers(base, offs, mask, world, BLOCK: tl.constexpr):
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for peer in range(world):
-        acc += tl.load(dl.symm_at(base, peer) + offs, mask=mask).to(tl.float32)
-    return acc
-
-
-@triton.jit
 def _one_shot_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, n, BLOCK: tl.constexpr):
-    rank = dl.rank()
-    world = dl.num_ranks()
-    nprog = tl.num_programs(0)
-    e = tl.load(epoch_ptr)
-    await_all(pad_ptr, 2, e - 1, nprog, world)  # peers finished reading the previous call's staging
-    copy_blocks(x_ptr, staging_ptr, 0, n, nprog, BLOCK)
-    announce(pad_ptr, 0, e, nprog, rank, world)
-    base = dl.consume_token(staging_ptr, await_all(pad_ptr, 0, e, nprog, world))
-    t0, t1, step = tile_span(0, n, 0, nprog, BLOCK)
-    for t in range(t0, t1, step):
-        offs = t * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        acc = _sum_peers(base, offs, mask, world, BLOCK)
-        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    announce(pad_ptr, 2, e, nprog, rank, world)
+    rank, world, nprog, e, base = stage_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, BLOCK)
+    reduce_tiles(base, out_ptr, 0, n, 0, world, nprog, BLOCK, False)
+    announce(pad_ptr, DONE, e, nprog, rank, world)
 
 
 @triton.jit
 def _two_shot_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, n, chunk, BLOCK: tl.constexpr):
-    rank = dl.rank()
-    world = dl.num_ranks()
-    nprog = tl.num_programs(0)
-    e = tl.load(epoch_ptr)
-    await_all(pad_ptr, 2, e - 1, nprog, world)
-    copy_blocks(x_ptr, staging_ptr, 0, n, nprog, BLOCK)
-    announce(pad_ptr, 0, e, nprog, rank, world)
-    base = dl.consume_token(staging_ptr, await_all(pad_ptr, 0, e, nprog, world))
+    rank, world, nprog, e, base = stage_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, BLOCK)
     # reduce-scatter: my chunk, summed over every rank's staging, into out and back into my staging
-    lo = rank * chunk
-    hi = tl.minimum(lo + chunk, n)
-    t0, t1, step = tile_span(lo, hi, 0, nprog, BLOCK)
-    for t in range(t0, t1, step):
-        offs = t * BLOCK + tl.arange(0, BLOCK)
-        mask = (offs >= lo) & (offs < hi)
-        acc = _sum_peers(base, offs, mask, world, BLOCK).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + offs, acc, mask=mask)
-        tl.store(base + offs, acc, mask=mask)
-    announce(pad_ptr, 1, e, nprog, rank, world)
-    base = dl.consume_token(staging_ptr, await_all(pad_ptr, 1, e, nprog, world))
-    # all-gather: the other ranks' reduced chunks (the same blocks of each chunk as this program reduced)
+    reduce_tiles(base, out_ptr, rank * chunk, tl.minimum(rank * chunk + chunk, n), 0, world, nprog, BLOCK, True)
+    announce(pad_ptr, REDUCED, e, nprog, rank, world)
+    base = dl.consume_token(staging_ptr, await_all(pad_ptr, REDUCED, e, nprog, world))
+    # all-gather: the other ranks' reduced chunks (the same tiles as this program reduced on each rank)
     for i in range(1, world):
         src = (rank + i) % world
-        lo = src * chunk
-        hi = tl.minimum(lo + chunk, n)
-        copy_blocks(dl.symm_at(base, src), out_ptr, lo, hi, nprog, BLOCK)
-    announce(pad_ptr, 2, e, nprog, rank, world)
+        copy_blocks(dl.symm_at(base, src), out_ptr, src * chunk, tl.minimum(src * chunk + chunk, n), nprog, BLOCK)
+    announce(pad_ptr, DONE, e, nprog, rank, world)
 
 
-class AllReduceContext(CollectiveContext):
+class AllReduceContext(ReductionContext):
     """Staging for all-reduces of up to ``max_numel`` elements of ``dtype``; reuse it for every call."""
 
-    def __init__(self, max_numel: int, dtype: torch.dtype, num_programs: int | None = None):
-        if dtype not in DTYPES:
-            raise TypeError(f"all_reduce: dtype {dtype} is not supported; expected bf16, fp16 or fp32")
-        self.max_numel = max_numel
-        self.dtype = dtype
-        super().__init__(max_numel * torch.empty((), dtype=dtype).element_size(), regions=3,
-                         num_programs=num_programs)
+    op = "all_reduce"
 
 
 def pick_method(nbytes: int) -> str:
@@ -110,10 +68,7 @@ def pick_method(nbytes: int) -> str:
 
 def all_reduce(x: torch.Tensor, *, ctx: AllReduceContext, method: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
     """Sum ``x`` over all ranks (fp32 accumulation); returns ``out`` (new tensor if None). No host sync."""
-    check_collective_input(x, "all_reduce", DTYPES)
-    if x.dtype != ctx.dtype or x.numel() > ctx.max_numel:
-        raise ValueError(f"all_reduce: context is for up to {ctx.max_numel} elements of {ctx.dtype}, got "
-                         f"{x.numel()} of {x.dtype}")
+    ctx.check(x)
     method = pick_method(x.numel() * x.element_size()) if method == "auto" else method
     if method not in METHODS:
         raise ValueError(f"all_reduce: method must be 'auto' or one of {METHODS}, got {method!r}")

@@ -18,57 +18,34 @@ import triton.language as tl
 import triton_dist
 import triton_dist.language as dl
 
-from ._common import CollectiveContext, announce, await_all, check_collective_input, copy_blocks, tile_span
+from ._common import DONE, REDUCTION_DTYPES, ReductionContext, announce, reduce_tiles, stage_and_publish
 
-DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+DTYPES = REDUCTION_DTYPES
 METHODS = ("full_mesh",)
 
 
 @triton.jit
 def _full_mesh_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, chunk, BLOCK: tl.constexpr):
-    rank = dl.rank()
-    world = dl.num_ranks()
-    nprog = tl.num_programs(0)
-    e = tl.load(epoch_ptr)
-    await_all(pad_ptr, 2, e - 1, nprog, world)
-    copy_blocks(x_ptr, staging_ptr, 0, world * chunk, nprog, BLOCK)
-    announce(pad_ptr, 0, e, nprog, rank, world)
-    base = dl.consume_token(staging_ptr, await_all(pad_ptr, 0, e, nprog, world))
-    lo = rank * chunk
-    t0, t1, step = tile_span(lo, lo + chunk, 0, nprog, BLOCK)
-    for t in range(t0, t1, step):
-        offs = t * BLOCK + tl.arange(0, BLOCK)
-        mask = (offs >= lo) & (offs < lo + chunk)
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for peer in range(world):
-            acc += tl.load(dl.symm_at(base, peer) + offs, mask=mask).to(tl.float32)
-        tl.store(out_ptr + (offs - lo), acc.to(out_ptr.dtype.element_ty), mask=mask)
-    announce(pad_ptr, 2, e, nprog, rank, world)
+    rank, world, nprog, e, base = stage_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, dl.num_ranks() * chunk,
+                                                    BLOCK)
+    reduce_tiles(base, out_ptr, rank * chunk, rank * chunk + chunk, rank * chunk, world, nprog, BLOCK, False)
+    announce(pad_ptr, DONE, e, nprog, rank, world)
 
 
-class ReduceScatterContext(CollectiveContext):
+class ReduceScatterContext(ReductionContext):
     """Staging for reduce-scatters of inputs of up to ``max_numel`` elements of ``dtype``."""
 
-    def __init__(self, max_numel: int, dtype: torch.dtype, num_programs: int | None = None):
-        if dtype not in DTYPES:
-            raise TypeError(f"reduce_scatter: dtype {dtype} is not supported; expected bf16, fp16 or fp32")
-        self.max_numel = max_numel
-        self.dtype = dtype
-        super().__init__(max_numel * torch.empty((), dtype=dtype).element_size(), regions=3,
-                         num_programs=num_programs)
+    op = "reduce_scatter"
 
 
 def reduce_scatter(x: torch.Tensor, *, ctx: ReduceScatterContext, method: str = "auto",
                    out: torch.Tensor | None = None) -> torch.Tensor:
     """Sum ``x`` (``(world*m, ...)``) over ranks and keep chunk ``rank`` (``(m, ...)``); no host sync."""
-    check_collective_input(x, "reduce_scatter", DTYPES)
+    ctx.check(x)
     world = ctx.world.world_size
     if x.dim() == 0 or x.shape[0] % world:
         raise ValueError(f"reduce_scatter: dim 0 of x ({tuple(x.shape)}) must be a multiple of the world size "
                          f"{world}")
-    if x.dtype != ctx.dtype or x.numel() > ctx.max_numel:
-        raise ValueError(f"reduce_scatter: context is for up to {ctx.max_numel} elements of {ctx.dtype}, got "
-                         f"{x.numel()} of {x.dtype}")
     if method not in ("auto",) + METHODS:
         raise ValueError(f"reduce_scatter: method must be 'auto' or one of {METHODS}, got {method!r}")
     shape = (x.shape[0] // world, *x.shape[1:])
