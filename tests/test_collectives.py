@@ -22,7 +22,7 @@ def _tol(dtype):
 
 def _all_reduce(shape, dtype, method, seed, calls):
     w = world()
-    ctx = ar.AllReduceContext(torch.Size(shape).numel(), dtype, num_programs=2)
+    ctx = ar.AllReduceContext(w.world_size * torch.Size(shape).numel(), dtype, num_programs=2)
     for call in range(calls):  # back-to-back calls on one context exercise the epoch protocol
         x = rand(shape, dtype, seed + 1000 * call + w.rank, w.device)
         out = poison(torch.empty_like(x))
@@ -35,7 +35,7 @@ def _all_reduce(shape, dtype, method, seed, calls):
     return out.sum().item()
 
 
-@pytest.mark.parametrize("method", ["one_shot", "two_shot"])
+@pytest.mark.parametrize("method", ["one_shot", "two_shot", "push_one_shot"])
 @pytest.mark.parametrize("shape,dtype", [((1151,), torch.float32), ((5, 123), torch.float16), ((3,), torch.float32)])
 def test_all_reduce(world, method, shape, dtype, seed):
     sums = world.run(_all_reduce, shape, dtype, method, seed, 3)
@@ -43,7 +43,7 @@ def test_all_reduce(world, method, shape, dtype, seed):
 
 
 def test_all_reduce_odd_world(world3, seed):
-    for method in ("one_shot", "two_shot"):
+    for method in ("one_shot", "two_shot", "push_one_shot"):
         world3.run(_all_reduce, (1001,), torch.float32, method, seed, 2)
 
 
@@ -108,6 +108,8 @@ def _ops_api(seed):
             x = rand((n,), dtype, seed + n + w.rank, w.device)
             rtol, atol = _tol(dtype)
             torch.testing.assert_close(ops.all_reduce(x), ar.all_reduce_reference(x), rtol=rtol, atol=atol)
+            torch.testing.assert_close(ops.all_reduce(x, method="push_one_shot"), ar.all_reduce_reference(x),
+                                       rtol=rtol, atol=atol)
             assert torch.equal(ops.all_gather(x.view(-1, 1)), ag.all_gather_reference(x.view(-1, 1)))
             xs = rand((w.world_size * 7, n // 100), dtype, seed + 7 + w.rank, w.device)
             torch.testing.assert_close(ops.reduce_scatter(xs), rs.reduce_scatter_reference(xs), rtol=rtol, atol=atol)
@@ -151,7 +153,7 @@ def _stress(calls, seed):
         op = ("all_reduce", "all_gather", "reduce_scatter")[i % 3]
         x = torch.randn(w.world_size * n, device=w.device, dtype=torch.bfloat16)
         if op == "all_reduce":
-            method = ("one_shot", "two_shot")[int(torch.randint(0, 2, (1,), generator=g))]
+            method = ("one_shot", "two_shot", "push_one_shot")[int(torch.randint(0, 3, (1,), generator=g))]
             got, ref = ops.all_reduce(x, method=method), ar.all_reduce_reference(x)
             torch.testing.assert_close(got, ref, rtol=1.6e-2, atol=1e-2)
         elif op == "all_gather":
@@ -170,7 +172,7 @@ def test_collectives_stress(world, seed):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", ["one_shot", "two_shot"])
+@pytest.mark.parametrize("method", ["one_shot", "two_shot", "push_one_shot"])
 def test_all_reduce_bf16(world, method, seed):
     world.run(_all_reduce, (4099,), torch.bfloat16, method, seed, 3)
 

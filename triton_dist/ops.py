@@ -9,7 +9,7 @@ a method name forces one.
 =========================  ============================  ===============================================
 op                         shards                        methods
 =========================  ============================  ===============================================
-``all_reduce(x)``          x: any shape -> same shape     ``one_shot`` (latency), ``two_shot`` (bandwidth)
+``all_reduce(x)``          x: any shape -> same shape     ``one_shot``, ``push_one_shot`` (latency), ``two_shot``
 ``all_gather(x)``          (m, ...) -> (world*m, ...)     ``pull``, ``push``
 ``reduce_scatter(x)``      (world*m, ...) -> (m, ...)     ``full_mesh``
 ``all_to_all(x)``          (world*m, ...) -> same         equal splits
@@ -49,7 +49,9 @@ def release_contexts() -> None:
 
 def all_reduce(x: torch.Tensor, *, method: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
     """Sum of ``x`` over all ranks (fp32 accumulation for bf16/fp16); see :mod:`triton_dist.kernels.all_reduce`."""
-    ctx = _context("all_reduce", _ar.AllReduceContext, x.numel(), x.dtype)
+    from .runtime.world import current_world
+    slots = current_world().world_size if method == "push_one_shot" else 1  # one staging slot per rank
+    ctx = _context("all_reduce", _ar.AllReduceContext, slots * x.numel(), x.dtype)
     return _ar.all_reduce(x, ctx=ctx, method=method, out=out)
 
 

@@ -51,6 +51,7 @@ def check(fn, sig, const=None, nvshmem=False):
 
 coll = {"x_ptr": "*bf16", "out_ptr": "*bf16", "staging_ptr": "*bf16", "pad_ptr": "*i32", "epoch_ptr": "*i32"}
 check(AR._one_shot_kernel, dict(coll, n="i32"), {"BLOCK": 2048})
+check(AR._push_one_shot_kernel, dict(coll, n="i32", slot="i32"), {"BLOCK": 2048})
 check(AR._two_shot_kernel, dict(coll, n="i32", chunk="i32"), {"BLOCK": 2048})
 check(RS._full_mesh_kernel, dict(coll, chunk="i32"), {"BLOCK": 2048})
 words = {k: ("*i32" if v.startswith("*") else v) for k, v in coll.items()}

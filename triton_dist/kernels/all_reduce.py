@@ -13,6 +13,8 @@ Both methods stage ``x`` in the context's symmetric buffer and use the epoch pro
   reduces its blocks of *my* chunk from every peer and writes the sum to ``out`` and back into my staging;
   announce ``reduced = e``; wait all ``reduced >= e``; copy the peers' reduced chunks (my blocks of them) into
   ``out``; announce ``done = e``. Every rank reads ``2 (n-1)/world x`` bytes.
+* push_one_shot (low latency, opt-in until measured): store ``x`` into slot ``rank`` of every rank's staging,
+  announce ``ready``; after the single round every rank sums its own slots from local memory.
 
 The sums are taken in rank order on every rank, so all ranks get bit-identical results.
 """
@@ -26,12 +28,14 @@ import triton.language as tl
 import triton_dist
 import triton_dist.language as dl
 
-from ._common import (DONE, REDUCED, REDUCTION_DTYPES, ReductionContext, announce, await_all, copy_blocks,
-                      reduce_tiles, stage_and_publish)
+from ._common import (DONE, READY, REDUCED, REDUCTION_DTYPES, ReductionContext, announce, await_all, copy_blocks,
+                      reduce_tiles, stage_and_publish, tile_span)
 
 DTYPES = REDUCTION_DTYPES
-METHODS = ("one_shot", "two_shot")
-ONE_SHOT_MAX_BYTES = 512 << 10  # auto: one-shot up to here, two-shot above (4x H100 crossover, docs/perf/NOTES.md)
+METHODS = ("one_shot", "two_shot", "push_one_shot")
+# auto: one-shot up to here, two-shot above. On 4x H100 one-shot won at 64 KiB and lost at 1 MiB (NOTES.md); the
+# crossover inside that interval is not measured yet.
+ONE_SHOT_MAX_BYTES = 512 << 10
 
 
 @triton.jit
@@ -55,6 +59,32 @@ def _two_shot_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, n, chunk, 
     announce(pad_ptr, DONE, e, nprog, rank, world)
 
 
+@triton.jit
+def _push_one_shot_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, n, slot, BLOCK: tl.constexpr):
+    """Low-latency variant: push ``x`` into slot ``rank`` of every rank's staging (NVLink stores, no remote loads
+    after the hand-off), one READY round, then sum the local slots. Slots start at fixed multiples of ``slot``, so
+    tile ownership (relative to the slot start) is the same in every call."""
+    rank = dl.rank()
+    world = dl.num_ranks()
+    nprog = tl.num_programs(0)
+    e = tl.load(epoch_ptr)
+    await_all(pad_ptr, DONE, e - 1, nprog, world)
+    for i in range(world):
+        dst = (rank + i) % world
+        copy_blocks(x_ptr, dl.symm_at(staging_ptr + rank * slot, dst), 0, n, nprog, BLOCK)
+    announce(pad_ptr, READY, e, nprog, rank, world)
+    base = dl.consume_token(staging_ptr, await_all(pad_ptr, READY, e, nprog, world))
+    t0, t1, step = tile_span(0, n, 0, nprog, BLOCK)
+    for t in range(t0, t1, step):
+        offs = t * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for src in range(world):
+            acc += tl.load(base + src * slot + offs, mask=mask).to(tl.float32)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    announce(pad_ptr, DONE, e, nprog, rank, world)
+
+
 class AllReduceContext(ReductionContext):
     """Staging for all-reduces of up to ``max_numel`` elements of ``dtype``; reuse it for every call."""
 
@@ -66,8 +96,11 @@ def pick_method(nbytes: int) -> str:
     return "one_shot" if nbytes <= ONE_SHOT_MAX_BYTES else "two_shot"
 
 
-def all_reduce(x: torch.Tensor, *, ctx: AllReduceContext, method: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
-    """Sum ``x`` over all ranks (fp32 accumulation); returns ``out`` (new tensor if None). No host sync."""
+def all_reduce(x: torch.Tensor, *, ctx: AllReduceContext, method: str = "auto",
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum ``x`` over all ranks (fp32 accumulation); returns ``out`` (new tensor if None). No host sync.
+
+    ``push_one_shot`` needs ``world * x.numel()`` elements of context (one slot per rank)."""
     ctx.check(x)
     method = pick_method(x.numel() * x.element_size()) if method == "auto" else method
     if method not in METHODS:
@@ -79,10 +112,17 @@ def all_reduce(x: torch.Tensor, *, ctx: AllReduceContext, method: str = "auto", 
     if n == 0:
         return out
     block = 1024 if ctx.world.interpreted else 2048  # fixed per context: tiles own staging bytes
-    staging = ctx.staging_as(x.dtype, n)
+    if method == "push_one_shot":
+        slot = ctx.max_numel // ctx.world.world_size
+        if n > slot:
+            raise ValueError(f"all_reduce: push_one_shot needs world * numel = {ctx.world.world_size * n} elements "
+                             f"of context, the context has {ctx.max_numel}")
+    staging = ctx.staging_as(x.dtype, ctx.max_numel if method == "push_one_shot" else n)
     epoch = ctx.next_epoch()
     grid = (ctx.num_programs,)
-    if method == "one_shot":
+    if method == "push_one_shot":
+        _push_one_shot_kernel[grid](x, out, staging, ctx.pad, epoch, n, slot, BLOCK=block, num_warps=8)
+    elif method == "one_shot":
         _one_shot_kernel[grid](x, out, staging, ctx.pad, epoch, n, BLOCK=block, num_warps=8)
     else:
         chunk = triton.cdiv(n, ctx.world.world_size)
