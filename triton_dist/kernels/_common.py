@@ -89,6 +89,25 @@ def stage_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, BLOCK: tl.const
 
 
 @triton.jit
+def push_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, slot, base, BLOCK: tl.constexpr):
+    """The push prologue: wait ``DONE >= e-1``, store my tiles of ``x[0:n]`` at ``staging + slot`` of every rank
+    (NVLink stores; ``base`` is the staging position of index 0 for tile ownership, see :func:`tile_span`), announce
+    ``READY = e`` and wait for everyone's. Returns ``(rank, world, nprog, e, staging)`` like
+    :func:`stage_and_publish`."""
+    rank = dl.rank()
+    world = dl.num_ranks()
+    nprog = tl.num_programs(0)
+    e = tl.load(epoch_ptr)
+    await_all(pad_ptr, DONE, e - 1, nprog, world)
+    for i in range(world):
+        dst = (rank + i) % world
+        copy_blocks(x_ptr, dl.symm_at(staging_ptr + slot, dst), 0, n, nprog, BLOCK, base)
+    announce(pad_ptr, READY, e, nprog, rank, world)
+    staging = dl.consume_token(staging_ptr, await_all(pad_ptr, READY, e, nprog, world))
+    return rank, world, nprog, e, staging
+
+
+@triton.jit
 def reduce_tiles(base, out_ptr, lo, hi, out_shift, world, nprog, BLOCK: tl.constexpr, WRITE_BACK: tl.constexpr):
     """For this program's tiles of [lo, hi): sum every rank's staging in rank order (fp32), store at
     ``out_ptr + i - out_shift`` and, with ``WRITE_BACK``, into my own staging."""

@@ -23,7 +23,7 @@ import triton.language as tl
 import triton_dist
 import triton_dist.language as dl
 
-from ._common import (DONE, READY, CollectiveContext, announce, await_all, check_collective_input, copy_blocks,
+from ._common import (DONE, CollectiveContext, announce, check_collective_input, copy_blocks, push_and_publish,
                       stage_and_publish)
 
 METHODS = ("pull", "push")
@@ -40,16 +40,9 @@ def _pull_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, m, BLOCK: tl.c
 
 @triton.jit
 def _push_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, m, BLOCK: tl.constexpr):
-    rank = dl.rank()
-    world = dl.num_ranks()
-    nprog = tl.num_programs(0)
-    e = tl.load(epoch_ptr)
-    await_all(pad_ptr, DONE, e - 1, nprog, world)
-    for i in range(world):
-        dst = (rank + i) % world
-        copy_blocks(x_ptr, dl.symm_at(staging_ptr + rank * m, dst), 0, m, nprog, BLOCK, rank * m)
-    announce(pad_ptr, READY, e, nprog, rank, world)
-    base = dl.consume_token(staging_ptr, await_all(pad_ptr, READY, e, nprog, world))
+    # slot `rank` of every staging; tiles owned by absolute staging position (base rank * m)
+    rank, world, nprog, e, base = push_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, m, dl.rank() * m,
+                                                   dl.rank() * m, BLOCK)
     for src in range(world):
         copy_blocks(base + src * m, out_ptr + src * m, 0, m, nprog, BLOCK, src * m)
     announce(pad_ptr, DONE, e, nprog, rank, world)

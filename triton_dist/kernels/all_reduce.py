@@ -28,8 +28,8 @@ import triton.language as tl
 import triton_dist
 import triton_dist.language as dl
 
-from ._common import (DONE, READY, REDUCED, REDUCTION_DTYPES, ReductionContext, announce, await_all, copy_blocks,
-                      reduce_tiles, stage_and_publish, tile_span)
+from ._common import (DONE, REDUCED, REDUCTION_DTYPES, ReductionContext, announce, await_all, copy_blocks,
+                      push_and_publish, reduce_tiles, stage_and_publish, tile_span)
 
 DTYPES = REDUCTION_DTYPES
 METHODS = ("one_shot", "two_shot", "push_one_shot")
@@ -64,16 +64,8 @@ def _push_one_shot_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, n, sl
     """Low-latency variant: push ``x`` into slot ``rank`` of every rank's staging (NVLink stores, no remote loads
     after the hand-off), one READY round, then sum the local slots. Slots start at fixed multiples of ``slot``, so
     tile ownership (relative to the slot start) is the same in every call."""
-    rank = dl.rank()
-    world = dl.num_ranks()
-    nprog = tl.num_programs(0)
-    e = tl.load(epoch_ptr)
-    await_all(pad_ptr, DONE, e - 1, nprog, world)
-    for i in range(world):
-        dst = (rank + i) % world
-        copy_blocks(x_ptr, dl.symm_at(staging_ptr + rank * slot, dst), 0, n, nprog, BLOCK)
-    announce(pad_ptr, READY, e, nprog, rank, world)
-    base = dl.consume_token(staging_ptr, await_all(pad_ptr, READY, e, nprog, world))
+    rank, world, nprog, e, base = push_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, dl.rank() * slot, 0,
+                                                   BLOCK)
     t0, t1, step = tile_span(0, n, 0, nprog, BLOCK)
     for t in range(t0, t1, step):
         offs = t * BLOCK + tl.arange(0, BLOCK)

@@ -1,5 +1,5 @@
 """Compile every GPU kernel of the library, the tests and the benchmarks for sm_90 with Triton's own ptxas, on a
-machine without GPUs (run by tests/test_gpu_compile.py in a process without TRITON_INTERPRET). Catches what the
+machine without GPUs (``python scripts/compile_gpu_kernels.py``; run by tests/test_gpu_compile.py in a process without TRITON_INTERPRET). Catches what the
 interpreter accepts but the compiler does not (non-constexpr globals, type errors in PTX builtins, ...).
 Prints one line per kernel; exits non-zero if any kernel fails. NVSHMEM kernels are compiled down to ptxas, where
 only the unresolved NVSHMEM symbols may fail (libnvshmem_device.bc is not on CPU machines)."""
@@ -8,7 +8,7 @@ import sys
 
 assert os.environ.get("TRITON_INTERPRET") != "1", "compile check needs the compiler, not the interpreter"
 os.environ["TRITON_DIST_TEST_BACKEND"] = "cuda"  # keeps tests/conftest.py (imported by test modules) off the interpreter
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import triton  # noqa: E402
