@@ -50,13 +50,15 @@ def check(fn, sig, const=None, nvshmem=False):
 
 
 coll = {"x_ptr": "*bf16", "out_ptr": "*bf16", "staging_ptr": "*bf16", "pad_ptr": "*i32", "epoch_ptr": "*i32"}
-check(AR._one_shot_kernel, dict(coll, n="i32"), {"BLOCK": 2048})
-check(AR._push_one_shot_kernel, dict(coll, n="i32", slot="i32"), {"BLOCK": 2048})
-check(AR._two_shot_kernel, dict(coll, n="i32", chunk="i32"), {"BLOCK": 2048})
-check(RS._full_mesh_kernel, dict(coll, chunk="i32"), {"BLOCK": 2048})
+check(AR._one_shot_kernel, dict(coll, n="i32", wait_all="i32"), {"BLOCK": 2048})
+check(AR._push_one_shot_kernel, dict(coll, n="i32", slot="i32", wait_all="i32"), {"BLOCK": 2048})
+check(AR._two_shot_kernel, dict(coll, n="i32", chunk="i32", wait_all="i32"), {"BLOCK": 2048})
+check(RS._full_mesh_kernel, dict(coll, chunk="i32", wait_all="i32"), {"BLOCK": 2048})
+check(RS._ring_kernel, dict(coll, staging_ptr="*fp32", chunk="i32", wait_all="i32"), {"BLOCK": 2048})
 words = {k: ("*i32" if v.startswith("*") else v) for k, v in coll.items()}
 check(AG._pull_kernel, dict(words, m="i32"), {"BLOCK": 4096})
 check(AG._push_kernel, dict(words, m="i32"), {"BLOCK": 4096})
+check(AG._ring_kernel, dict(words, m="i32"), {"BLOCK": 4096})
 for equal in (True, False):
     check(A2A._all_to_all_kernel,
           {"x_ptr": "*i32", "out_ptr": "*i32", "staging_ptr": "*i32", "table_ptr": "*i64", "meta_ptr": "*i64",

@@ -64,7 +64,7 @@ def _all_gather(shape, dtype, method, seed, calls):
     return True
 
 
-@pytest.mark.parametrize("method", ["pull", "push"])
+@pytest.mark.parametrize("method", ["pull", "push", "ring"])
 @pytest.mark.parametrize("shape,dtype", [((37, 51), torch.float32), ((5, 123), torch.float16), ((999,), torch.int8),
                                          ((7, 33), torch.float8_e4m3fn)])
 def test_all_gather_exact(world, method, shape, dtype, seed):
@@ -72,17 +72,17 @@ def test_all_gather_exact(world, method, shape, dtype, seed):
 
 
 def test_all_gather_odd_world(world3, seed):
-    for method in ("pull", "push"):
+    for method in ("pull", "push", "ring"):
         assert all(world3.run(_all_gather, (11, 13), torch.float32, method, seed, 2))
 
 
-def _reduce_scatter(rows, cols, dtype, seed, calls):
+def _reduce_scatter(rows, cols, dtype, seed, calls, method="full_mesh"):
     w = world()
     ctx = rs.ReduceScatterContext(w.world_size * rows * cols, dtype, num_programs=2)
     for call in range(calls):
         x = rand((w.world_size * rows, cols), dtype, seed + 1000 * call + w.rank, w.device)
         out = poison(torch.empty((rows, cols), dtype=dtype, device=w.device))
-        rs.reduce_scatter(x, ctx=ctx, out=out)
+        rs.reduce_scatter(x, ctx=ctx, out=out, method=method)
         sync()
         rtol, atol = _tol(dtype)
         torch.testing.assert_close(out, rs.reduce_scatter_reference(x), rtol=rtol, atol=atol)
@@ -90,13 +90,37 @@ def _reduce_scatter(rows, cols, dtype, seed, calls):
     return True
 
 
+@pytest.mark.parametrize("method", ["full_mesh", "ring"])
 @pytest.mark.parametrize("rows,cols,dtype", [(5, 123, torch.float32), (37, 51, torch.float16), (1, 7, torch.float32)])
-def test_reduce_scatter(world, rows, cols, dtype, seed):
-    assert all(world.run(_reduce_scatter, rows, cols, dtype, seed, 3))
+def test_reduce_scatter(world, rows, cols, dtype, method, seed):
+    assert all(world.run(_reduce_scatter, rows, cols, dtype, seed, 3, method))
 
 
 def test_reduce_scatter_odd_world(world3, seed):
-    assert all(world3.run(_reduce_scatter, 9, 17, torch.float32, seed, 2))
+    for method in ("full_mesh", "ring"):
+        assert all(world3.run(_reduce_scatter, 9, 17, torch.float32, seed, 2, method))
+
+
+def _mixed_methods(seed):
+    """Methods with different staging layouts alternate on one context, sizes changing (layout_switch path)."""
+    w = world()
+    ar_ctx = ar.AllReduceContext(w.world_size * 3000, torch.float32, num_programs=2)
+    rs_ctx = rs.ReduceScatterContext(w.world_size * 3000, torch.float32, num_programs=2)
+    plan = [("push_one_shot", "ring", 2999), ("one_shot", "full_mesh", 1000), ("push_one_shot", "ring", 17),
+            ("two_shot", "full_mesh", 2500), ("two_shot", "ring", 300)]
+    for i, (ar_method, rs_method, n) in enumerate(plan):
+        x = rand((w.world_size * n,), torch.float32, seed + 10 * i + w.rank, w.device)
+        got = ar.all_reduce(x[:n], ctx=ar_ctx, method=ar_method)
+        torch.testing.assert_close(got, ar.all_reduce_reference(x[:n]), rtol=1e-5, atol=1e-5)
+        got = rs.reduce_scatter(x, ctx=rs_ctx, method=rs_method)
+        torch.testing.assert_close(got, rs.reduce_scatter_reference(x), rtol=1e-5, atol=1e-5)
+    ar_ctx.close()
+    rs_ctx.close()
+    return True
+
+
+def test_methods_alternate_on_one_context(world, seed):
+    assert all(world.run(_mixed_methods, seed))
 
 
 def _ops_api(seed):
@@ -157,10 +181,12 @@ def _stress(calls, seed):
             got, ref = ops.all_reduce(x, method=method), ar.all_reduce_reference(x)
             torch.testing.assert_close(got, ref, rtol=1.6e-2, atol=1e-2)
         elif op == "all_gather":
-            method = ("pull", "push")[int(torch.randint(0, 2, (1,), generator=g))]
+            method = ("pull", "push", "ring")[int(torch.randint(0, 3, (1,), generator=g))]
             assert torch.equal(ops.all_gather(x[:n], method=method), ag.all_gather_reference(x[:n])), f"call {i}"
         else:
-            torch.testing.assert_close(ops.reduce_scatter(x), rs.reduce_scatter_reference(x), rtol=1.6e-2, atol=1e-2)
+            method = ("full_mesh", "ring")[int(torch.randint(0, 2, (1,), generator=g))]
+            torch.testing.assert_close(ops.reduce_scatter(x, method=method), rs.reduce_scatter_reference(x),
+                                       rtol=1.6e-2, atol=1e-2)
     ops.release_contexts()
     return True
 
@@ -178,11 +204,12 @@ def test_all_reduce_bf16(world, method, seed):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", ["pull", "push"])
+@pytest.mark.parametrize("method", ["pull", "push", "ring"])
 def test_all_gather_bf16(world, method, seed):
     assert all(world.run(_all_gather, (33, 65), torch.bfloat16, method, seed, 3))
 
 
 @pytest.mark.gpu
-def test_reduce_scatter_bf16(world, seed):
-    assert all(world.run(_reduce_scatter, 37, 129, torch.bfloat16, seed, 3))
+@pytest.mark.parametrize("method", ["full_mesh", "ring"])
+def test_reduce_scatter_bf16(world, method, seed):
+    assert all(world.run(_reduce_scatter, 37, 129, torch.bfloat16, seed, 3, method))

@@ -58,8 +58,8 @@ from dataclasses import asdict
 
 from .report import DEFAULT_PLOT, OPS, OURS, Progress, default_plot_path, fmt_bytes, format_tables, load_rows, plot_rows
 
-OUR_METHODS = {"all_reduce": ("one_shot", "two_shot", "push_one_shot"), "all_gather": ("pull", "push"),
-               "reduce_scatter": ("full_mesh",), "all_to_all": (None,)}
+OUR_METHODS = {"all_reduce": ("one_shot", "two_shot", "push_one_shot"), "all_gather": ("pull", "push", "ring"),
+               "reduce_scatter": ("full_mesh", "ring"), "all_to_all": (None,)}
 SYMM_MEM_METHODS = {"all_reduce": ("one_shot", "two_shot")}
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 

@@ -73,7 +73,18 @@ def copy_blocks(src_ptr, dst_ptr, lo, hi, nprog, BLOCK: tl.constexpr, base=0):
 
 
 @triton.jit
-def stage_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, BLOCK: tl.constexpr):
+def await_previous(pad_ptr, e, nprog, world, wait_all):
+    """Before overwriting staging: every peer's program pid finished reading the previous call's data
+    (``DONE >= e-1``). ``wait_all`` (the host sets it when a call's staging layout differs from the previous call's,
+    e.g. another method) waits for every program of every peer instead, since tile ownership then changed."""
+    if wait_all != 0:
+        dl.wait(pad_ptr + DONE * nprog * world, nprog * world, "sys", "acquire", e - 1, cmp="ge")
+    else:
+        await_all(pad_ptr, DONE, e - 1, nprog, world)
+
+
+@triton.jit
+def stage_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, wait_all, BLOCK: tl.constexpr):
     """The common prologue: wait until peers finished reading the previous call's staging (``DONE >= e-1``), copy my
     tiles of ``x[0:n]`` into staging, announce ``READY = e`` and wait for everyone's. Returns
     ``(rank, world, nprog, e, base)`` with ``base`` the staging pointer made dependent on the wait."""
@@ -81,7 +92,7 @@ def stage_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, BLOCK: tl.const
     world = dl.num_ranks()
     nprog = tl.num_programs(0)
     e = tl.load(epoch_ptr)
-    await_all(pad_ptr, DONE, e - 1, nprog, world)
+    await_previous(pad_ptr, e, nprog, world, wait_all)
     copy_blocks(x_ptr, staging_ptr, 0, n, nprog, BLOCK)
     announce(pad_ptr, READY, e, nprog, rank, world)
     base = dl.consume_token(staging_ptr, await_all(pad_ptr, READY, e, nprog, world))
@@ -89,7 +100,7 @@ def stage_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, BLOCK: tl.const
 
 
 @triton.jit
-def push_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, slot, base, BLOCK: tl.constexpr):
+def push_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, slot, base, wait_all, BLOCK: tl.constexpr):
     """The push prologue: wait ``DONE >= e-1``, store my tiles of ``x[0:n]`` at ``staging + slot`` of every rank
     (NVLink stores; ``base`` is the staging position of index 0 for tile ownership, see :func:`tile_span`), announce
     ``READY = e`` and wait for everyone's. Returns ``(rank, world, nprog, e, staging)`` like
@@ -98,7 +109,7 @@ def push_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, slot, base, BLOC
     world = dl.num_ranks()
     nprog = tl.num_programs(0)
     e = tl.load(epoch_ptr)
-    await_all(pad_ptr, DONE, e - 1, nprog, world)
+    await_previous(pad_ptr, e, nprog, world, wait_all)
     for i in range(world):
         dst = (rank + i) % world
         copy_blocks(x_ptr, dl.symm_at(staging_ptr + slot, dst), 0, n, nprog, BLOCK, base)
@@ -148,6 +159,13 @@ class CollectiveContext:
         self.epoch = torch.zeros(1, dtype=torch.int32, device=self.world.device)
         self.world.barrier()  # every pad is zero before any rank announces into it
 
+    def layout_switch(self, layout: str) -> int:
+        """1 if this call's staging layout differs from the previous call's (the kernel then waits for every peer
+        program's DONE, see ``await_previous``), else 0."""
+        switched = int(getattr(self, "_layout", layout) != layout)
+        self._layout = layout
+        return switched
+
     def staging_as(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
         if nbytes > self.staging_bytes:
@@ -171,14 +189,15 @@ class ReductionContext(CollectiveContext):
     """Context of a reduction over up to ``max_numel`` input elements of ``dtype`` (bf16, fp16 or fp32)."""
 
     op = "reduction"
+    staging_elem_bytes = None  # bytes of staging per input element; default: the input's element size
 
     def __init__(self, max_numel: int, dtype: torch.dtype, num_programs: int | None = None):
         if dtype not in REDUCTION_DTYPES:
             raise TypeError(f"{self.op}: dtype {dtype} is not supported; expected bf16, fp16 or fp32")
         self.max_numel = max_numel
         self.dtype = dtype
-        super().__init__(max_numel * torch.empty((), dtype=dtype).element_size(), regions=3,
-                         num_programs=num_programs)
+        per_elem = self.staging_elem_bytes or torch.empty((), dtype=dtype).element_size()
+        super().__init__(max_numel * per_elem, regions=3, num_programs=num_programs)
 
     def check(self, x: torch.Tensor) -> None:
         check_collective_input(x, self.op, REDUCTION_DTYPES)

@@ -12,6 +12,9 @@ Protocol (``_common.py``; regions 0 ``ready``, 2 ``done``):
   staging (NVLink stores); announce ``ready = e``; wait all ``ready >= e``; copy my staging to ``out``; announce
   ``done = e``. Push moves the same NVLink bytes as stores (faster than loads, see NOTES.md) but adds a local copy of
   ``world * m`` elements.
+* ring: store my ``x`` into my right neighbour's slot ``rank``; ``world - 2`` times wait for the slot that arrived
+  from the left and forward it to the right; then copy the staging out. Each rank sends ``(world - 1) m`` over one
+  link, the others idle: the variant for topologies without a switch.
 """
 from __future__ import annotations
 
@@ -23,15 +26,15 @@ import triton.language as tl
 import triton_dist
 import triton_dist.language as dl
 
-from ._common import (DONE, CollectiveContext, announce, check_collective_input, copy_blocks, push_and_publish,
-                      stage_and_publish)
+from ._common import (DONE, READY, CollectiveContext, announce, await_all, check_collective_input, copy_blocks,
+                      push_and_publish, stage_and_publish)
 
-METHODS = ("pull", "push")
+METHODS = ("pull", "push", "ring")
 
 
 @triton.jit
 def _pull_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, m, BLOCK: tl.constexpr):
-    rank, world, nprog, e, base = stage_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, m, BLOCK)
+    rank, world, nprog, e, base = stage_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, m, 0, BLOCK)
     for i in range(world):
         src = (rank + i) % world
         copy_blocks(dl.symm_at(base, src), out_ptr + src * m, 0, m, nprog, BLOCK)
@@ -40,11 +43,40 @@ def _pull_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, m, BLOCK: tl.c
 
 @triton.jit
 def _push_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, m, BLOCK: tl.constexpr):
-    # slot `rank` of every staging; tiles owned by absolute staging position (base rank * m)
+    # slot `rank` of every staging; tiles owned by absolute staging position (base rank * m), the same layout as
+    # pull and ring, so switching methods needs no wider wait (wait_all = 0)
     rank, world, nprog, e, base = push_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, m, dl.rank() * m,
-                                                   dl.rank() * m, BLOCK)
+                                                   dl.rank() * m, 0, BLOCK)
     for src in range(world):
         copy_blocks(base + src * m, out_ptr + src * m, 0, m, nprog, BLOCK, src * m)
+    announce(pad_ptr, DONE, e, nprog, rank, world)
+
+
+@triton.jit
+def _ring_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, m, BLOCK: tl.constexpr):
+    """Ring: store my x into slot ``rank`` of my staging and my right neighbour's; then world-2 times forward the
+    slot that just arrived from the left to the right. Slot signals: ``READY[p][src]`` on the receiver."""
+    rank = dl.rank()
+    world = dl.num_ranks()
+    nprog = tl.num_programs(0)
+    pid = tl.program_id(0)
+    e = tl.load(epoch_ptr)
+    right = (rank + 1) % world
+    await_all(pad_ptr, DONE, e - 1, nprog, world)  # everyone copied the previous call's staging out
+    ready = pad_ptr + (READY * nprog + pid) * world
+    copy_blocks(x_ptr, staging_ptr + rank * m, 0, m, nprog, BLOCK, rank * m)
+    copy_blocks(x_ptr, dl.symm_at(staging_ptr + rank * m, right), 0, m, nprog, BLOCK, rank * m)
+    dl.notify(ready + rank, right, e, "set", "intra_node")
+    for step in range(1, world - 1):
+        src = (rank - step + world) % world
+        token = dl.wait(ready + src, 1, "sys", "acquire", e, cmp="ge")
+        slot = dl.consume_token(staging_ptr, token) + src * m
+        copy_blocks(slot, dl.symm_at(slot, right), 0, m, nprog, BLOCK, src * m)
+        dl.notify(ready + src, right, e, "set", "intra_node")
+    src = (rank + 1) % world  # the last slot to arrive (from the left) is the right neighbour's
+    base = dl.consume_token(staging_ptr, dl.wait(ready + src, 1, "sys", "acquire", e, cmp="ge"))
+    for s in range(world):
+        copy_blocks(base + s * m, out_ptr + s * m, 0, m, nprog, BLOCK, s * m)
     announce(pad_ptr, DONE, e, nprog, rank, world)
 
 
@@ -92,7 +124,7 @@ def all_gather(x: torch.Tensor, *, ctx: AllGatherContext, method: str = "auto", 
     staging = ctx.staging.view(word)
     block = 1024 if ctx.world.interpreted else 4096  # fixed per context: tiles own staging bytes
     epoch = ctx.next_epoch()
-    kernel = _pull_kernel if method == "pull" else _push_kernel
+    kernel = {"pull": _pull_kernel, "push": _push_kernel, "ring": _ring_kernel}[method]
     kernel[(ctx.num_programs,)](xw, outw, staging, ctx.pad, epoch, m, BLOCK=block, num_warps=8)
     return out
 

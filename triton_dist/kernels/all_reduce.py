@@ -39,15 +39,15 @@ ONE_SHOT_MAX_BYTES = 512 << 10
 
 
 @triton.jit
-def _one_shot_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, n, BLOCK: tl.constexpr):
-    rank, world, nprog, e, base = stage_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, BLOCK)
+def _one_shot_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, n, wait_all, BLOCK: tl.constexpr):
+    rank, world, nprog, e, base = stage_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, wait_all, BLOCK)
     reduce_tiles(base, out_ptr, 0, n, 0, world, nprog, BLOCK, False)
     announce(pad_ptr, DONE, e, nprog, rank, world)
 
 
 @triton.jit
-def _two_shot_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, n, chunk, BLOCK: tl.constexpr):
-    rank, world, nprog, e, base = stage_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, BLOCK)
+def _two_shot_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, n, chunk, wait_all, BLOCK: tl.constexpr):
+    rank, world, nprog, e, base = stage_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, wait_all, BLOCK)
     # reduce-scatter: my chunk, summed over every rank's staging, into out and back into my staging
     reduce_tiles(base, out_ptr, rank * chunk, tl.minimum(rank * chunk + chunk, n), 0, world, nprog, BLOCK, True)
     announce(pad_ptr, REDUCED, e, nprog, rank, world)
@@ -60,12 +60,12 @@ def _two_shot_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, n, chunk, 
 
 
 @triton.jit
-def _push_one_shot_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, n, slot, BLOCK: tl.constexpr):
+def _push_one_shot_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, n, slot, wait_all, BLOCK: tl.constexpr):
     """Low-latency variant: push ``x`` into slot ``rank`` of every rank's staging (NVLink stores, no remote loads
     after the hand-off), one READY round, then sum the local slots. Slots start at fixed multiples of ``slot``, so
     tile ownership (relative to the slot start) is the same in every call."""
     rank, world, nprog, e, base = push_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, dl.rank() * slot, 0,
-                                                   BLOCK)
+                                                   wait_all, BLOCK)
     t0, t1, step = tile_span(0, n, 0, nprog, BLOCK)
     for t in range(t0, t1, step):
         offs = t * BLOCK + tl.arange(0, BLOCK)
@@ -110,15 +110,16 @@ def all_reduce(x: torch.Tensor, *, ctx: AllReduceContext, method: str = "auto",
             raise ValueError(f"all_reduce: push_one_shot needs world * numel = {ctx.world.world_size * n} elements "
                              f"of context, the context has {ctx.max_numel}")
     staging = ctx.staging_as(x.dtype, ctx.max_numel if method == "push_one_shot" else n)
+    wait_all = ctx.layout_switch("slots" if method == "push_one_shot" else "flat")
     epoch = ctx.next_epoch()
     grid = (ctx.num_programs,)
     if method == "push_one_shot":
-        _push_one_shot_kernel[grid](x, out, staging, ctx.pad, epoch, n, slot, BLOCK=block, num_warps=8)
+        _push_one_shot_kernel[grid](x, out, staging, ctx.pad, epoch, n, slot, wait_all, BLOCK=block, num_warps=8)
     elif method == "one_shot":
-        _one_shot_kernel[grid](x, out, staging, ctx.pad, epoch, n, BLOCK=block, num_warps=8)
+        _one_shot_kernel[grid](x, out, staging, ctx.pad, epoch, n, wait_all, BLOCK=block, num_warps=8)
     else:
         chunk = triton.cdiv(n, ctx.world.world_size)
-        _two_shot_kernel[grid](x, out, staging, ctx.pad, epoch, n, chunk, BLOCK=block, num_warps=8)
+        _two_shot_kernel[grid](x, out, staging, ctx.pad, epoch, n, chunk, wait_all, BLOCK=block, num_warps=8)
     return out
 
 

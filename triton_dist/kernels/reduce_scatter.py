@@ -7,6 +7,10 @@ Protocol (``_common.py``; regions 0 ``ready``, 2 ``done``): wait ``done >= e-1``
 announce ``ready = e``; wait all ``ready >= e``; each program sums its tiles of chunk ``rank``
 over every rank's staging in rank order and writes ``out``; announce ``done = e``. Each rank reads
 ``(world - 1) m`` elements over NVLink.
+
+Ring: ``world - 1`` steps; at step ``s`` each rank adds its own chunk ``rank-1-s`` to the fp32 partial sum that
+arrived from the left and passes it on to the right; the last step lands on chunk ``rank``. Partials travel in
+fp32 (twice the bytes of bf16, but one rounding at the end, as in full mesh).
 """
 from __future__ import annotations
 
@@ -18,24 +22,63 @@ import triton.language as tl
 import triton_dist
 import triton_dist.language as dl
 
-from ._common import DONE, REDUCTION_DTYPES, ReductionContext, announce, reduce_tiles, stage_and_publish
+from ._common import (DONE, READY, REDUCTION_DTYPES, ReductionContext, announce, await_previous, reduce_tiles,
+                      stage_and_publish, tile_span)
 
 DTYPES = REDUCTION_DTYPES
-METHODS = ("full_mesh",)
+METHODS = ("full_mesh", "ring")
 
 
 @triton.jit
-def _full_mesh_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, chunk, BLOCK: tl.constexpr):
+def _full_mesh_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, chunk, wait_all, BLOCK: tl.constexpr):
     rank, world, nprog, e, base = stage_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, dl.num_ranks() * chunk,
-                                                    BLOCK)
+                                                    wait_all, BLOCK)
     reduce_tiles(base, out_ptr, rank * chunk, rank * chunk + chunk, rank * chunk, world, nprog, BLOCK, False)
     announce(pad_ptr, DONE, e, nprog, rank, world)
 
 
+@triton.jit
+def _ring_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, chunk, wait_all, BLOCK: tl.constexpr):
+    """Ring: fp32 partial sums travel to the right; after world-1 steps chunk ``rank`` holds the full sum.
+    ``staging_ptr`` is fp32, one slot of ``chunk`` per chunk index; ``READY[p][c]`` on the receiver says that
+    slot ``c``'s tiles of program p arrived."""
+    rank = dl.rank()
+    world = dl.num_ranks()
+    nprog = tl.num_programs(0)
+    e = tl.load(epoch_ptr)
+    right = (rank + 1) % world
+    ready = pad_ptr + (READY * nprog + tl.program_id(0)) * world
+    await_previous(pad_ptr, e, nprog, world, wait_all)
+    c = (rank - 1 + world) % world
+    t0, t1, step_t = tile_span(c * chunk, c * chunk + chunk, 0, nprog, BLOCK)
+    for t in range(t0, t1, step_t):  # step 0: my x of chunk c, as fp32, into the right neighbour's slot c
+        offs = t * BLOCK + tl.arange(0, BLOCK)
+        mask = (offs >= c * chunk) & (offs < c * chunk + chunk)
+        tl.store(dl.symm_at(staging_ptr, right) + offs, tl.load(x_ptr + offs, mask=mask).to(tl.float32), mask=mask)
+    dl.notify(ready + c, right, e, "set", "intra_node")
+    for step in range(1, world):
+        c = (rank - 1 - step + 2 * world) % world  # the chunk that just arrived from the left
+        base = dl.consume_token(staging_ptr, dl.wait(ready + c, 1, "sys", "acquire", e, cmp="ge"))
+        t0, t1, step_t = tile_span(c * chunk, c * chunk + chunk, 0, nprog, BLOCK)
+        for t in range(t0, t1, step_t):
+            offs = t * BLOCK + tl.arange(0, BLOCK)
+            mask = (offs >= c * chunk) & (offs < c * chunk + chunk)
+            part = tl.load(base + offs, mask=mask) + tl.load(x_ptr + offs, mask=mask).to(tl.float32)
+            if step < world - 1:
+                tl.store(dl.symm_at(base, right) + offs, part, mask=mask)
+            else:  # c == rank: the full sum
+                tl.store(out_ptr + (offs - c * chunk), part.to(out_ptr.dtype.element_ty), mask=mask)
+        if step < world - 1:
+            dl.notify(ready + c, right, e, "set", "intra_node")
+    announce(pad_ptr, DONE, e, nprog, rank, world)
+
+
 class ReduceScatterContext(ReductionContext):
-    """Staging for reduce-scatters of inputs of up to ``max_numel`` elements of ``dtype``."""
+    """Staging for reduce-scatters of inputs of up to ``max_numel`` elements of ``dtype`` (fp32 room, for the ring's
+    partial sums)."""
 
     op = "reduce_scatter"
+    staging_elem_bytes = 4
 
 
 def reduce_scatter(x: torch.Tensor, *, ctx: ReduceScatterContext, method: str = "auto",
@@ -56,9 +99,14 @@ def reduce_scatter(x: torch.Tensor, *, ctx: ReduceScatterContext, method: str = 
     if chunk == 0:
         return out
     block = 1024 if ctx.world.interpreted else 2048  # fixed per context: tiles own staging bytes
+    if world == 1:
+        return out.copy_(x)
+    method = "full_mesh" if method == "auto" else method
+    wait_all = ctx.layout_switch(method)  # ring stages fp32, full mesh the input dtype
     epoch = ctx.next_epoch()
-    _full_mesh_kernel[(ctx.num_programs,)](x, out, ctx.staging_as(x.dtype, x.numel()), ctx.pad, epoch, chunk,
-                                           BLOCK=block, num_warps=8)
+    kernel, staging_dtype = (_ring_kernel, torch.float32) if method == "ring" else (_full_mesh_kernel, x.dtype)
+    kernel[(ctx.num_programs,)](x, out, ctx.staging_as(staging_dtype, x.numel()), ctx.pad, epoch, chunk, wait_all,
+                                BLOCK=block, num_warps=8)
     return out
 
 
