@@ -4,7 +4,7 @@ import torch
 import triton_dist
 
 
-def world():
+def this_world():
     return triton_dist.current_world()
 
 

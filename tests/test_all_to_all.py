@@ -2,12 +2,11 @@
 import pytest
 import torch
 
-import triton_dist
 from triton_dist.kernels import all_to_all as a2a
 from triton_dist.kernels.all_to_all import (AllToAllContext, all_to_all, all_to_all_reference, all_to_all_v,
                                             all_to_all_v_reference)
 
-from _util import poison, rand, sync, world
+from _util import poison, rand, sync, this_world
 
 DTYPES = [torch.float16, torch.float32, torch.int8, torch.float8_e4m3fn]
 DTYPE_IDS = ["fp16", "fp32", "int8", "fp8e4m3"]
@@ -39,7 +38,7 @@ def _splits(counts, rank):
 
 # ----------------------------------------------------------------------------------------------- rank bodies
 def _equal(dtype, m, row_shape, seed):
-    w = world()
+    w = this_world()
     x = rand((w.world_size * m,) + row_shape, dtype, seed + w.rank, w.device)
     ctx = AllToAllContext(_nbytes(x), dtype)
     out = poison(torch.empty_like(x))
@@ -51,7 +50,7 @@ def _equal(dtype, m, row_shape, seed):
 
 
 def _variable(dtype, row_shape, seed):
-    w = world()
+    w = this_world()
     ins, outs = _splits(_counts(w.world_size, seed), w.rank)
     x = rand((sum(ins),) + row_shape, dtype, seed + w.rank, w.device)
     ctx = AllToAllContext(_nbytes(x))
@@ -65,7 +64,7 @@ def _variable(dtype, row_shape, seed):
 
 def _odd_shapes(seed):
     """1-D rows, 3-D rows, empty chunks, and tensors at odd addresses (narrower words) on one context."""
-    w = world()
+    w = this_world()
     ws = w.world_size
     ctx = AllToAllContext(4096)
     results = []
@@ -95,7 +94,7 @@ def _odd_shapes(seed):
 def _back_to_back(seed, calls, cols, hi):
     """Calls on one context with no barrier in between, different data and splits each time (the epochs); every
     third call has equal splits."""
-    w = world()
+    w = this_world()
     ws = w.world_size
     ctx = AllToAllContext(ws * hi * cols * 4)
     done = []
@@ -120,7 +119,7 @@ def _back_to_back(seed, calls, cols, hi):
 
 def _default_context(seed):
     """ctx=None: a module-level context, grown when a call needs more staging."""
-    w = world()
+    w = this_world()
     ws = w.world_size
     ok = []
     for k, m in enumerate((2, 700)):  # the second call needs more than the first context holds
@@ -136,7 +135,7 @@ def _default_context(seed):
 
 def _references(seed):
     """The references against the definition, from the seeds alone (no communication)."""
-    w = world()
+    w = this_world()
     ws, me = w.world_size, w.rank
     m = 3
     x = rand((ws * m, 5), torch.float16, seed + me, w.device)
@@ -153,7 +152,7 @@ def _references(seed):
 
 
 def _bad_inputs():
-    w = world()
+    w = this_world()
     ws = w.world_size
     ctx = AllToAllContext(1024, torch.float32)
     x = torch.ones((ws * 4, 8), dtype=torch.float32, device=w.device)

@@ -10,7 +10,7 @@ from triton_dist.kernels import all_gather as ag
 from triton_dist.kernels import all_reduce as ar
 from triton_dist.kernels import reduce_scatter as rs
 
-from _util import poison, rand, sync, world
+from _util import poison, rand, sync, this_world
 
 BACKEND = os.environ.get("TRITON_DIST_TEST_BACKEND", "cpu")
 FLOATS = [torch.float32, torch.float16] + ([torch.bfloat16] if BACKEND != "cpu" else [])
@@ -21,7 +21,7 @@ def _tol(dtype):
 
 
 def _all_reduce(shape, dtype, method, seed, calls):
-    w = world()
+    w = this_world()
     ctx = ar.AllReduceContext(w.world_size * torch.Size(shape).numel(), dtype, num_programs=2)
     for call in range(calls):  # back-to-back calls on one context exercise the epoch protocol
         x = rand(shape, dtype, seed + 1000 * call + w.rank, w.device)
@@ -48,7 +48,7 @@ def test_all_reduce_odd_world(world3, seed):
 
 
 def _all_gather(shape, dtype, method, seed, calls):
-    w = world()
+    w = this_world()
     ctx = ag.AllGatherContext(torch.Size(shape).numel(), dtype, num_programs=2)
     for call in range(calls):
         x = rand(shape, dtype, seed + 1000 * call + w.rank, w.device)
@@ -77,7 +77,7 @@ def test_all_gather_odd_world(world3, seed):
 
 
 def _reduce_scatter(rows, cols, dtype, seed, calls, method="full_mesh"):
-    w = world()
+    w = this_world()
     ctx = rs.ReduceScatterContext(w.world_size * rows * cols, dtype, num_programs=2)
     for call in range(calls):
         x = rand((w.world_size * rows, cols), dtype, seed + 1000 * call + w.rank, w.device)
@@ -103,7 +103,7 @@ def test_reduce_scatter_odd_world(world3, seed):
 
 def _mixed_methods(seed):
     """Methods with different staging layouts alternate on one context, sizes changing (layout_switch path)."""
-    w = world()
+    w = this_world()
     ar_ctx = ar.AllReduceContext(w.world_size * 3000, torch.float32, num_programs=2)
     rs_ctx = rs.ReduceScatterContext(w.world_size * 3000, torch.float32, num_programs=2)
     plan = [("push_one_shot", "ring", 2999), ("one_shot", "full_mesh", 1000), ("push_one_shot", "ring", 17),
@@ -125,7 +125,7 @@ def test_methods_alternate_on_one_context(world, seed):
 
 def _ops_api(seed):
     """The public ops: cached contexts, auto methods, growth to a larger size, every dtype on GPUs."""
-    w = world()
+    w = this_world()
     results = []
     for dtype in FLOATS:
         for n in (300, 5000):  # the second size grows the cached contexts
@@ -147,7 +147,7 @@ def test_ops_api(world, seed):
 
 
 def _bad_inputs():
-    w = world()
+    w = this_world()
     ctx = ar.AllReduceContext(64, torch.float32, num_programs=2)
     with pytest.raises(ValueError, match="context is for up to 64 elements"):
         ar.all_reduce(torch.ones(65, device=w.device), ctx=ctx)
@@ -170,7 +170,7 @@ def test_bad_input(world2):
 
 def _stress(calls, seed):
     """Back-to-back calls with random sizes and methods, every result checked (GPU only)."""
-    w = world()
+    w = this_world()
     g = torch.Generator().manual_seed(seed)
     for i in range(calls):
         n = int(torch.randint(1, 1 << 16, (1,), generator=g))
@@ -217,7 +217,7 @@ def test_reduce_scatter_bf16(world, method, seed):
 
 def _graph_replay(seed):
     """Each op captured once in a CUDA graph (after a warm-up call made its context) and replayed on new data."""
-    w = world()
+    w = this_world()
     n = 3000
     x = torch.empty(w.world_size * n, device=w.device, dtype=torch.bfloat16)
     outs = {}

@@ -7,7 +7,7 @@ import triton.language as tl
 import triton_dist
 import triton_dist.language as dl
 
-from _util import sync, world
+from _util import sync, this_world
 from test_language import _push_pull
 
 pytestmark = pytest.mark.gpu
@@ -43,7 +43,7 @@ def _stress_kernel(buf_ptr, sig_ptr, ack_ptr, err_ptr, iters, BLOCK: tl.constexp
 
 
 def _stress(iters, programs):
-    w = world()
+    w = this_world()
     block = 1024
     buf = triton_dist.zeros((programs * block,), torch.int32)
     sig = triton_dist.zeros((programs,), torch.int32)

@@ -10,7 +10,7 @@ import triton_dist
 import triton_dist.language as dl
 from triton_dist.testing import ProcessWorld, RankError
 
-from _util import poison, rand, sync, world
+from _util import poison, rand, sync, this_world
 
 BACKEND = os.environ.get("TRITON_DIST_TEST_BACKEND", "cpu")
 
@@ -121,7 +121,7 @@ def _never_signalled_kernel(sig_ptr):
 
 # ---------------------------------------------------------------------------------------- rank bodies
 def _who():
-    w = world()
+    w = this_world()
     out = torch.full((2,), -1, dtype=torch.int32, device=w.device)
     _who_kernel[(1,)](out)
     return out.tolist()
@@ -133,7 +133,7 @@ def test_rank_and_num_ranks_need_no_kernel_argument(world):
 
 
 def _push_pull(n, dtype, seed):
-    w = world()
+    w = this_world()
     ws = w.world_size
     buf = triton_dist.empty((ws, n), dtype)
     poison(buf)
@@ -164,7 +164,7 @@ def test_peer_writes_odd_world(world3, seed):
 
 
 def _ring(n, seed, calls):
-    w = world()
+    w = this_world()
     ws = w.world_size
     buf = triton_dist.empty((ws, n), torch.float32)
     sig = triton_dist.zeros((ws,), torch.int32)
@@ -193,7 +193,7 @@ def test_notify_wait_odd_world(world3, seed):
 
 
 def _count(adds):
-    w = world()
+    w = this_world()
     sig = triton_dist.zeros((1,), torch.int32)
     out = torch.full((1,), -1, dtype=torch.int32, device=w.device)
     triton_dist.barrier()
@@ -212,7 +212,7 @@ def test_notify_add_accumulates(world):
 
 
 def _many_signals(value):
-    w = world()
+    w = this_world()
     sig = triton_dist.zeros((w.world_size,), torch.int64)
     out = torch.zeros((1,), dtype=torch.int32, device=w.device)
     triton_dist.barrier()
@@ -231,7 +231,7 @@ def test_wait_on_consecutive_int64_signals(world):
 
 
 def _ldst_atomics():
-    w = world()
+    w = this_world()
     words = triton_dist.zeros((8,), torch.int32)
     out = torch.full((3,), -1, dtype=torch.int32, device=w.device)
     triton_dist.barrier()
@@ -259,7 +259,7 @@ def test_ld_st_atomics_fences(world):
 
 
 def _clock():
-    w = world()
+    w = this_world()
     out = torch.full((4,), -1, dtype=torch.int64, device=w.device)
     _clock_kernel[(1,)](out)
     return out.tolist()
@@ -302,7 +302,7 @@ def _bad_device_args():
             kernel[(1,)](sig)
         except Exception as e:  # compile errors on GPU, interpreter errors on CPU
             errors.append(repr(e))
-    outside = torch.zeros((4,), dtype=torch.int32, device=world().device)
+    outside = torch.zeros((4,), dtype=torch.int32, device=this_world().device)
     triton_dist.free(sig)
     return errors, outside.sum().item()
 

@@ -7,10 +7,9 @@ import triton
 import triton.language as tl
 
 import triton_dist
-import triton_dist.language as dl
 from triton_dist.language import libshmem_device as shmem
 
-from _util import poison, rand, sync, world
+from _util import poison, rand, sync, this_world
 from conftest import WORLD_SIZES, get_world
 
 BACKEND = os.environ.get("TRITON_DIST_TEST_BACKEND", "cpu")
@@ -66,7 +65,7 @@ def _signal_add_kernel(sig_ptr, out_ptr):
 
 
 def _put_signal_ring(nbytes, seed):
-    w = world()
+    w = this_world()
     nblocks = 4
     src = triton_dist.empty((nbytes,), torch.uint8)
     dst = triton_dist.empty((nbytes,), torch.uint8)
@@ -93,7 +92,7 @@ def test_put_with_signal_exchange(pes, seed):
 
 
 def _get(seed):
-    w = world()
+    w = this_world()
     n = 3000
     src = triton_dist.empty((n,), torch.float16)
     src.copy_(rand((n,), torch.float16, seed + w.rank, w.device))
@@ -114,7 +113,7 @@ def test_getmem(pes, seed):
 
 
 def _barrier_all():
-    w = world()
+    w = this_world()
     buf = triton_dist.zeros((w.world_size,), torch.int32)
     out = torch.full((w.world_size,), -1, dtype=torch.int32, device=w.device)
     triton_dist.barrier()
@@ -131,7 +130,7 @@ def test_barrier_all_orders_remote_stores(pes):
 
 
 def _signal_add():
-    w = world()
+    w = this_world()
     sig = triton_dist.zeros((1,), torch.uint64)
     out = torch.full((1,), -1, dtype=torch.int64, device=w.device)
     triton_dist.barrier()

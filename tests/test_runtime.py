@@ -8,11 +8,11 @@ import torch
 import triton_dist
 from triton_dist.testing import ProcessWorld, RankError, WorldTimeout
 
-from _util import poison, rand, world
+from _util import rand, this_world
 
 
 def _alloc_offsets():
-    w = world()
+    w = this_world()
     heap = w.heap
     a = triton_dist.empty((1151,), torch.float32)
     b = triton_dist.zeros((5, 123), torch.float16)
@@ -36,7 +36,7 @@ def test_allocation_is_symmetric_and_reuses_freed_ranges(world):
 
 
 def _peer_views(seed):
-    w = world()
+    w = this_world()
     x = triton_dist.empty((7, 13), torch.float32)
     x.copy_(rand((7, 13), torch.float32, seed + w.rank, w.device))
     triton_dist.barrier()
@@ -67,14 +67,14 @@ def test_peer_view_odd_world(world3, seed):
 
 
 def _exhaust():
-    heap = world().heap
+    heap = this_world().heap
     with pytest.raises(triton_dist.HeapExhausted, match=r"TRITON_DIST_HEAP_SIZE"):
         triton_dist.empty((heap.nbytes,), torch.uint8)
     return True
 
 
 def _bad_inputs():
-    w = world()
+    w = this_world()
     outside = torch.zeros(4, device=w.device)
     with pytest.raises(triton_dist.NotSymmetric, match="not on rank .* symmetric heap"):
         triton_dist.peer_view(outside, 0)
@@ -95,7 +95,7 @@ def test_bad_input_gets_clear_errors(world2):
 
 
 def _mismatched_allocation():
-    w = world()
+    w = this_world()
     triton_dist.empty((100 + 100 * w.rank,), torch.float32)
 
 
@@ -107,7 +107,7 @@ def test_debug_mode_detects_different_allocation_sequences():
 
 
 def _barriers():
-    w = world()
+    w = this_world()
     for _ in range(3):
         triton_dist.barrier()
         triton_dist.stream_barrier()
@@ -119,13 +119,13 @@ def test_barriers(world):
 
 
 def _raise_on_rank_one():
-    if world().rank == 1:
+    if this_world().rank == 1:
         raise ValueError("planted failure on rank 1")
     return True
 
 
 def _hang_on_rank_one():
-    if world().rank == 1:
+    if this_world().rank == 1:
         time.sleep(600)
     return True
 

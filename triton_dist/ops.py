@@ -24,6 +24,7 @@ from .kernels import all_gather as _ag
 from .kernels import all_reduce as _ar
 from .kernels import all_to_all as _a2a
 from .kernels import reduce_scatter as _rs
+from .runtime.world import current_world
 
 _contexts: dict = {}
 
@@ -49,7 +50,6 @@ def release_contexts() -> None:
 
 def all_reduce(x: torch.Tensor, *, method: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
     """Sum of ``x`` over all ranks (fp32 accumulation for bf16/fp16); see :mod:`triton_dist.kernels.all_reduce`."""
-    from .runtime.world import current_world
     slots = current_world().world_size if method == "push_one_shot" else 1  # one staging slot per rank
     ctx = _context("all_reduce", _ar.AllReduceContext, slots * x.numel(), x.dtype)
     return _ar.all_reduce(x, ctx=ctx, method=method, out=out)

@@ -25,6 +25,7 @@ import triton.language as tl
 
 import triton_dist
 import triton_dist.language as dl
+from triton_dist.runtime.heap import SUPPORTED_DTYPES
 
 from ._common import (DONE, READY, CollectiveContext, announce, await_all, check_collective_input, copy_blocks,
                       push_and_publish, stage_and_publish)
@@ -99,9 +100,9 @@ def _word_dtype(nbytes: int) -> torch.dtype:
     return torch.uint8
 
 
-def all_gather(x: torch.Tensor, *, ctx: AllGatherContext, method: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
+def all_gather(x: torch.Tensor, *, ctx: AllGatherContext, method: str = "auto",
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """Gather ``x`` (``(m, ...)``) from every rank into ``(world * m, ...)`` in rank order; no host sync."""
-    from triton_dist.runtime.heap import SUPPORTED_DTYPES
     check_collective_input(x, "all_gather", SUPPORTED_DTYPES)
     world = ctx.world.world_size
     if x.dim() == 0:

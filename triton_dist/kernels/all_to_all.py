@@ -15,7 +15,7 @@ Data moves as raw words (int64, int32, int16 or uint8: the widest that divides t
 ``x`` and ``out``), so every dtype of the same byte layout works the same way (fp8 and bf16 included).
 
 Protocol: one launch of ``P`` programs per call, epochs as in :mod:`triton_dist.kernels._common` (regions
-``READY = 0`` and ``DONE = 1`` of the context's signal pad). The staging buffer (symmetric, a byte copy of ``x``) is
+``READY`` and ``DONE`` of the context's signal pad). The staging buffer (symmetric, a byte copy of ``x``) is
 cut into tiles of ``BLOCK`` words, and tile ``t`` belongs to program ``t % P`` on every rank and in every call, so
 the bytes a program writes are read only by the programs of the same index on the peers, whatever the shapes and
 splits of the call. Program ``p`` of rank ``me``, in call (epoch) ``e``::
@@ -47,7 +47,7 @@ import triton.language as tl
 
 import triton_dist
 import triton_dist.language as dl
-from triton_dist.kernels._common import CollectiveContext, announce, await_all, check_collective_input
+from triton_dist.kernels._common import DONE, READY, CollectiveContext, announce, await_all, check_collective_input
 
 __all__ = ["AllToAllContext", "all_to_all", "all_to_all_v", "all_to_all_reference", "all_to_all_v_reference",
            "close_default_context", "SUPPORTED_DTYPES"]
@@ -55,8 +55,6 @@ __all__ = ["AllToAllContext", "all_to_all", "all_to_all_v", "all_to_all_referenc
 SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn,
                     torch.float8_e5m2, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
 
-_READY = tl.constexpr(0)  # signal pad regions
-_DONE = tl.constexpr(1)
 _WORDS = ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.uint8))
 
 
@@ -78,7 +76,7 @@ def _all_to_all_kernel(x_ptr, out_ptr, staging_ptr, table_ptr, meta_ptr, pad_ptr
     offs = tl.arange(0, BLOCK)
 
     # 1. every peer's program pid finished reading my staging tiles (and table row) of the previous call
-    token = await_all(pad_ptr, _DONE, epoch - 1, nprog, world)
+    token = await_all(pad_ptr, DONE, epoch - 1, nprog, world)
     staging = dl.consume_token(staging_ptr, token)
     table = dl.consume_token(table_ptr, token)
 
@@ -93,10 +91,10 @@ def _all_to_all_kernel(x_ptr, out_ptr, staging_ptr, table_ptr, meta_ptr, pad_ptr
         w_offs = tl.arange(0, WORLD_BLOCK)
         w_mask = w_offs < 2 * world
         tl.store(table + pid * 2 * world + w_offs, tl.load(meta_ptr + w_offs, mask=w_mask), mask=w_mask)
-    announce(pad_ptr, _READY, epoch, nprog, me, world)
+    announce(pad_ptr, READY, epoch, nprog, me, world)
 
     # 3. pull, from every source, the tiles pid of the rows it sends me
-    token = await_all(pad_ptr, _READY, epoch, nprog, world)
+    token = await_all(pad_ptr, READY, epoch, nprog, world)
     staging = dl.consume_token(staging, token)
     table = dl.consume_token(table, token)
     for k in range(world):
@@ -120,7 +118,7 @@ def _all_to_all_kernel(x_ptr, out_ptr, staging_ptr, table_ptr, meta_ptr, pad_ptr
             mask = (idx >= start) & (idx < end)
             tl.store(out_ptr + dst + (idx - start), tl.load(peer + idx, mask=mask), mask=mask)
             t += nprog
-    announce(pad_ptr, _DONE, epoch, nprog, me, world)
+    announce(pad_ptr, DONE, epoch, nprog, me, world)
 
 
 class AllToAllContext(CollectiveContext):
@@ -164,7 +162,7 @@ class AllToAllContext(CollectiveContext):
         num_programs = num_programs or None
         # small tiles in the CPU world, so that even small tensors are spread over the programs
         self.tile_bytes = tile_bytes or (512 if world.interpreted else 16384)
-        super().__init__(max(8, -(-max_bytes // 8) * 8), regions=2, num_programs=num_programs)
+        super().__init__(max(8, -(-max_bytes // 8) * 8), regions=3, num_programs=num_programs)
         self.max_bytes = max_bytes
         self.dtype = dtype
         w = self.world.world_size
