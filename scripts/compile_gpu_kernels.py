@@ -53,12 +53,20 @@ coll = {"x_ptr": "*bf16", "out_ptr": "*bf16", "staging_ptr": "*bf16", "pad_ptr":
 check(AR._one_shot_kernel, dict(coll, n="i32", wait_all="i32"), {"BLOCK": 2048})
 check(AR._push_one_shot_kernel, dict(coll, n="i32", slot="i32", wait_all="i32"), {"BLOCK": 2048})
 check(AR._two_shot_kernel, dict(coll, n="i32", chunk="i32", wait_all="i32"), {"BLOCK": 2048})
+for dt, half in (("bf16", True), ("fp32", False)):
+    check(AR._ll_kernel, {"x_ptr": "*i16" if half else "*i32", "out_ptr": f"*{dt}", "buf_ptr": "*i64",
+                          "epoch_ptr": "*i32", "n": "i32", "words": "i32", "slot_words": "i32"},
+          {"HALF": half, "BLOCK": 1024})
+check(AG._ll_kernel, {"x_ptr": "*i32", "out_ptr": "*i32", "buf_ptr": "*i64", "epoch_ptr": "*i32", "words": "i32",
+                      "slot_words": "i32"}, {"BLOCK": 1024})
+for phase in (0, 1, 2):
+    check(AG._ce_signal_kernel, {"pad_ptr": "*i32", "epoch_ptr": "*i32", "wait_all": "i32"}, {"PHASE": phase})
 check(RS._full_mesh_kernel, dict(coll, chunk="i32", wait_all="i32"), {"BLOCK": 2048})
 check(RS._ring_kernel, dict(coll, staging_ptr="*fp32", chunk="i32", wait_all="i32"), {"BLOCK": 2048})
 words = {k: ("*i32" if v.startswith("*") else v) for k, v in coll.items()}
-check(AG._pull_kernel, dict(words, m="i32"), {"BLOCK": 4096})
-check(AG._push_kernel, dict(words, m="i32"), {"BLOCK": 4096})
-check(AG._ring_kernel, dict(words, m="i32"), {"BLOCK": 4096})
+check(AG._pull_kernel, dict(words, m="i32", wait_all="i32"), {"BLOCK": 4096})
+check(AG._push_kernel, dict(words, m="i32", wait_all="i32"), {"BLOCK": 4096})
+check(AG._ring_kernel, dict(words, m="i32", wait_all="i32"), {"BLOCK": 4096})
 for equal in (True, False):
     check(A2A._all_to_all_kernel,
           {"x_ptr": "*i32", "out_ptr": "*i32", "staging_ptr": "*i32", "table_ptr": "*i64", "meta_ptr": "*i64",

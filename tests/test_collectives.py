@@ -8,7 +8,9 @@ import triton_dist
 from triton_dist import ops
 from triton_dist.kernels import all_gather as ag
 from triton_dist.kernels import all_reduce as ar
+from triton_dist.kernels import all_to_all as a2a
 from triton_dist.kernels import reduce_scatter as rs
+from triton_dist.kernels._ll import LL_MAX_BYTES
 
 from _util import poison, rand, sync, this_world
 
@@ -35,7 +37,7 @@ def _all_reduce(shape, dtype, method, seed, calls):
     return out.sum().item()
 
 
-@pytest.mark.parametrize("method", ["one_shot", "two_shot", "push_one_shot"])
+@pytest.mark.parametrize("method", ["one_shot", "two_shot", "push_one_shot", "ll"])
 @pytest.mark.parametrize("shape,dtype", [((1151,), torch.float32), ((5, 123), torch.float16), ((3,), torch.float32)])
 def test_all_reduce(world, method, shape, dtype, seed):
     sums = world.run(_all_reduce, shape, dtype, method, seed, 3)
@@ -43,7 +45,7 @@ def test_all_reduce(world, method, shape, dtype, seed):
 
 
 def test_all_reduce_odd_world(world3, seed):
-    for method in ("one_shot", "two_shot", "push_one_shot"):
+    for method in ("one_shot", "two_shot", "push_one_shot", "ll"):
         world3.run(_all_reduce, (1001,), torch.float32, method, seed, 2)
 
 
@@ -64,15 +66,21 @@ def _all_gather(shape, dtype, method, seed, calls):
     return True
 
 
-@pytest.mark.parametrize("method", ["pull", "push", "ring"])
+@pytest.mark.parametrize("method", ["pull", "push", "ring", "copy_engine"])
 @pytest.mark.parametrize("shape,dtype", [((37, 51), torch.float32), ((5, 123), torch.float16), ((999,), torch.int8),
                                          ((7, 33), torch.float8_e4m3fn)])
 def test_all_gather_exact(world, method, shape, dtype, seed):
     assert all(world.run(_all_gather, shape, dtype, method, seed, 3))
 
 
+@pytest.mark.parametrize("shape,dtype", [((37, 51), torch.float32), ((6, 123), torch.float16), ((1000,), torch.int8)])
+def test_all_gather_ll(world, shape, dtype, seed):
+    """The LL method (whole 32-bit words per rank), bytes exact, back-to-back calls reuse both buffer parities."""
+    assert all(world.run(_all_gather, shape, dtype, "ll", seed, 3))
+
+
 def test_all_gather_odd_world(world3, seed):
-    for method in ("pull", "push", "ring"):
+    for method in ("pull", "push", "ring", "ll", "copy_engine"):
         assert all(world3.run(_all_gather, (11, 13), torch.float32, method, seed, 2))
 
 
@@ -106,16 +114,21 @@ def _mixed_methods(seed):
     w = this_world()
     ar_ctx = ar.AllReduceContext(w.world_size * 3000, torch.float32, num_programs=2)
     rs_ctx = rs.ReduceScatterContext(w.world_size * 3000, torch.float32, num_programs=2)
-    plan = [("push_one_shot", "ring", 2999), ("one_shot", "full_mesh", 1000), ("push_one_shot", "ring", 17),
-            ("two_shot", "full_mesh", 2500), ("two_shot", "ring", 300)]
+    ag_ctx = ag.AllGatherContext(3000, torch.float32, num_programs=2)
+    ag_methods = ("copy_engine", "pull", "ll", "push", "copy_engine", "ring", "copy_engine", "ll")
+    plan = [("push_one_shot", "ring", 2999), ("ll", "full_mesh", 1000), ("one_shot", "full_mesh", 1000),
+            ("push_one_shot", "ring", 17), ("ll", "ring", 2999), ("ll", "ring", 5), ("two_shot", "full_mesh", 2500),
+            ("two_shot", "ring", 300)]
     for i, (ar_method, rs_method, n) in enumerate(plan):
         x = rand((w.world_size * n,), torch.float32, seed + 10 * i + w.rank, w.device)
         got = ar.all_reduce(x[:n], ctx=ar_ctx, method=ar_method)
         torch.testing.assert_close(got, ar.all_reduce_reference(x[:n]), rtol=1e-5, atol=1e-5)
         got = rs.reduce_scatter(x, ctx=rs_ctx, method=rs_method)
         torch.testing.assert_close(got, rs.reduce_scatter_reference(x), rtol=1e-5, atol=1e-5)
+        assert torch.equal(ag.all_gather(x[:n], ctx=ag_ctx, method=ag_methods[i]), ag.all_gather_reference(x[:n]))
     ar_ctx.close()
     rs_ctx.close()
+    ag_ctx.close()
     return True
 
 
@@ -174,19 +187,31 @@ def _stress(calls, seed):
     g = torch.Generator().manual_seed(seed)
     for i in range(calls):
         n = int(torch.randint(1, 1 << 16, (1,), generator=g))
-        op = ("all_reduce", "all_gather", "reduce_scatter")[i % 3]
+        op = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")[i % 4]
         x = torch.randn(w.world_size * n, device=w.device, dtype=torch.bfloat16)
         if op == "all_reduce":
-            method = ("one_shot", "two_shot", "push_one_shot")[int(torch.randint(0, 3, (1,), generator=g))]
+            method = ("one_shot", "two_shot", "push_one_shot", "ll")[int(torch.randint(0, 4, (1,), generator=g))]
+            if method == "ll" and x.numel() * x.element_size() > LL_MAX_BYTES:
+                method = "auto"
             got, ref = ops.all_reduce(x, method=method), ar.all_reduce_reference(x)
             torch.testing.assert_close(got, ref, rtol=1.6e-2, atol=1e-2)
         elif op == "all_gather":
-            method = ("pull", "push", "ring")[int(torch.randint(0, 3, (1,), generator=g))]
+            method = ("pull", "push", "ring", "ll", "copy_engine")[int(torch.randint(0, 5, (1,), generator=g))]
+            if method == "ll" and (n % 2 or 2 * n > LL_MAX_BYTES):
+                method = "auto"
             assert torch.equal(ops.all_gather(x[:n], method=method), ag.all_gather_reference(x[:n])), f"call {i}"
-        else:
+        elif op == "reduce_scatter":
             method = ("full_mesh", "ring")[int(torch.randint(0, 2, (1,), generator=g))]
             torch.testing.assert_close(ops.reduce_scatter(x, method=method), rs.reduce_scatter_reference(x),
                                        rtol=1.6e-2, atol=1e-2)
+        elif i % 8 == 3:  # equal splits
+            assert torch.equal(ops.all_to_all(x), a2a.all_to_all_reference(x)), f"call {i}"
+        else:  # variable splits: counts[r][j] rows from rank r to rank j, the same table on every rank
+            counts = torch.randint(0, 1 + n // w.world_size, (w.world_size, w.world_size), generator=g).tolist()
+            ins, outs = counts[w.rank], [counts[r][w.rank] for r in range(w.world_size)]
+            xv = x[:sum(ins)].view(-1, 1)
+            assert torch.equal(ops.all_to_all_v(xv, ins, outs), a2a.all_to_all_v_reference(xv, ins, outs)), \
+                f"call {i}"
     ops.release_contexts()
     return True
 
@@ -198,15 +223,15 @@ def test_collectives_stress(world, seed):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", ["one_shot", "two_shot", "push_one_shot"])
+@pytest.mark.parametrize("method", ["one_shot", "two_shot", "push_one_shot", "ll"])
 def test_all_reduce_bf16(world, method, seed):
     world.run(_all_reduce, (4099,), torch.bfloat16, method, seed, 3)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", ["pull", "push", "ring"])
+@pytest.mark.parametrize("method", ["pull", "push", "ring", "ll", "copy_engine"])
 def test_all_gather_bf16(world, method, seed):
-    assert all(world.run(_all_gather, (33, 65), torch.bfloat16, method, seed, 3))
+    assert all(world.run(_all_gather, (34, 65), torch.bfloat16, method, seed, 3))
 
 
 @pytest.mark.gpu
@@ -221,11 +246,15 @@ def _graph_replay(seed):
     n = 3000
     x = torch.empty(w.world_size * n, device=w.device, dtype=torch.bfloat16)
     outs = {}
-    calls = {"all_reduce": lambda: ops.all_reduce(x[:n], out=outs["all_reduce"]),
-             "all_gather": lambda: ops.all_gather(x[:n], out=outs["all_gather"]),
+    calls = {"all_reduce": lambda: ops.all_reduce(x[:n], out=outs["all_reduce"]),  # auto: ll
+             "all_reduce_2": lambda: ops.all_reduce(x[:n], method="two_shot", out=outs["all_reduce_2"]),
+             "all_gather": lambda: ops.all_gather(x[:n], out=outs["all_gather"]),  # auto: ll
+             "all_gather_2": lambda: ops.all_gather(x[:n], method="pull", out=outs["all_gather_2"]),
              "reduce_scatter": lambda: ops.reduce_scatter(x, out=outs["reduce_scatter"])}
     outs["all_reduce"] = torch.empty(n, device=w.device, dtype=x.dtype)
+    outs["all_reduce_2"] = torch.empty(n, device=w.device, dtype=x.dtype)
     outs["all_gather"] = torch.empty(w.world_size * n, device=w.device, dtype=x.dtype)
+    outs["all_gather_2"] = torch.empty(w.world_size * n, device=w.device, dtype=x.dtype)
     outs["reduce_scatter"] = torch.empty(n, device=w.device, dtype=x.dtype)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -243,8 +272,10 @@ def _graph_replay(seed):
         triton_dist.barrier()
         graph.replay()
         sync()
-        torch.testing.assert_close(outs["all_reduce"], ar.all_reduce_reference(x[:n]), rtol=1.6e-2, atol=1e-2)
-        assert torch.equal(outs["all_gather"], ag.all_gather_reference(x[:n]))
+        for name in ("all_reduce", "all_reduce_2"):
+            torch.testing.assert_close(outs[name], ar.all_reduce_reference(x[:n]), rtol=1.6e-2, atol=1e-2)
+        for name in ("all_gather", "all_gather_2"):
+            assert torch.equal(outs[name], ag.all_gather_reference(x[:n]))
         torch.testing.assert_close(outs["reduce_scatter"], rs.reduce_scatter_reference(x), rtol=1.6e-2, atol=1e-2)
     ops.release_contexts()
     return True

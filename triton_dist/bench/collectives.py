@@ -56,9 +56,10 @@ import re
 import time
 from dataclasses import asdict
 
+from ..kernels._ll import LL_MAX_BYTES
 from .report import DEFAULT_PLOT, OPS, OURS, Progress, default_plot_path, fmt_bytes, format_tables, load_rows, plot_rows
 
-OUR_METHODS = {"all_reduce": ("one_shot", "two_shot", "push_one_shot"), "all_gather": ("pull", "push", "ring"),
+OUR_METHODS = {"all_reduce": ("ll", "one_shot", "two_shot", "push_one_shot"), "all_gather": ("ll", "pull", "push", "ring", "copy_engine"),
                "reduce_scatter": ("full_mesh", "ring"), "all_to_all": (None,)}
 SYMM_MEM_METHODS = {"all_reduce": ("one_shot", "two_shot")}
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -334,6 +335,8 @@ class _Bench:
                 fn = getattr(ops, op, None)
                 if fn is None:
                     raise _Skip(f"triton_dist.ops has no {op}")
+                if method == "ll" and numel * xs[0].element_size() > LL_MAX_BYTES:
+                    raise _Skip(f"ll is for messages of at most {LL_MAX_BYTES} bytes")
                 kw = {} if method is None else {"method": method}
                 return lambda i: fn(xs[i], **kw)
             out.append((name, True, setup))

@@ -1,17 +1,24 @@
 """Shared pieces of the collective kernels: the per-program rendezvous protocol and the context base.
 
-Protocol ("epochs"). Every context owns a *signal pad* on the symmetric heap: ``regions`` regions of
-``num_programs x world`` int32 slots, and a local device counter ``epoch`` that the host bumps (``epoch.add_(1)``,
-a stream-ordered op, so CUDA-graph capturable) before every call. Program ``p`` of rank ``r`` talks only to program
+Protocol ("epochs"). Every context owns a *signal pad* on the symmetric heap: for each of up to ``num_programs``
+programs, ``REGIONS`` regions of ``world`` int32 slots (program-major, so the layout does not depend on how many
+programs a call launches), and a local device counter ``epoch`` that the host bumps (``epoch.add_(1)``, a
+stream-ordered op, so CUDA-graph capturable) before every call. Program ``p`` of rank ``r`` talks only to program
 ``p`` of the other ranks:
 
-* ``announce(pad, region, e)``: set slot ``[region][p][r]`` on every rank to ``e`` (barrier + release store);
-* ``await_all(pad, region, e)``: wait until slots ``[region][p][0..world)`` of this rank are all ``>= e``.
+* ``announce(pad, region, e)``: set slot ``[p][region][r]`` on every rank to ``e`` (barrier, one system-scope
+  fence, then one relaxed store per rank: a single release for all ranks);
+* ``await_all(pad, region, e)``: wait until slots ``[p][region][0..world)`` of this rank are all ``>= e``.
 
 Counters only grow, so a fast peer that already announced epoch ``e+1`` still satisfies a wait for ``e``; nothing is
 ever reset, which is what makes back-to-back calls (and graph replays) safe without a host barrier. A collective
 that stages data in a symmetric buffer uses a ``done`` region: before overwriting its staging block a program waits
 until every peer announced ``done >= e-1`` (it finished reading the previous call's data).
+
+A call launches as many programs as it has tiles, up to the context's ``num_programs`` (small messages use few
+programs, so few signals). When a call's staging layout or program count differs from the previous call's on
+the same context, tile ownership changed, and the kernel waits for the ``done`` of every program of the previous
+call instead of only its own (``await_previous``; the host passes the previous program count).
 
 Because no program waits for another program of the same rank, the kernels progress under the CPU world's
 interpreter (programs run one at a time, in pid order) as well as on GPUs.
@@ -29,22 +36,35 @@ import triton_dist.language as dl
 READY = tl.constexpr(0)  # pad regions: staging filled,
 REDUCED = tl.constexpr(1)  # my chunk reduced (two-shot),
 DONE = tl.constexpr(2)  # finished reading the peers' staging
+REGIONS = tl.constexpr(3)
 REDUCTION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @triton.jit
-def announce(pad_ptr, region, epoch, nprog, rank, world):
-    """Tell program ``pid`` of every rank that this program reached ``epoch`` in ``region`` (release)."""
-    slot = pad_ptr + (region * nprog + tl.program_id(0)) * world + rank
-    for peer in range(world):
-        dl.notify(slot, peer, epoch, "set", "intra_node")
+def signal_slots(pad_ptr, region, world, pid=None):
+    """The ``world`` slots of ``region`` for program ``pid`` (default: this program) in this rank's pad."""
+    if pid is None:
+        pid = tl.program_id(0)
+    return pad_ptr + (pid * REGIONS + region) * world
 
 
 @triton.jit
-def await_all(pad_ptr, region, epoch, nprog, world):
+def announce(pad_ptr, region, epoch, rank, world):
+    """Tell program ``pid`` of every rank that this program reached ``epoch`` in ``region``.
+
+    One release for all ranks: barrier (every thread's writes and reads are done), one system-scope fence, then a
+    relaxed store per rank. ``world`` release notifies would pay ``world`` fences (NOTES.md)."""
+    slot = signal_slots(pad_ptr, region, world) + rank
+    tl.debug_barrier()
+    dl.fence("sys", "acq_rel")
+    for peer in range(world):
+        dl.notify(slot, peer, epoch, "set", "intra_node", semantic="relaxed")
+
+
+@triton.jit
+def await_all(pad_ptr, region, epoch, world):
     """Wait until program ``pid`` of every rank announced at least ``epoch`` in ``region``; returns a token."""
-    first = pad_ptr + (region * nprog + tl.program_id(0)) * world
-    return dl.wait(first, world, "sys", "acquire", epoch, cmp="ge")
+    return dl.wait(signal_slots(pad_ptr, region, world), world, "sys", "acquire", epoch, cmp="ge")
 
 
 @triton.jit
@@ -53,7 +73,8 @@ def tile_span(lo, hi, base, nprog, BLOCK: tl.constexpr):
 
     Staging is cut into fixed tiles of BLOCK elements; tile ``t`` always belongs to program ``t % nprog``, whatever
     the call's sizes. That is what makes the per-program ``done`` signal enough: the bytes program p overwrites in
-    call e are exactly the bytes program p of every peer read in call e-1. Returns (first tile, end, step)."""
+    call e are exactly the bytes program p of every peer read in call e-1 (same ``nprog``; a call with another
+    program count waits for all, see :func:`await_previous`). Returns (first tile, end, step)."""
     pid = tl.program_id(0)
     first = (base + lo) // BLOCK
     t0 = first + (pid - first % nprog + nprog) % nprog
@@ -73,14 +94,16 @@ def copy_blocks(src_ptr, dst_ptr, lo, hi, nprog, BLOCK: tl.constexpr, base=0):
 
 
 @triton.jit
-def await_previous(pad_ptr, e, nprog, world, wait_all):
+def await_previous(pad_ptr, e, world, wait_all):
     """Before overwriting staging: every peer's program pid finished reading the previous call's data
-    (``DONE >= e-1``). ``wait_all`` (the host sets it when a call's staging layout differs from the previous call's,
-    e.g. another method) waits for every program of every peer instead, since tile ownership then changed."""
+    (``DONE >= e-1``). ``wait_all`` (the host sets it to the previous call's program count when that call's staging
+    layout or program count differs from this one's) waits for every program of every peer instead, since tile
+    ownership then changed."""
     if wait_all != 0:
-        dl.wait(pad_ptr + DONE * nprog * world, nprog * world, "sys", "acquire", e - 1, cmp="ge")
+        for q in range(wait_all):
+            dl.wait(signal_slots(pad_ptr, DONE, world, q), world, "sys", "acquire", e - 1, cmp="ge")
     else:
-        await_all(pad_ptr, DONE, e - 1, nprog, world)
+        await_all(pad_ptr, DONE, e - 1, world)
 
 
 @triton.jit
@@ -92,10 +115,10 @@ def stage_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, wait_all, BLOCK
     world = dl.num_ranks()
     nprog = tl.num_programs(0)
     e = tl.load(epoch_ptr)
-    await_previous(pad_ptr, e, nprog, world, wait_all)
+    await_previous(pad_ptr, e, world, wait_all)
     copy_blocks(x_ptr, staging_ptr, 0, n, nprog, BLOCK)
-    announce(pad_ptr, READY, e, nprog, rank, world)
-    base = dl.consume_token(staging_ptr, await_all(pad_ptr, READY, e, nprog, world))
+    announce(pad_ptr, READY, e, rank, world)
+    base = dl.consume_token(staging_ptr, await_all(pad_ptr, READY, e, world))
     return rank, world, nprog, e, base
 
 
@@ -109,12 +132,12 @@ def push_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, slot, base, wait
     world = dl.num_ranks()
     nprog = tl.num_programs(0)
     e = tl.load(epoch_ptr)
-    await_previous(pad_ptr, e, nprog, world, wait_all)
+    await_previous(pad_ptr, e, world, wait_all)
     for i in range(world):
         dst = (rank + i) % world
         copy_blocks(x_ptr, dl.symm_at(staging_ptr + slot, dst), 0, n, nprog, BLOCK, base)
-    announce(pad_ptr, READY, e, nprog, rank, world)
-    staging = dl.consume_token(staging_ptr, await_all(pad_ptr, READY, e, nprog, world))
+    announce(pad_ptr, READY, e, rank, world)
+    staging = dl.consume_token(staging_ptr, await_all(pad_ptr, READY, e, world))
     return rank, world, nprog, e, staging
 
 
@@ -149,22 +172,28 @@ class CollectiveContext:
     order (the op functions in :mod:`triton_dist.ops` do this lazily on the first call with a given size).
     """
 
-    def __init__(self, staging_bytes: int, regions: int, num_programs: int | None = None):
+    def __init__(self, staging_bytes: int, num_programs: int | None = None):
         self.world = triton_dist.current_world()
         self.num_programs = num_programs or default_programs(self.world)
         self.staging_bytes = staging_bytes
         # rounded up to 16 bytes, so the staging can be viewed as any word type
         self.staging = triton_dist.empty((max(-(-staging_bytes // 16) * 16, 16),), torch.uint8)
-        self.pad = triton_dist.zeros((regions * self.num_programs * self.world.world_size,), torch.int32)
+        self.pad = triton_dist.zeros((REGIONS.value * self.num_programs * self.world.world_size,), torch.int32)
         self.epoch = torch.zeros(1, dtype=torch.int32, device=self.world.device)
         self.world.barrier()  # every pad is zero before any rank announces into it
 
-    def layout_switch(self, layout: str) -> int:
-        """1 if this call's staging layout differs from the previous call's (the kernel then waits for every peer
-        program's DONE, see ``await_previous``), else 0."""
-        switched = int(getattr(self, "_layout", layout) != layout)
-        self._layout = layout
-        return switched
+    def programs_for(self, numel: int, block: int) -> int:
+        """Programs for a call over ``numel`` elements in tiles of ``block``: one per tile, at most ``num_programs``."""
+        return max(1, min(self.num_programs, -(-numel // block)))
+
+    def layout_switch(self, layout: str, programs: int | None = None) -> int:
+        """The ``wait_all`` kernel argument: 0 if this call's staging layout and program count are the previous
+        call's, else the previous call's program count (the kernel then waits for the DONE of every program of
+        that call, see ``await_previous``)."""
+        key = (layout, programs or self.num_programs)
+        prev = getattr(self, "_layout", key)
+        self._layout = key
+        return 0 if prev == key else prev[1]
 
     def staging_as(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
@@ -197,7 +226,7 @@ class ReductionContext(CollectiveContext):
         self.max_numel = max_numel
         self.dtype = dtype
         per_elem = self.staging_elem_bytes or torch.empty((), dtype=dtype).element_size()
-        super().__init__(max_numel * per_elem, regions=3, num_programs=num_programs)
+        super().__init__(max_numel * per_elem, num_programs=num_programs)
 
     def check(self, x: torch.Tensor) -> None:
         check_collective_input(x, self.op, REDUCTION_DTYPES)

@@ -15,6 +15,13 @@ Protocol (``_common.py``; regions 0 ``ready``, 2 ``done``):
 * ring: store my ``x`` into my right neighbour's slot ``rank``; ``world - 2`` times wait for the slot that arrived
   from the left and forward it to the right; then copy the staging out. Each rank sends ``(world - 1) m`` over one
   link, the others idle: the variant for topologies without a switch.
+* copy_engine: the data moves by DMA (``copy_`` of peers' staging through their peer views, stream-ordered), the
+  SMs only run three one-program signal kernels: wait ``done >= e-1``; (copy engine: my ``x`` into my staging and
+  into ``out``); announce ``ready = e`` and wait all ``ready >= e``; (copy engine: every peer's staging into
+  ``out``, starting at rank+1); announce ``done = e``. Leaves the SMs free for a concurrent kernel (AG+GEMM).
+* ll (small messages of whole 32-bit words, up to ``_ll.LL_MAX_BYTES``): the LL protocol of ``_ll.py``: my words,
+  each packed with the epoch as flag, go straight into my slot of every rank's LL buffer; each rank polls its own
+  buffer and copies the words out. One NVLink hop, no signals or fences.
 """
 from __future__ import annotations
 
@@ -27,34 +34,36 @@ import triton_dist
 import triton_dist.language as dl
 from triton_dist.runtime.heap import SUPPORTED_DTYPES
 
-from ._common import (DONE, READY, CollectiveContext, announce, await_all, check_collective_input, copy_blocks,
-                      push_and_publish, stage_and_publish)
+from ._common import (DONE, READY, CollectiveContext, announce, await_all, await_previous, check_collective_input, copy_blocks,
+                      push_and_publish, signal_slots, stage_and_publish)
+from ._ll import LL_MAX_BYTES, LLBuffer, ll_lanes, ll_recv, ll_send
 
-METHODS = ("pull", "push", "ring")
+METHODS = ("pull", "push", "ring", "ll", "copy_engine")
+LL_AUTO_MAX_BYTES = 64 << 10  # auto: ll up to here (per rank), pull above
 
 
 @triton.jit
-def _pull_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, m, BLOCK: tl.constexpr):
-    rank, world, nprog, e, base = stage_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, m, 0, BLOCK)
+def _pull_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, m, wait_all, BLOCK: tl.constexpr):
+    rank, world, nprog, e, base = stage_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, m, wait_all, BLOCK)
     for i in range(world):
         src = (rank + i) % world
         copy_blocks(dl.symm_at(base, src), out_ptr + src * m, 0, m, nprog, BLOCK)
-    announce(pad_ptr, DONE, e, nprog, rank, world)
+    announce(pad_ptr, DONE, e, rank, world)
 
 
 @triton.jit
-def _push_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, m, BLOCK: tl.constexpr):
+def _push_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, m, wait_all, BLOCK: tl.constexpr):
     # slot `rank` of every staging; tiles owned by absolute staging position (base rank * m), the same layout as
-    # pull and ring, so switching methods needs no wider wait (wait_all = 0)
+    # pull and ring, so switching methods needs no wider wait (only a change of program count does)
     rank, world, nprog, e, base = push_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, m, dl.rank() * m,
-                                                   dl.rank() * m, 0, BLOCK)
+                                                   dl.rank() * m, wait_all, BLOCK)
     for src in range(world):
         copy_blocks(base + src * m, out_ptr + src * m, 0, m, nprog, BLOCK, src * m)
-    announce(pad_ptr, DONE, e, nprog, rank, world)
+    announce(pad_ptr, DONE, e, rank, world)
 
 
 @triton.jit
-def _ring_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, m, BLOCK: tl.constexpr):
+def _ring_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, m, wait_all, BLOCK: tl.constexpr):
     """Ring: store my x into slot ``rank`` of my staging and my right neighbour's; then world-2 times forward the
     slot that just arrived from the left to the right. Slot signals: ``READY[p][src]`` on the receiver."""
     rank = dl.rank()
@@ -63,8 +72,8 @@ def _ring_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, m, BLOCK: tl.c
     pid = tl.program_id(0)
     e = tl.load(epoch_ptr)
     right = (rank + 1) % world
-    await_all(pad_ptr, DONE, e - 1, nprog, world)  # everyone copied the previous call's staging out
-    ready = pad_ptr + (READY * nprog + pid) * world
+    await_previous(pad_ptr, e, world, wait_all)  # everyone copied the previous call's staging out
+    ready = signal_slots(pad_ptr, READY, world)
     copy_blocks(x_ptr, staging_ptr + rank * m, 0, m, nprog, BLOCK, rank * m)
     copy_blocks(x_ptr, dl.symm_at(staging_ptr + rank * m, right), 0, m, nprog, BLOCK, rank * m)
     dl.notify(ready + rank, right, e, "set", "intra_node")
@@ -78,18 +87,65 @@ def _ring_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, m, BLOCK: tl.c
     base = dl.consume_token(staging_ptr, dl.wait(ready + src, 1, "sys", "acquire", e, cmp="ge"))
     for s in range(world):
         copy_blocks(base + s * m, out_ptr + s * m, 0, m, nprog, BLOCK, s * m)
-    announce(pad_ptr, DONE, e, nprog, rank, world)
+    announce(pad_ptr, DONE, e, rank, world)
+
+
+@triton.jit
+def _ll_kernel(x_ptr, out_ptr, buf_ptr, epoch_ptr, words, slot_words, BLOCK: tl.constexpr):
+    """LL all-gather over int32 words: send every tile, then copy every rank's words out."""
+    rank = dl.rank()
+    world = dl.num_ranks()
+    e = tl.load(epoch_ptr)
+    tiles = tl.cdiv(words, BLOCK)
+    for t in range(tl.program_id(0), tiles, tl.num_programs(0)):
+        w, mask = ll_lanes(t, words, BLOCK)
+        ll_send(buf_ptr, slot_words, tl.load(x_ptr + w), w, e, rank, world)
+    for t in range(tl.program_id(0), tiles, tl.num_programs(0)):
+        w, mask = ll_lanes(t, words, BLOCK)
+        for i in range(world):
+            src = (rank + i) % world
+            tl.store(out_ptr + src * words + w, ll_recv(buf_ptr, slot_words, w, e, src, world), mask=mask)
+
+
+@triton.jit
+def _ce_signal_kernel(pad_ptr, epoch_ptr, wait_all, PHASE: tl.constexpr):
+    """The copy-engine method's signals (one program): PHASE 0 waits ``done >= e-1``, 1 announces ``ready`` and
+    waits for everyone's, 2 announces ``done``."""
+    rank = dl.rank()
+    world = dl.num_ranks()
+    e = tl.load(epoch_ptr)
+    if PHASE == 0:
+        await_previous(pad_ptr, e, world, wait_all)
+    elif PHASE == 1:
+        announce(pad_ptr, READY, e, rank, world)
+        await_all(pad_ptr, READY, e, world)
+    else:
+        announce(pad_ptr, DONE, e, rank, world)
 
 
 class AllGatherContext(CollectiveContext):
-    """Staging for all-gathers of up to ``max_numel`` elements per rank (``world * max_numel`` for push)."""
+    """Staging for all-gathers of up to ``max_numel`` elements per rank (``world * max_numel`` for push), and an LL
+    buffer for up to ``LL_MAX_BYTES`` of them."""
 
     def __init__(self, max_numel: int, dtype: torch.dtype, num_programs: int | None = None):
         world = triton_dist.current_world().world_size
         self.max_numel = max_numel
         self.dtype = dtype
-        super().__init__(world * max_numel * torch.empty((), dtype=dtype).element_size(), regions=3,
-                         num_programs=num_programs)
+        nbytes = max_numel * torch.empty((), dtype=dtype).element_size()
+        super().__init__(world * nbytes, num_programs=num_programs)
+        self.ll = LLBuffer(min(nbytes, LL_MAX_BYTES), 256 if self.world.interpreted else 1024)
+
+    def peer_staging(self, word: torch.dtype) -> list[torch.Tensor]:
+        """Every rank's staging viewed as ``word`` (host-side peer views for copy-engine copies), cached."""
+        views = self.__dict__.setdefault("_peer_staging", {})
+        if word not in views:
+            local = self.staging.view(word)
+            views[word] = [triton_dist.peer_view(local, r) for r in range(self.world.world_size)]
+        return views[word]
+
+    def close(self) -> None:
+        super().close()
+        self.ll.close()
 
 
 def _word_dtype(nbytes: int) -> torch.dtype:
@@ -110,7 +166,9 @@ def all_gather(x: torch.Tensor, *, ctx: AllGatherContext, method: str = "auto",
     if x.dtype != ctx.dtype or x.numel() > ctx.max_numel:
         raise ValueError(f"all_gather: context is for up to {ctx.max_numel} elements of {ctx.dtype} per rank, got "
                          f"{x.numel()} of {x.dtype}")
-    method = "pull" if method == "auto" else method
+    nbytes = x.numel() * x.element_size()
+    if method == "auto":
+        method = "ll" if nbytes % 4 == 0 and nbytes <= min(LL_AUTO_MAX_BYTES, ctx.ll.max_bytes) else "pull"
     if method not in METHODS:
         raise ValueError(f"all_gather: method must be 'auto' or one of {METHODS}, got {method!r}")
     shape = (world * x.shape[0], *x.shape[1:])
@@ -119,15 +177,43 @@ def all_gather(x: torch.Tensor, *, ctx: AllGatherContext, method: str = "auto",
         raise ValueError(f"all_gather: out must be a contiguous {shape} {x.dtype} tensor")
     if x.numel() == 0:
         return out
-    word = _word_dtype(x.numel() * x.element_size())
+    if method == "ll" and (nbytes % 4 or nbytes > ctx.ll.max_bytes):
+        raise ValueError(f"all_gather: method 'll' needs a whole number of 32-bit words per rank, at most "
+                         f"{ctx.ll.max_bytes} bytes with this context (LL_MAX_BYTES = {LL_MAX_BYTES}); got {nbytes}")
+    word = _word_dtype(nbytes)
     xw, outw = x.reshape(-1).view(torch.uint8).view(word), out.reshape(-1).view(torch.uint8).view(word)
     m = xw.numel()
+    if method == "ll":
+        block = ctx.ll.block_words
+        _ll_kernel[(ctx.programs_for(m, block),)](xw, outw, ctx.ll.buf, ctx.ll.next_epoch(), m, ctx.ll.slot_words,
+                                                  BLOCK=block, num_warps=4)
+        return out
+    if method == "copy_engine":
+        _copy_engine_all_gather(xw, outw, ctx, word)
+        return out
     staging = ctx.staging.view(word)
     block = 1024 if ctx.world.interpreted else 4096  # fixed per context: tiles own staging bytes
+    programs = ctx.programs_for(m, block)
+    wait_all = ctx.layout_switch("rank_slots", programs)  # all three methods: rank r's words at staging r * m
     epoch = ctx.next_epoch()
     kernel = {"pull": _pull_kernel, "push": _push_kernel, "ring": _ring_kernel}[method]
-    kernel[(ctx.num_programs,)](xw, outw, staging, ctx.pad, epoch, m, BLOCK=block, num_warps=8)
+    kernel[(programs,)](xw, outw, staging, ctx.pad, epoch, m, wait_all, BLOCK=block, num_warps=8)
     return out
+
+
+def _copy_engine_all_gather(xw: torch.Tensor, outw: torch.Tensor, ctx: AllGatherContext, word: torch.dtype) -> None:
+    world, rank, m = ctx.world.world_size, ctx.world.rank, xw.numel()
+    peers = ctx.peer_staging(word)
+    wait_all = ctx.layout_switch("copy_engine", 1)  # my x at staging[0:m]; the one signal program is pid 0
+    epoch = ctx.next_epoch()
+    _ce_signal_kernel[(1,)](ctx.pad, epoch, wait_all, PHASE=0, num_warps=1)
+    peers[rank][:m].copy_(xw)
+    outw[rank * m:(rank + 1) * m].copy_(xw)
+    _ce_signal_kernel[(1,)](ctx.pad, epoch, 0, PHASE=1, num_warps=1)
+    for i in range(1, world):
+        src = (rank + i) % world
+        outw[src * m:(src + 1) * m].copy_(peers[src][:m])
+    _ce_signal_kernel[(1,)](ctx.pad, epoch, 0, PHASE=2, num_warps=1)
 
 
 def all_gather_reference(x: torch.Tensor) -> torch.Tensor:

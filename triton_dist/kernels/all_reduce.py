@@ -15,6 +15,10 @@ Both methods stage ``x`` in the context's symmetric buffer and use the epoch pro
   ``out``; announce ``done = e``. Every rank reads ``2 (n-1)/world x`` bytes.
 * push_one_shot (low latency, opt-in until measured): store ``x`` into slot ``rank`` of every rank's staging,
   announce ``ready``; after the single round every rank sums its own slots from local memory.
+* ll (lowest latency, messages up to ``_ll.LL_MAX_BYTES``): the LL protocol of ``_ll.py``: every rank stores its
+  32-bit words, each packed with the epoch as flag, into its slot of every rank's LL buffer; each rank polls its
+  own buffer until every word of every slot carries this epoch and sums. No signals, no fences, no staging copy:
+  one NVLink hop per call.
 
 The sums are taken in rank order on every rank, so all ranks get bit-identical results.
 """
@@ -30,11 +34,13 @@ import triton_dist.language as dl
 
 from ._common import (DONE, REDUCED, REDUCTION_DTYPES, ReductionContext, announce, await_all, copy_blocks,
                       push_and_publish, reduce_tiles, stage_and_publish, tile_span)
+from ._ll import LL_MAX_BYTES, LLBuffer, ll_lanes, ll_pack, ll_recv, ll_send
 
 DTYPES = REDUCTION_DTYPES
-METHODS = ("one_shot", "two_shot", "push_one_shot")
-# auto: one-shot up to here, two-shot above. On 4x H100 one-shot won at 64 KiB and lost at 1 MiB (NOTES.md); the
-# crossover inside that interval is not measured yet.
+METHODS = ("one_shot", "two_shot", "push_one_shot", "ll")
+# auto: ll up to LL_AUTO_MAX_BYTES, one-shot up to ONE_SHOT_MAX_BYTES, two-shot above. On 4x H100 one-shot won at
+# 64 KiB and lost at 1 MiB (NOTES.md); the crossovers inside those intervals are to be measured.
+LL_AUTO_MAX_BYTES = 64 << 10
 ONE_SHOT_MAX_BYTES = 512 << 10
 
 
@@ -42,7 +48,7 @@ ONE_SHOT_MAX_BYTES = 512 << 10
 def _one_shot_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, n, wait_all, BLOCK: tl.constexpr):
     rank, world, nprog, e, base = stage_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, wait_all, BLOCK)
     reduce_tiles(base, out_ptr, 0, n, 0, world, nprog, BLOCK, False)
-    announce(pad_ptr, DONE, e, nprog, rank, world)
+    announce(pad_ptr, DONE, e, rank, world)
 
 
 @triton.jit
@@ -50,13 +56,13 @@ def _two_shot_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, n, chunk, 
     rank, world, nprog, e, base = stage_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, wait_all, BLOCK)
     # reduce-scatter: my chunk, summed over every rank's staging, into out and back into my staging
     reduce_tiles(base, out_ptr, rank * chunk, tl.minimum(rank * chunk + chunk, n), 0, world, nprog, BLOCK, True)
-    announce(pad_ptr, REDUCED, e, nprog, rank, world)
-    base = dl.consume_token(staging_ptr, await_all(pad_ptr, REDUCED, e, nprog, world))
+    announce(pad_ptr, REDUCED, e, rank, world)
+    base = dl.consume_token(staging_ptr, await_all(pad_ptr, REDUCED, e, world))
     # all-gather: the other ranks' reduced chunks (the same tiles as this program reduced on each rank)
     for i in range(1, world):
         src = (rank + i) % world
         copy_blocks(dl.symm_at(base, src), out_ptr, src * chunk, tl.minimum(src * chunk + chunk, n), nprog, BLOCK)
-    announce(pad_ptr, DONE, e, nprog, rank, world)
+    announce(pad_ptr, DONE, e, rank, world)
 
 
 @triton.jit
@@ -74,17 +80,59 @@ def _push_one_shot_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, n, sl
         for src in range(world):
             acc += tl.load(base + src * slot + offs, mask=mask).to(tl.float32)
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    announce(pad_ptr, DONE, e, nprog, rank, world)
+    announce(pad_ptr, DONE, e, rank, world)
+
+
+@triton.jit
+def _ll_kernel(x_ptr, out_ptr, buf_ptr, epoch_ptr, n, words, slot_words, HALF: tl.constexpr, BLOCK: tl.constexpr):
+    """LL all-reduce: send every tile, then sum every rank's words in rank order. ``x_ptr`` is an int16 (``HALF``)
+    or int32 view of x, ``out_ptr`` the typed output."""
+    rank = dl.rank()
+    world = dl.num_ranks()
+    e = tl.load(epoch_ptr)
+    tiles = tl.cdiv(words, BLOCK)
+    for t in range(tl.program_id(0), tiles, tl.num_programs(0)):
+        w, mask = ll_lanes(t, words, BLOCK)
+        ll_send(buf_ptr, slot_words, ll_pack(x_ptr, w, n, HALF), w, e, rank, world)
+    dtype = out_ptr.dtype.element_ty
+    for t in range(tl.program_id(0), tiles, tl.num_programs(0)):
+        w, mask = ll_lanes(t, words, BLOCK)
+        lo = tl.zeros([BLOCK], dtype=tl.float32)
+        hi = tl.zeros([BLOCK], dtype=tl.float32)
+        for src in range(world):
+            v = ll_recv(buf_ptr, slot_words, w, e, src, world)
+            if HALF:
+                lo += v.to(tl.int16).to(dtype, bitcast=True).to(tl.float32)
+                hi += (v >> 16).to(tl.int16).to(dtype, bitcast=True).to(tl.float32)
+            else:
+                lo += v.to(dtype, bitcast=True).to(tl.float32)
+        if HALF:
+            tl.store(out_ptr + 2 * w, lo.to(dtype), mask=mask)
+            tl.store(out_ptr + 2 * w + 1, hi.to(dtype), mask=mask & (2 * w + 1 < n))
+        else:
+            tl.store(out_ptr + w, lo.to(dtype), mask=mask)
 
 
 class AllReduceContext(ReductionContext):
-    """Staging for all-reduces of up to ``max_numel`` elements of ``dtype``; reuse it for every call."""
+    """Staging for all-reduces of up to ``max_numel`` elements of ``dtype`` (and an LL buffer for up to
+    ``LL_MAX_BYTES`` of them); reuse it for every call."""
 
     op = "all_reduce"
 
+    def __init__(self, max_numel: int, dtype: torch.dtype, num_programs: int | None = None):
+        super().__init__(max_numel, dtype, num_programs=num_programs)
+        nbytes = max_numel * torch.empty((), dtype=dtype).element_size()
+        self.ll = LLBuffer(min(nbytes, LL_MAX_BYTES), 256 if self.world.interpreted else 1024)
+
+    def close(self) -> None:
+        super().close()
+        self.ll.close()
+
 
 def pick_method(nbytes: int) -> str:
-    """The automatic choice: one-shot for small messages (latency), two-shot for large ones (bandwidth)."""
+    """The automatic choice: ll, then one-shot for small messages (latency), two-shot for large ones (bandwidth)."""
+    if nbytes <= LL_AUTO_MAX_BYTES:
+        return "ll"
     return "one_shot" if nbytes <= ONE_SHOT_MAX_BYTES else "two_shot"
 
 
@@ -94,7 +142,10 @@ def all_reduce(x: torch.Tensor, *, ctx: AllReduceContext, method: str = "auto",
 
     ``push_one_shot`` needs ``world * x.numel()`` elements of context (one slot per rank)."""
     ctx.check(x)
-    method = pick_method(x.numel() * x.element_size()) if method == "auto" else method
+    if method == "auto":
+        method = pick_method(x.numel() * x.element_size())
+        if method == "ll" and x.numel() * x.element_size() > ctx.ll.max_bytes:
+            method = "one_shot"
     if method not in METHODS:
         raise ValueError(f"all_reduce: method must be 'auto' or one of {METHODS}, got {method!r}")
     out = torch.empty_like(x) if out is None else out
@@ -103,6 +154,8 @@ def all_reduce(x: torch.Tensor, *, ctx: AllReduceContext, method: str = "auto",
     n = x.numel()
     if n == 0:
         return out
+    if method == "ll":
+        return _ll_all_reduce(x, out, ctx)
     block = 1024 if ctx.world.interpreted else 2048  # fixed per context: tiles own staging bytes
     if method == "push_one_shot":
         slot = ctx.max_numel // ctx.world.world_size
@@ -110,9 +163,10 @@ def all_reduce(x: torch.Tensor, *, ctx: AllReduceContext, method: str = "auto",
             raise ValueError(f"all_reduce: push_one_shot needs world * numel = {ctx.world.world_size * n} elements "
                              f"of context, the context has {ctx.max_numel}")
     staging = ctx.staging_as(x.dtype, ctx.max_numel if method == "push_one_shot" else n)
-    wait_all = ctx.layout_switch("slots" if method == "push_one_shot" else "flat")
+    programs = ctx.programs_for(n, block)
+    wait_all = ctx.layout_switch("slots" if method == "push_one_shot" else "flat", programs)
     epoch = ctx.next_epoch()
-    grid = (ctx.num_programs,)
+    grid = (programs,)
     if method == "push_one_shot":
         _push_one_shot_kernel[grid](x, out, staging, ctx.pad, epoch, n, slot, wait_all, BLOCK=block, num_warps=8)
     elif method == "one_shot":
@@ -120,6 +174,21 @@ def all_reduce(x: torch.Tensor, *, ctx: AllReduceContext, method: str = "auto",
     else:
         chunk = triton.cdiv(n, ctx.world.world_size)
         _two_shot_kernel[grid](x, out, staging, ctx.pad, epoch, n, chunk, wait_all, BLOCK=block, num_warps=8)
+    return out
+
+
+def _ll_all_reduce(x: torch.Tensor, out: torch.Tensor, ctx: AllReduceContext) -> torch.Tensor:
+    nbytes = x.numel() * x.element_size()
+    if nbytes > ctx.ll.max_bytes:
+        raise ValueError(f"all_reduce: method 'll' is for messages of at most {ctx.ll.max_bytes} bytes with this "
+                         f"context (LL_MAX_BYTES = {LL_MAX_BYTES}), got {nbytes}")
+    half = x.element_size() == 2
+    words = -(-nbytes // 4)
+    block = ctx.ll.block_words
+    epoch = ctx.ll.next_epoch()
+    _ll_kernel[(ctx.programs_for(words, block),)](x.view(torch.int16 if half else torch.int32), out, ctx.ll.buf,
+                                                  epoch, x.numel(), words, ctx.ll.slot_words, HALF=half,
+                                                  BLOCK=block, num_warps=4)
     return out
 
 

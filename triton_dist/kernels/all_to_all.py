@@ -76,7 +76,7 @@ def _all_to_all_kernel(x_ptr, out_ptr, staging_ptr, table_ptr, meta_ptr, pad_ptr
     offs = tl.arange(0, BLOCK)
 
     # 1. every peer's program pid finished reading my staging tiles (and table row) of the previous call
-    token = await_all(pad_ptr, DONE, epoch - 1, nprog, world)
+    token = await_all(pad_ptr, DONE, epoch - 1, world)
     staging = dl.consume_token(staging_ptr, token)
     table = dl.consume_token(table_ptr, token)
 
@@ -91,10 +91,10 @@ def _all_to_all_kernel(x_ptr, out_ptr, staging_ptr, table_ptr, meta_ptr, pad_ptr
         w_offs = tl.arange(0, WORLD_BLOCK)
         w_mask = w_offs < 2 * world
         tl.store(table + pid * 2 * world + w_offs, tl.load(meta_ptr + w_offs, mask=w_mask), mask=w_mask)
-    announce(pad_ptr, READY, epoch, nprog, me, world)
+    announce(pad_ptr, READY, epoch, me, world)
 
     # 3. pull, from every source, the tiles pid of the rows it sends me
-    token = await_all(pad_ptr, READY, epoch, nprog, world)
+    token = await_all(pad_ptr, READY, epoch, world)
     staging = dl.consume_token(staging, token)
     table = dl.consume_token(table, token)
     for k in range(world):
@@ -118,7 +118,7 @@ def _all_to_all_kernel(x_ptr, out_ptr, staging_ptr, table_ptr, meta_ptr, pad_ptr
             mask = (idx >= start) & (idx < end)
             tl.store(out_ptr + dst + (idx - start), tl.load(peer + idx, mask=mask), mask=mask)
             t += nprog
-    announce(pad_ptr, DONE, epoch, nprog, me, world)
+    announce(pad_ptr, DONE, epoch, me, world)
 
 
 class AllToAllContext(CollectiveContext):
@@ -162,7 +162,7 @@ class AllToAllContext(CollectiveContext):
         num_programs = num_programs or None
         # small tiles in the CPU world, so that even small tensors are spread over the programs
         self.tile_bytes = tile_bytes or (512 if world.interpreted else 16384)
-        super().__init__(max(8, -(-max_bytes // 8) * 8), regions=3, num_programs=num_programs)
+        super().__init__(max(8, -(-max_bytes // 8) * 8), num_programs=num_programs)
         self.max_bytes = max_bytes
         self.dtype = dtype
         w = self.world.world_size

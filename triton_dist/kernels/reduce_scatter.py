@@ -23,7 +23,7 @@ import triton_dist
 import triton_dist.language as dl
 
 from ._common import (DONE, READY, REDUCTION_DTYPES, ReductionContext, announce, await_previous, reduce_tiles,
-                      stage_and_publish, tile_span)
+                      signal_slots, stage_and_publish, tile_span)
 
 DTYPES = REDUCTION_DTYPES
 METHODS = ("full_mesh", "ring")
@@ -34,7 +34,7 @@ def _full_mesh_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, chunk, wa
     rank, world, nprog, e, base = stage_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, dl.num_ranks() * chunk,
                                                     wait_all, BLOCK)
     reduce_tiles(base, out_ptr, rank * chunk, rank * chunk + chunk, rank * chunk, world, nprog, BLOCK, False)
-    announce(pad_ptr, DONE, e, nprog, rank, world)
+    announce(pad_ptr, DONE, e, rank, world)
 
 
 @triton.jit
@@ -47,8 +47,8 @@ def _ring_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, chunk, wait_al
     nprog = tl.num_programs(0)
     e = tl.load(epoch_ptr)
     right = (rank + 1) % world
-    ready = pad_ptr + (READY * nprog + tl.program_id(0)) * world
-    await_previous(pad_ptr, e, nprog, world, wait_all)
+    ready = signal_slots(pad_ptr, READY, world)
+    await_previous(pad_ptr, e, world, wait_all)
     c = (rank - 1 + world) % world
     t0, t1, step_t = tile_span(c * chunk, c * chunk + chunk, 0, nprog, BLOCK)
     for t in range(t0, t1, step_t):  # step 0: my x of chunk c, as fp32, into the right neighbour's slot c
@@ -70,7 +70,7 @@ def _ring_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, chunk, wait_al
                 tl.store(out_ptr + (offs - c * chunk), part.to(out_ptr.dtype.element_ty), mask=mask)
         if step < world - 1:
             dl.notify(ready + c, right, e, "set", "intra_node")
-    announce(pad_ptr, DONE, e, nprog, rank, world)
+    announce(pad_ptr, DONE, e, rank, world)
 
 
 class ReduceScatterContext(ReductionContext):
@@ -102,10 +102,11 @@ def reduce_scatter(x: torch.Tensor, *, ctx: ReduceScatterContext, method: str = 
     if world == 1:
         return out.copy_(x)
     method = "full_mesh" if method == "auto" else method
-    wait_all = ctx.layout_switch(method)  # ring stages fp32, full mesh the input dtype
+    programs = ctx.programs_for(chunk, block)
+    wait_all = ctx.layout_switch(method, programs)  # ring stages fp32, full mesh the input dtype
     epoch = ctx.next_epoch()
     kernel, staging_dtype = (_ring_kernel, torch.float32) if method == "ring" else (_full_mesh_kernel, x.dtype)
-    kernel[(ctx.num_programs,)](x, out, ctx.staging_as(staging_dtype, x.numel()), ctx.pad, epoch, chunk, wait_all,
+    kernel[(programs,)](x, out, ctx.staging_as(staging_dtype, x.numel()), ctx.pad, epoch, chunk, wait_all,
                                 BLOCK=block, num_warps=8)
     return out
 

@@ -6,6 +6,8 @@
 ``dl.wait(ptr, n, scope, semantic,     spin until ``n`` consecutive signals equal ``wait_value``;
 wait_value=1)``                        returns a token
 ``dl.consume_token(x, token)``         ``x`` made dependent on the wait (loads through it stay after it)
+``dl.wait_flagged(ptrs, flag)``        low-latency receive: spin until each 64-bit word carries ``flag`` in
+                                       its high half, return the low halves (flags packed with data)
 ``dl.notify(ptr, peer, signal, sig_op,  set/add a signal on ``peer`` with release semantics
 comm_scope)``
 ``dl.ld / dl.st``                      32/64-bit loads and stores with scope and semantic
@@ -25,10 +27,10 @@ from triton import knobs as _knobs
 
 if _knobs.runtime.interpret:
     from ._interp import (atomic_add, atomic_cas, atomic_xchg, consume_token, fence, globaltimer, ld, membar,
-                          notify, num_ranks, rank, smid, st, symm_at, tid, wait)
+                          notify, num_ranks, rank, smid, st, symm_at, tid, wait, wait_flagged)
 else:
     from ._ptx import (atomic_add, atomic_cas, atomic_xchg, consume_token, fence, globaltimer, ld, membar, notify,
-                       num_ranks, rank, smid, st, symm_at, tid, wait)
+                       num_ranks, rank, smid, st, symm_at, tid, wait, wait_flagged)
 
 __all__ = ["rank", "num_ranks", "symm_at", "wait", "consume_token", "notify", "ld", "st", "atomic_add",
-           "atomic_cas", "atomic_xchg", "fence", "membar", "tid", "smid", "globaltimer"]
+           "atomic_cas", "atomic_xchg", "fence", "membar", "tid", "smid", "globaltimer", "wait_flagged"]

@@ -132,15 +132,29 @@ def wait(signal_ptrs, num_signals=1, scope="sys", semantic="acquire", wait_value
     return _scalar(0, tl.int32)  # the token's value means nothing; its use orders later loads
 
 
+def wait_flagged(ptrs, flag):
+    """Spin until every 64-bit word at ``ptrs`` carries ``flag`` in its high 32 bits; return the low 32 bits."""
+    ty = ptrs.dtype.element_ty if ptrs.dtype.is_ptr() else None
+    if ty not in (tl.int64, tl.uint64):
+        raise TypeError(f"wait_flagged expects int64 pointers, got {ptrs!r}")
+    want = _int(flag) & 0xFFFFFFFF
+    timeout = current_world().config.wait_timeout_s
+    for addr in np.asarray(ptrs.handle.data, dtype=np.uint64).reshape(-1):
+        spin(int(addr), ctypes.c_uint64, lambda v: (v >> 32) == want, f"flag {want} in the high word", timeout)
+    return tl.load(ptrs, volatile=True).to(tl.int32)
+
+
 def consume_token(x, token):
     """Return ``x`` unchanged: the interpreter runs a program's statements in order."""
     return x
 
 
-def notify(ptr, peer, signal=1, sig_op="set", comm_scope="intra_node"):
+def notify(ptr, peer, signal=1, sig_op="set", comm_scope="intra_node", semantic="release"):
     """Set or add to the signal ``ptr`` on rank ``peer``."""
     sig_op, comm_scope = _c(sig_op), _c(comm_scope)
     _check_scope(comm_scope)
+    if _c(semantic) not in ("release", "relaxed"):
+        raise ValueError(f"notify: semantic must be 'release' or 'relaxed', got {_c(semantic)!r}")
     if ptr.type.is_block():
         raise TypeError("dl.notify takes a scalar signal pointer")
     _word_type(ptr)

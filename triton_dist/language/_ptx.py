@@ -156,6 +156,53 @@ def wait(signal_ptrs, num_signals=1, scope="sys", semantic="acquire", wait_value
 
 
 @core.extern
+def wait_flagged(ptrs, flag, _semantic=None):
+    """Low-latency receive (an extension): spin until every 64-bit word at ``ptrs`` (int64 pointers, scalar or
+    block) carries ``flag`` in its high 32 bits; return the low 32 bits (int32, same shape).
+
+    The sender writes ``(flag << 32) | data`` with one 8-byte store per word (``dl.st(..., "sys", "volatile")``):
+    8-byte stores are single-copy atomic, so the flag arriving means the data arrived, with no fence and no
+    separate signal. Each thread polls its own words (``ld.volatile``). Timeouts are reported like :func:`wait`'s.
+    """
+    if not (isinstance(ptrs, core.tensor) and ptrs.dtype.is_ptr() and ptrs.dtype.element_ty in (core.int64,
+                                                                                                   core.uint64)):
+        raise TypeError(f"wait_flagged expects int64 pointers, got {ptrs!r}")
+    flag = _semantic.to_tensor(flag).to(core.int32, _semantic=_semantic)
+    one = _semantic.to_tensor(1)
+    timeout = _extern("__triton_dist_wait_timeout_ns", [one], [core.int32], core.int64, _semantic)
+    asm = """{
+    .reg .pred %p_eq, %p_left;
+    .reg .u64 %t0, %t1;
+    .reg .b64 %v;
+    .reg .b32 %hi;
+    mov.u64 %t0, %globaltimer;
+    mov.u32 $1, 0;
+    SPIN:
+    ld.volatile.global.b64 %v, [$3];
+    mov.b64 {$0, %hi}, %v;
+    setp.eq.b32 %p_eq, %hi, $4;
+    @%p_eq bra DONE;
+    mov.u64 %t1, %globaltimer;
+    sub.u64 %t1, %t1, %t0;
+    setp.lt.u64 %p_left, %t1, $5;
+    @%p_left bra SPIN;
+    mov.u32 $1, 1;
+    DONE:
+    mov.u32 $2, %hi;
+    }"""
+    low, timed_out, high = core.inline_asm_elementwise(
+        asm, "=r,=r,=r,l,r,l", [_as_i64(ptrs, _semantic), flag, timeout],
+        dtype=(core.int32, core.int32, core.int32), is_pure=False, pack=1, _semantic=_semantic)
+    checked = _extern("__triton_dist_check_wait",
+                      [timed_out, _as_i64(ptrs, _semantic), flag.to(core.int64, _semantic=_semantic),
+                       high.to(core.int64, _semantic=_semantic)],
+                      [core.int32, core.int64, core.int64, core.int64], core.int64, _semantic, pure=False)
+    # keep the check alive (its result is the flag seen); the data is the low word
+    return _semantic.add(low, _semantic.mul(checked.to(core.int32, _semantic=_semantic), _semantic.to_tensor(0),
+                                            True), True)
+
+
+@core.extern
 def consume_token(x, token, _semantic=None):
     """Return ``x`` (a pointer, scalar or block) made data-dependent on ``token`` from :func:`wait`, so loads
     through the result cannot be hoisted above the wait. Apply it to a scalar base pointer and add offsets
@@ -181,15 +228,24 @@ def _one_thread_store(ptr, value, op: str, width, reg, _semantic):
 
 
 @core.extern
-def notify(ptr, peer, signal=1, sig_op="set", comm_scope="intra_node", _semantic=None):
+def notify(ptr, peer, signal=1, sig_op="set", comm_scope="intra_node", semantic="release", _semantic=None):
     """Set (``sig_op="set"``) or add to (``"add"``) the signal ``ptr`` on rank ``peer`` with release semantics.
 
     All threads of the program first meet at a barrier, so everything the program wrote before is visible to
     a peer that waits on the signal with acquire semantics. One thread writes the signal.
     ``comm_scope``: ``"gpu"`` (same GPU), ``"intra_node"`` (NVLink peers); for ``"inter_node"`` use
     ``libshmem_device.signal_op``.
+
+    ``semantic="relaxed"`` (an extension) writes the signal with a relaxed store after the barrier: use it after
+    one ``dl.fence("sys")`` to signal several peers with a single release (the fence is what orders the data)::
+
+        tl.debug_barrier(); dl.fence("sys")
+        for peer in range(dl.num_ranks()):
+            dl.notify(sig, peer, e, semantic="relaxed")
     """
-    sig_op, comm_scope = _c(sig_op), _c(comm_scope)
+    sig_op, comm_scope, semantic = _c(sig_op), _c(comm_scope), _c(semantic)
+    if semantic not in ("release", "relaxed"):
+        raise ValueError(f"notify: semantic must be 'release' or 'relaxed', got {semantic!r}")
     if ptr.type.is_block():
         raise TypeError("dl.notify takes a scalar signal pointer")
     if comm_scope == "inter_node":
@@ -197,9 +253,9 @@ def notify(ptr, peer, signal=1, sig_op="set", comm_scope="intra_node", _semantic
     width, reg, ty = _word(ptr)
     scope = _scope(comm_scope)
     if sig_op == "set":
-        op = f"st.release.{scope}.global.{width}"
+        op = f"st.{semantic}.{scope}.global.{width}"
     elif sig_op == "add":
-        op = f"red.release.{scope}.global.add.{'u32' if width == 'b32' else 'u64'}"
+        op = f"red.{semantic}.{scope}.global.add.{'u32' if width == 'b32' else 'u64'}"
     else:
         raise ValueError(f"sig_op must be 'set' or 'add', got {sig_op!r}")
     core.debug_barrier(_semantic=_semantic)
