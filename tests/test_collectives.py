@@ -98,14 +98,14 @@ def _reduce_scatter(rows, cols, dtype, seed, calls, method="full_mesh"):
     return True
 
 
-@pytest.mark.parametrize("method", ["full_mesh", "ring"])
+@pytest.mark.parametrize("method", ["full_mesh", "push", "ring"])
 @pytest.mark.parametrize("rows,cols,dtype", [(5, 123, torch.float32), (37, 51, torch.float16), (1, 7, torch.float32)])
 def test_reduce_scatter(world, rows, cols, dtype, method, seed):
     assert all(world.run(_reduce_scatter, rows, cols, dtype, seed, 3, method))
 
 
 def test_reduce_scatter_odd_world(world3, seed):
-    for method in ("full_mesh", "ring"):
+    for method in ("full_mesh", "push", "ring"):
         assert all(world3.run(_reduce_scatter, 9, 17, torch.float32, seed, 2, method))
 
 
@@ -116,8 +116,8 @@ def _mixed_methods(seed):
     rs_ctx = rs.ReduceScatterContext(w.world_size * 3000, torch.float32, num_programs=2)
     ag_ctx = ag.AllGatherContext(3000, torch.float32, num_programs=2)
     ag_methods = ("copy_engine", "pull", "ll", "push", "copy_engine", "ring", "copy_engine", "ll")
-    plan = [("push_one_shot", "ring", 2999), ("ll", "full_mesh", 1000), ("one_shot", "full_mesh", 1000),
-            ("push_one_shot", "ring", 17), ("ll", "ring", 2999), ("ll", "ring", 5), ("two_shot", "full_mesh", 2500),
+    plan = [("push_one_shot", "ring", 2999), ("ll", "push", 1000), ("one_shot", "full_mesh", 1000),
+            ("push_one_shot", "ring", 17), ("ll", "ring", 2999), ("ll", "push", 5), ("two_shot", "full_mesh", 2500),
             ("two_shot", "ring", 300)]
     for i, (ar_method, rs_method, n) in enumerate(plan):
         x = rand((w.world_size * n,), torch.float32, seed + 10 * i + w.rank, w.device)
@@ -201,7 +201,7 @@ def _stress(calls, seed):
                 method = "auto"
             assert torch.equal(ops.all_gather(x[:n], method=method), ag.all_gather_reference(x[:n])), f"call {i}"
         elif op == "reduce_scatter":
-            method = ("full_mesh", "ring")[int(torch.randint(0, 2, (1,), generator=g))]
+            method = ("full_mesh", "push", "ring")[int(torch.randint(0, 3, (1,), generator=g))]
             torch.testing.assert_close(ops.reduce_scatter(x, method=method), rs.reduce_scatter_reference(x),
                                        rtol=1.6e-2, atol=1e-2)
         elif i % 8 == 3:  # equal splits
@@ -235,7 +235,7 @@ def test_all_gather_bf16(world, method, seed):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", ["full_mesh", "ring"])
+@pytest.mark.parametrize("method", ["full_mesh", "push", "ring"])
 def test_reduce_scatter_bf16(world, method, seed):
     assert all(world.run(_reduce_scatter, 37, 129, torch.bfloat16, seed, 3, method))
 

@@ -51,6 +51,9 @@ def card_slug(name: str | None = None) -> str:
 
 
 def git_commit() -> str:
+    """TRITON_DIST_COMMIT if set (a device checkout's .git may be stale), else git's short HEAD."""
+    if os.environ.get("TRITON_DIST_COMMIT"):
+        return os.environ["TRITON_DIST_COMMIT"]
     try:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,

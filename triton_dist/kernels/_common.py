@@ -41,6 +41,20 @@ REDUCTION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @triton.jit
+def take_epoch(counters_ptr):
+    """This call's epoch, bumped on the device: ``counters_ptr[0]`` holds the context's program capacity ``P``,
+    ``counters_ptr[1 + q]`` the number of calls program slot ``q`` has seen. Program ``pid`` reads its slot, adds
+    one and writes the result to every slot it stands for in this launch (``pid, pid + nprog, ... < P``), so all
+    slots stay equal whatever the launch size. No program reads a slot another program of the launch writes, and
+    the next launch starts after this one ended (stream order): no host-side bump kernel per call."""
+    pid = tl.program_id(0)
+    e = tl.load(counters_ptr + 1 + pid) + 1
+    for q in range(pid, tl.load(counters_ptr), tl.num_programs(0)):
+        tl.store(counters_ptr + 1 + q, e)
+    return e
+
+
+@triton.jit
 def signal_slots(pad_ptr, region, world, pid=None):
     """The ``world`` slots of ``region`` for program ``pid`` (default: this program) in this rank's pad."""
     if pid is None:
@@ -114,7 +128,7 @@ def stage_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, wait_all, BLOCK
     rank = dl.rank()
     world = dl.num_ranks()
     nprog = tl.num_programs(0)
-    e = tl.load(epoch_ptr)
+    e = take_epoch(epoch_ptr)
     await_previous(pad_ptr, e, world, wait_all)
     copy_blocks(x_ptr, staging_ptr, 0, n, nprog, BLOCK)
     announce(pad_ptr, READY, e, rank, world)
@@ -131,7 +145,7 @@ def push_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, slot, base, wait
     rank = dl.rank()
     world = dl.num_ranks()
     nprog = tl.num_programs(0)
-    e = tl.load(epoch_ptr)
+    e = take_epoch(epoch_ptr)
     await_previous(pad_ptr, e, world, wait_all)
     for i in range(world):
         dst = (rank + i) % world
@@ -158,6 +172,13 @@ def reduce_tiles(base, out_ptr, lo, hi, out_shift, world, nprog, BLOCK: tl.const
             tl.store(base + offs, acc, mask=mask)
 
 
+def epoch_counters(programs: int, device) -> torch.Tensor:
+    """Counters for :func:`take_epoch`: ``[programs, 0, 0, ...]`` (int32, ``1 + programs``)."""
+    c = torch.zeros(1 + programs, dtype=torch.int32, device=device)
+    c[0] = programs
+    return c
+
+
 def default_programs(world) -> int:
     """Programs per collective launch: one per SM on GPUs, 2 in the CPU world (the interpreter is slow)."""
     if world.interpreted:
@@ -180,11 +201,19 @@ class CollectiveContext:
         self.staging = triton_dist.empty((max(-(-staging_bytes // 16) * 16, 16),), torch.uint8)
         self.pad = triton_dist.zeros((REGIONS.value * self.num_programs * self.world.world_size,), torch.int32)
         self.epoch = torch.zeros(1, dtype=torch.int32, device=self.world.device)
+        self.counters = epoch_counters(self.num_programs, self.world.device)
         self.world.barrier()  # every pad is zero before any rank announces into it
 
     def programs_for(self, numel: int, block: int) -> int:
         """Programs for a call over ``numel`` elements in tiles of ``block``: one per tile, at most ``num_programs``."""
         return max(1, min(self.num_programs, -(-numel // block)))
+
+    def tile_elems(self, nbytes: int) -> int:
+        """Tile size (elements) of a reduction call: 2048 below 1 MiB (more programs for little data), 8192 above
+        (more bytes in flight per program: NVLink loads wait a round trip). Part of the layout key."""
+        if self.world.interpreted:
+            return 1024
+        return 2048 if nbytes < (1 << 20) else 8192
 
     def layout_switch(self, layout: str, programs: int | None = None) -> int:
         """The ``wait_all`` kernel argument: 0 if this call's staging layout and program count are the previous
@@ -201,6 +230,10 @@ class CollectiveContext:
             raise ValueError(f"{type(self).__name__}: {numel} elements of {dtype} need {nbytes} bytes of staging, "
                              f"the context has {self.staging_bytes}; make a larger context")
         return self.staging[:nbytes].view(dtype)
+
+    def call_counters(self) -> torch.Tensor:
+        """The per-program epoch counters for a kernel that takes its epoch with :func:`take_epoch`."""
+        return self.counters
 
     def next_epoch(self) -> torch.Tensor:
         """Bump the epoch on the stream (no host sync) and return the device counter for the kernel."""

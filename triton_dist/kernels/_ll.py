@@ -7,7 +7,7 @@ fence, no separate signal and no round trip before the data moves. It costs twic
 of at most :data:`LL_MAX_BYTES`.
 
 Buffer: ``2 x world`` slots of ``slot_words`` int64 words on every rank (:class:`LLBuffer`), with its own epoch
-counter (bumped on the stream per LL call, independent of the context's staged calls); rank ``r`` writes into slot
+counters (``_common.take_epoch``: bumped by the kernel, independent of the context's staged calls); rank ``r`` writes into slot
 ``[e % 2][r]`` of each receiver. Reuse is safe without a ``done`` handshake: a rank can reach LL call ``e + 2`` (the
 next one that writes the same parity) only after receiving every peer's data of LL call ``e + 1``, which each peer
 sends only after it finished LL call ``e``, i.e. after it read the slots of call ``e``. Flags are epochs (>= 1) and
@@ -25,7 +25,10 @@ import triton.language as tl
 import triton_dist
 import triton_dist.language as dl
 
+from ._common import epoch_counters
+
 LL_MAX_BYTES = 256 << 10  # per rank and call; larger messages use the staged methods
+FAST_POLL_NS = tl.constexpr(100_000_000)  # vector polling of a tile before the watchdog-checked word-by-word wait
 
 
 @triton.jit
@@ -59,9 +62,26 @@ def ll_send(buf_ptr, slot_words, word, w, e, rank, world):
 
 
 @triton.jit
+def _all_flagged(v, e):
+    return tl.min(((v >> 32).to(tl.int32) == e).to(tl.int32), axis=0) != 0
+
+
+@triton.jit
 def ll_recv(buf_ptr, slot_words, w, e, src, world):
-    """The int32 words ``w`` that rank ``src`` sent in call ``e`` (spins until they arrived)."""
-    return dl.wait_flagged(buf_ptr + ((e % 2) * world + src).to(tl.int64) * slot_words + w, e)
+    """The int32 words ``w`` that rank ``src`` sent in call ``e`` (spins until they arrived).
+
+    Fast path: the whole tile is polled with one vector load per pass (a word-by-word spin would pay one memory
+    latency per word in sequence); after ``FAST_POLL_NS`` without success, ``dl.wait_flagged`` takes over, whose
+    timeout reports the rank, the word and the flag seen to the watchdog."""
+    ptrs = buf_ptr + ((e % 2) * world + src).to(tl.int64) * slot_words + w
+    v = tl.load(ptrs, volatile=True)
+    t0 = dl.globaltimer()
+    while (not _all_flagged(v, e)) and (dl.globaltimer() - t0 < FAST_POLL_NS):
+        v = tl.load(ptrs, volatile=True)
+    words = v.to(tl.int32)
+    if not _all_flagged(v, e):
+        words = dl.wait_flagged(ptrs, e)
+    return words
 
 
 class LLBuffer:
@@ -70,20 +90,15 @@ class LLBuffer:
     Collective (allocates on the symmetric heap and synchronises, so that no peer writes before every buffer is
     zeroed)."""
 
-    def __init__(self, max_bytes: int, block_words: int):
+    def __init__(self, max_bytes: int, block_words: int, max_programs: int):
         self.world = triton_dist.current_world()
         words = -(-max(max_bytes, 4) // 4)
         self.slot_words = -(-words // block_words) * block_words  # whole tiles: clamped lanes stay in the slot
         self.max_bytes = 4 * self.slot_words
         self.block_words = block_words
         self.buf = triton_dist.zeros((2 * self.world.world_size * self.slot_words,), torch.int64)
-        self.epoch = torch.zeros(1, dtype=torch.int32, device=self.world.device)
+        self.counters = epoch_counters(max_programs, self.world.device)  # LL calls' own epochs (take_epoch)
         self.world.barrier()
-
-    def next_epoch(self) -> torch.Tensor:
-        """Bump the LL epoch on the stream (no host sync); returns the device counter for the kernel."""
-        self.epoch.add_(1)
-        return self.epoch
 
     def close(self) -> None:
         triton_dist.free(self.buf)

@@ -34,8 +34,8 @@ import triton_dist
 import triton_dist.language as dl
 from triton_dist.runtime.heap import SUPPORTED_DTYPES
 
-from ._common import (DONE, READY, CollectiveContext, announce, await_all, await_previous, check_collective_input, copy_blocks,
-                      push_and_publish, signal_slots, stage_and_publish)
+from ._common import (DONE, READY, CollectiveContext, announce, await_all, await_previous, check_collective_input,
+                      copy_blocks, push_and_publish, signal_slots, stage_and_publish, take_epoch)
 from ._ll import LL_MAX_BYTES, LLBuffer, ll_lanes, ll_recv, ll_send
 
 METHODS = ("pull", "push", "ring", "ll", "copy_engine")
@@ -70,7 +70,7 @@ def _ring_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, m, wait_all, B
     world = dl.num_ranks()
     nprog = tl.num_programs(0)
     pid = tl.program_id(0)
-    e = tl.load(epoch_ptr)
+    e = take_epoch(epoch_ptr)
     right = (rank + 1) % world
     await_previous(pad_ptr, e, world, wait_all)  # everyone copied the previous call's staging out
     ready = signal_slots(pad_ptr, READY, world)
@@ -95,7 +95,7 @@ def _ll_kernel(x_ptr, out_ptr, buf_ptr, epoch_ptr, words, slot_words, BLOCK: tl.
     """LL all-gather over int32 words: send every tile, then copy every rank's words out."""
     rank = dl.rank()
     world = dl.num_ranks()
-    e = tl.load(epoch_ptr)
+    e = take_epoch(epoch_ptr)
     tiles = tl.cdiv(words, BLOCK)
     for t in range(tl.program_id(0), tiles, tl.num_programs(0)):
         w, mask = ll_lanes(t, words, BLOCK)
@@ -113,7 +113,10 @@ def _ce_signal_kernel(pad_ptr, epoch_ptr, wait_all, PHASE: tl.constexpr):
     waits for everyone's, 2 announces ``done``."""
     rank = dl.rank()
     world = dl.num_ranks()
-    e = tl.load(epoch_ptr)
+    if PHASE == 0:
+        e = take_epoch(epoch_ptr)
+    else:
+        e = tl.load(epoch_ptr + 1)  # the epoch phase 0 of this call took
     if PHASE == 0:
         await_previous(pad_ptr, e, world, wait_all)
     elif PHASE == 1:
@@ -133,7 +136,7 @@ class AllGatherContext(CollectiveContext):
         self.dtype = dtype
         nbytes = max_numel * torch.empty((), dtype=dtype).element_size()
         super().__init__(world * nbytes, num_programs=num_programs)
-        self.ll = LLBuffer(min(nbytes, LL_MAX_BYTES), 256 if self.world.interpreted else 1024)
+        self.ll = LLBuffer(min(nbytes, LL_MAX_BYTES), 256 if self.world.interpreted else 1024, self.num_programs)
 
     def peer_staging(self, word: torch.dtype) -> list[torch.Tensor]:
         """Every rank's staging viewed as ``word`` (host-side peer views for copy-engine copies), cached."""
@@ -185,7 +188,7 @@ def all_gather(x: torch.Tensor, *, ctx: AllGatherContext, method: str = "auto",
     m = xw.numel()
     if method == "ll":
         block = ctx.ll.block_words
-        _ll_kernel[(ctx.programs_for(m, block),)](xw, outw, ctx.ll.buf, ctx.ll.next_epoch(), m, ctx.ll.slot_words,
+        _ll_kernel[(ctx.programs_for(m, block),)](xw, outw, ctx.ll.buf, ctx.ll.counters, m, ctx.ll.slot_words,
                                                   BLOCK=block, num_warps=4)
         return out
     if method == "copy_engine":
@@ -195,7 +198,7 @@ def all_gather(x: torch.Tensor, *, ctx: AllGatherContext, method: str = "auto",
     block = 1024 if ctx.world.interpreted else 4096  # fixed per context: tiles own staging bytes
     programs = ctx.programs_for(m, block)
     wait_all = ctx.layout_switch("rank_slots", programs)  # all three methods: rank r's words at staging r * m
-    epoch = ctx.next_epoch()
+    epoch = ctx.call_counters()
     kernel = {"pull": _pull_kernel, "push": _push_kernel, "ring": _ring_kernel}[method]
     kernel[(programs,)](xw, outw, staging, ctx.pad, epoch, m, wait_all, BLOCK=block, num_warps=8)
     return out
@@ -205,7 +208,7 @@ def _copy_engine_all_gather(xw: torch.Tensor, outw: torch.Tensor, ctx: AllGather
     world, rank, m = ctx.world.world_size, ctx.world.rank, xw.numel()
     peers = ctx.peer_staging(word)
     wait_all = ctx.layout_switch("copy_engine", 1)  # my x at staging[0:m]; the one signal program is pid 0
-    epoch = ctx.next_epoch()
+    epoch = ctx.call_counters()
     _ce_signal_kernel[(1,)](ctx.pad, epoch, wait_all, PHASE=0, num_warps=1)
     peers[rank][:m].copy_(xw)
     outw[rank * m:(rank + 1) * m].copy_(xw)

@@ -33,7 +33,7 @@ import triton_dist
 import triton_dist.language as dl
 
 from ._common import (DONE, REDUCED, REDUCTION_DTYPES, ReductionContext, announce, await_all, copy_blocks,
-                      push_and_publish, reduce_tiles, stage_and_publish, tile_span)
+                      push_and_publish, reduce_tiles, stage_and_publish, take_epoch, tile_span)
 from ._ll import LL_MAX_BYTES, LLBuffer, ll_lanes, ll_pack, ll_recv, ll_send
 
 DTYPES = REDUCTION_DTYPES
@@ -89,7 +89,7 @@ def _ll_kernel(x_ptr, out_ptr, buf_ptr, epoch_ptr, n, words, slot_words, HALF: t
     or int32 view of x, ``out_ptr`` the typed output."""
     rank = dl.rank()
     world = dl.num_ranks()
-    e = tl.load(epoch_ptr)
+    e = take_epoch(epoch_ptr)
     tiles = tl.cdiv(words, BLOCK)
     for t in range(tl.program_id(0), tiles, tl.num_programs(0)):
         w, mask = ll_lanes(t, words, BLOCK)
@@ -122,7 +122,7 @@ class AllReduceContext(ReductionContext):
     def __init__(self, max_numel: int, dtype: torch.dtype, num_programs: int | None = None):
         super().__init__(max_numel, dtype, num_programs=num_programs)
         nbytes = max_numel * torch.empty((), dtype=dtype).element_size()
-        self.ll = LLBuffer(min(nbytes, LL_MAX_BYTES), 256 if self.world.interpreted else 1024)
+        self.ll = LLBuffer(min(nbytes, LL_MAX_BYTES), 256 if self.world.interpreted else 1024, self.num_programs)
 
     def close(self) -> None:
         super().close()
@@ -156,7 +156,7 @@ def all_reduce(x: torch.Tensor, *, ctx: AllReduceContext, method: str = "auto",
         return out
     if method == "ll":
         return _ll_all_reduce(x, out, ctx)
-    block = 1024 if ctx.world.interpreted else 2048  # fixed per context: tiles own staging bytes
+    block = ctx.tile_elems(n * x.element_size())  # tiles own staging bytes: part of the layout key
     if method == "push_one_shot":
         slot = ctx.max_numel // ctx.world.world_size
         if n > slot:
@@ -164,8 +164,8 @@ def all_reduce(x: torch.Tensor, *, ctx: AllReduceContext, method: str = "auto",
                              f"of context, the context has {ctx.max_numel}")
     staging = ctx.staging_as(x.dtype, ctx.max_numel if method == "push_one_shot" else n)
     programs = ctx.programs_for(n, block)
-    wait_all = ctx.layout_switch("slots" if method == "push_one_shot" else "flat", programs)
-    epoch = ctx.next_epoch()
+    wait_all = ctx.layout_switch(f"{'slots' if method == 'push_one_shot' else 'flat'}/{block}", programs)
+    epoch = ctx.call_counters()
     grid = (programs,)
     if method == "push_one_shot":
         _push_one_shot_kernel[grid](x, out, staging, ctx.pad, epoch, n, slot, wait_all, BLOCK=block, num_warps=8)
@@ -185,7 +185,7 @@ def _ll_all_reduce(x: torch.Tensor, out: torch.Tensor, ctx: AllReduceContext) ->
     half = x.element_size() == 2
     words = -(-nbytes // 4)
     block = ctx.ll.block_words
-    epoch = ctx.ll.next_epoch()
+    epoch = ctx.ll.counters
     _ll_kernel[(ctx.programs_for(words, block),)](x.view(torch.int16 if half else torch.int32), out, ctx.ll.buf,
                                                   epoch, x.numel(), words, ctx.ll.slot_words, HALF=half,
                                                   BLOCK=block, num_warps=4)

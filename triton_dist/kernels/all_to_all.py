@@ -47,7 +47,8 @@ import triton.language as tl
 
 import triton_dist
 import triton_dist.language as dl
-from triton_dist.kernels._common import DONE, READY, CollectiveContext, announce, await_all, check_collective_input
+from triton_dist.kernels._common import (DONE, READY, CollectiveContext, announce, await_all, check_collective_input,
+                                         take_epoch)
 
 __all__ = ["AllToAllContext", "all_to_all", "all_to_all_v", "all_to_all_reference", "all_to_all_v_reference",
            "close_default_context", "SUPPORTED_DTYPES"]
@@ -72,7 +73,7 @@ def _all_to_all_kernel(x_ptr, out_ptr, staging_ptr, table_ptr, meta_ptr, pad_ptr
     pid = tl.program_id(0)
     me = dl.rank()
     world = dl.num_ranks()
-    epoch = tl.load(epoch_ptr)
+    epoch = take_epoch(epoch_ptr)
     offs = tl.arange(0, BLOCK)
 
     # 1. every peer's program pid finished reading my staging tiles (and table row) of the previous call
@@ -271,7 +272,7 @@ def _launch(ctx: AllToAllContext, x: torch.Tensor, out: torch.Tensor, m_rows: in
     x_words = x.numel() * x.element_size() // size
     block = ctx.tile_bytes // size
     staging = ctx.staging[:max(x_words * size, size)].view(wdtype)
-    epoch = ctx.next_epoch()
+    epoch = ctx.call_counters()
     _all_to_all_kernel[(ctx.num_programs,)](
         _words(x, wdtype), _words(out, wdtype), staging, ctx.table, ctx.meta, ctx.pad, epoch,
         x_words, row_bytes // size, m_rows, ctx.num_programs,

@@ -8,6 +8,11 @@ announce ``ready = e``; wait all ``ready >= e``; each program sums its tiles of 
 over every rank's staging in rank order and writes ``out``; announce ``done = e``. Each rank reads
 ``(world - 1) m`` elements over NVLink.
 
+Push (large messages): no staging copy and no NVLink loads. Rank ``r`` stores its chunk ``c`` of ``x`` into slot
+``r`` of rank ``c``'s staging (NVLink stores, the faster direction; slots are ``ceil(m / BLOCK)`` whole tiles apart so
+tile ownership is the same for writer and reader); announce ``ready = e``; wait all; each program sums its tiles over
+the slots in rank order, taking its own chunk straight from ``x``; announce ``done = e``.
+
 Ring: ``world - 1`` steps; at step ``s`` each rank adds its own chunk ``rank-1-s`` to the fp32 partial sum that
 arrived from the left and passes it on to the right; the last step lands on chunk ``rank``. Partials travel in
 fp32 (twice the bytes of bf16, but one rounding at the end, as in full mesh).
@@ -22,11 +27,12 @@ import triton.language as tl
 import triton_dist
 import triton_dist.language as dl
 
-from ._common import (DONE, READY, REDUCTION_DTYPES, ReductionContext, announce, await_previous, reduce_tiles,
-                      signal_slots, stage_and_publish, tile_span)
+from ._common import (DONE, READY, REDUCTION_DTYPES, ReductionContext, announce, await_all, await_previous,
+                      copy_blocks, reduce_tiles, signal_slots, stage_and_publish, take_epoch, tile_span)
 
 DTYPES = REDUCTION_DTYPES
-METHODS = ("full_mesh", "ring")
+METHODS = ("full_mesh", "push", "ring")
+PUSH_MIN_BYTES = 1 << 20  # auto: push from this input size up, full mesh below (to be tuned by measurement)
 
 
 @triton.jit
@@ -45,7 +51,7 @@ def _ring_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, chunk, wait_al
     rank = dl.rank()
     world = dl.num_ranks()
     nprog = tl.num_programs(0)
-    e = tl.load(epoch_ptr)
+    e = take_epoch(epoch_ptr)
     right = (rank + 1) % world
     ready = signal_slots(pad_ptr, READY, world)
     await_previous(pad_ptr, e, world, wait_all)
@@ -73,12 +79,49 @@ def _ring_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, chunk, wait_al
     announce(pad_ptr, DONE, e, rank, world)
 
 
+@triton.jit
+def _push_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, chunk, slot, wait_all, BLOCK: tl.constexpr):
+    rank = dl.rank()
+    world = dl.num_ranks()
+    nprog = tl.num_programs(0)
+    e = take_epoch(epoch_ptr)
+    await_previous(pad_ptr, e, world, wait_all)
+    for i in range(1, world):
+        dst = (rank + i) % world
+        copy_blocks(x_ptr + dst * chunk, dl.symm_at(staging_ptr + rank * slot, dst), 0, chunk, nprog, BLOCK)
+    announce(pad_ptr, READY, e, rank, world)
+    base = dl.consume_token(staging_ptr, await_all(pad_ptr, READY, e, world))
+    t0, t1, step = tile_span(0, chunk, 0, nprog, BLOCK)
+    for t in range(t0, t1, step):
+        offs = t * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < chunk
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for src in range(world):
+            if src == rank:
+                acc += tl.load(x_ptr + rank * chunk + offs, mask=mask).to(tl.float32)
+            else:
+                acc += tl.load(base + src * slot + offs, mask=mask).to(tl.float32)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    announce(pad_ptr, DONE, e, rank, world)
+
+
 class ReduceScatterContext(ReductionContext):
     """Staging for reduce-scatters of inputs of up to ``max_numel`` elements of ``dtype`` (fp32 room, for the ring's
     partial sums)."""
 
     op = "reduce_scatter"
     staging_elem_bytes = 4
+
+    def __init__(self, max_numel: int, dtype: torch.dtype, num_programs: int | None = None):
+        super().__init__(max_numel, dtype, num_programs=num_programs)
+        # push pads each rank's slot to whole tiles: room for world x (chunk + largest tile) input elements
+        world = self.world.world_size
+        self.push_slot_room = -(-max_numel // world) + 8192
+        need = world * self.push_slot_room * torch.empty((), dtype=dtype).element_size()
+        if need > self.staging_bytes:
+            triton_dist.free(self.staging)
+            self.staging_bytes = need
+            self.staging = triton_dist.empty((-(-need // 16) * 16,), torch.uint8)
 
 
 def reduce_scatter(x: torch.Tensor, *, ctx: ReduceScatterContext, method: str = "auto",
@@ -98,16 +141,22 @@ def reduce_scatter(x: torch.Tensor, *, ctx: ReduceScatterContext, method: str = 
     chunk = x.numel() // world
     if chunk == 0:
         return out
-    block = 1024 if ctx.world.interpreted else 2048  # fixed per context: tiles own staging bytes
+    block = ctx.tile_elems(x.numel() * x.element_size())  # tiles own staging bytes: part of the layout key
     if world == 1:
         return out.copy_(x)
-    method = "full_mesh" if method == "auto" else method
+    if method == "auto":
+        method = "push" if x.numel() * x.element_size() >= PUSH_MIN_BYTES else "full_mesh"
     programs = ctx.programs_for(chunk, block)
-    wait_all = ctx.layout_switch(method, programs)  # ring stages fp32, full mesh the input dtype
-    epoch = ctx.next_epoch()
+    wait_all = ctx.layout_switch(f"{method}/{block}", programs)  # ring stages fp32, full mesh the input dtype
+    epoch = ctx.call_counters()
+    if method == "push":
+        slot = triton.cdiv(chunk, block) * block
+        staging = ctx.staging_as(x.dtype, world * slot)
+        _push_kernel[(programs,)](x, out, staging, ctx.pad, epoch, chunk, slot, wait_all, BLOCK=block, num_warps=8)
+        return out
     kernel, staging_dtype = (_ring_kernel, torch.float32) if method == "ring" else (_full_mesh_kernel, x.dtype)
     kernel[(programs,)](x, out, ctx.staging_as(staging_dtype, x.numel()), ctx.pad, epoch, chunk, wait_all,
-                                BLOCK=block, num_warps=8)
+                        BLOCK=block, num_warps=8)
     return out
 
 
