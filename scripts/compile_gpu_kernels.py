@@ -61,6 +61,7 @@ check(AG._ll_kernel, {"x_ptr": "*i32", "out_ptr": "*i32", "buf_ptr": "*i64", "ep
                       "slot_words": "i32"}, {"BLOCK": 1024})
 for phase in (0, 1, 2):
     check(AG._ce_signal_kernel, {"pad_ptr": "*i32", "epoch_ptr": "*i32", "wait_all": "i32"}, {"PHASE": phase})
+check(AR._push_two_shot_kernel, dict(coll, n="i32", chunk="i32", slot="i32", wait_all="i32"), {"BLOCK": 8192})
 check(RS._push_kernel, dict(coll, chunk="i32", slot="i32", wait_all="i32"), {"BLOCK": 8192})
 check(RS._full_mesh_kernel, dict(coll, chunk="i32", wait_all="i32"), {"BLOCK": 2048})
 check(RS._ring_kernel, dict(coll, staging_ptr="*fp32", chunk="i32", wait_all="i32"), {"BLOCK": 2048})

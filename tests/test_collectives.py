@@ -37,7 +37,7 @@ def _all_reduce(shape, dtype, method, seed, calls):
     return out.sum().item()
 
 
-@pytest.mark.parametrize("method", ["one_shot", "two_shot", "push_one_shot", "ll"])
+@pytest.mark.parametrize("method", ["one_shot", "two_shot", "push_one_shot", "ll", "push_two_shot"])
 @pytest.mark.parametrize("shape,dtype", [((1151,), torch.float32), ((5, 123), torch.float16), ((3,), torch.float32)])
 def test_all_reduce(world, method, shape, dtype, seed):
     sums = world.run(_all_reduce, shape, dtype, method, seed, 3)
@@ -45,7 +45,7 @@ def test_all_reduce(world, method, shape, dtype, seed):
 
 
 def test_all_reduce_odd_world(world3, seed):
-    for method in ("one_shot", "two_shot", "push_one_shot", "ll"):
+    for method in ("one_shot", "two_shot", "push_one_shot", "ll", "push_two_shot"):
         world3.run(_all_reduce, (1001,), torch.float32, method, seed, 2)
 
 
@@ -115,10 +115,10 @@ def _mixed_methods(seed):
     ar_ctx = ar.AllReduceContext(w.world_size * 3000, torch.float32, num_programs=2)
     rs_ctx = rs.ReduceScatterContext(w.world_size * 3000, torch.float32, num_programs=2)
     ag_ctx = ag.AllGatherContext(3000, torch.float32, num_programs=2)
-    ag_methods = ("copy_engine", "pull", "ll", "push", "copy_engine", "ring", "copy_engine", "ll")
+    ag_methods = ("copy_engine", "pull", "ll", "push", "copy_engine", "ring", "copy_engine", "ll", "pull", "ll")
     plan = [("push_one_shot", "ring", 2999), ("ll", "push", 1000), ("one_shot", "full_mesh", 1000),
             ("push_one_shot", "ring", 17), ("ll", "ring", 2999), ("ll", "push", 5), ("two_shot", "full_mesh", 2500),
-            ("two_shot", "ring", 300)]
+            ("push_two_shot", "ring", 2999), ("two_shot", "ring", 300), ("push_two_shot", "push", 5)]
     for i, (ar_method, rs_method, n) in enumerate(plan):
         x = rand((w.world_size * n,), torch.float32, seed + 10 * i + w.rank, w.device)
         got = ar.all_reduce(x[:n], ctx=ar_ctx, method=ar_method)
@@ -190,7 +190,8 @@ def _stress(calls, seed):
         op = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")[i % 4]
         x = torch.randn(w.world_size * n, device=w.device, dtype=torch.bfloat16)
         if op == "all_reduce":
-            method = ("one_shot", "two_shot", "push_one_shot", "ll")[int(torch.randint(0, 4, (1,), generator=g))]
+            method = ("one_shot", "two_shot", "push_one_shot", "ll", "push_two_shot")[
+                int(torch.randint(0, 5, (1,), generator=g))]
             if method == "ll" and x.numel() * x.element_size() > LL_MAX_BYTES:
                 method = "auto"
             got, ref = ops.all_reduce(x, method=method), ar.all_reduce_reference(x)
@@ -223,7 +224,7 @@ def test_collectives_stress(world, seed):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", ["one_shot", "two_shot", "push_one_shot", "ll"])
+@pytest.mark.parametrize("method", ["one_shot", "two_shot", "push_one_shot", "ll", "push_two_shot"])
 def test_all_reduce_bf16(world, method, seed):
     world.run(_all_reduce, (4099,), torch.bfloat16, method, seed, 3)
 

@@ -59,7 +59,8 @@ from dataclasses import asdict
 from ..kernels._ll import LL_MAX_BYTES
 from .report import DEFAULT_PLOT, OPS, OURS, Progress, default_plot_path, fmt_bytes, format_tables, load_rows, plot_rows
 
-OUR_METHODS = {"all_reduce": ("ll", "one_shot", "two_shot", "push_one_shot"), "all_gather": ("ll", "pull", "push", "ring", "copy_engine"),
+OUR_METHODS = {"all_reduce": ("ll", "one_shot", "two_shot", "push_one_shot", "push_two_shot"),
+               "all_gather": ("ll", "pull", "push", "ring", "copy_engine"),
                "reduce_scatter": ("full_mesh", "push", "ring"), "all_to_all": (None,)}
 SYMM_MEM_METHODS = {"all_reduce": ("one_shot", "two_shot")}
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}

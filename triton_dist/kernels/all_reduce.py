@@ -15,6 +15,10 @@ Both methods stage ``x`` in the context's symmetric buffer and use the epoch pro
   ``out``; announce ``done = e``. Every rank reads ``2 (n-1)/world x`` bytes.
 * push_one_shot (low latency, opt-in until measured): store ``x`` into slot ``rank`` of every rank's staging,
   announce ``ready``; after the single round every rank sums its own slots from local memory.
+* push_two_shot (bandwidth, no staging copy): rank ``r`` stores its chunk ``c`` of ``x`` into slot ``r`` of rank
+  ``c``'s staging (NVLink stores); after ``ready`` each rank sums its slots in rank order (its own chunk straight
+  from ``x``) into ``out`` and into a reduced area of its staging; announce ``reduced``; then pull the peers'
+  reduced chunks as two-shot does. Slots are whole tiles apart (aligned, same tile owners for writer and reader).
 * ll (lowest latency, messages up to ``_ll.LL_MAX_BYTES``): the LL protocol of ``_ll.py``: every rank stores its
   32-bit words, each packed with the epoch as flag, into its slot of every rank's LL buffer; each rank polls its
   own buffer until every word of every slot carries this epoch and sums. No signals, no fences, no staging copy:
@@ -32,16 +36,17 @@ import triton.language as tl
 import triton_dist
 import triton_dist.language as dl
 
-from ._common import (DONE, REDUCED, REDUCTION_DTYPES, ReductionContext, announce, await_all, copy_blocks,
-                      push_and_publish, reduce_tiles, stage_and_publish, take_epoch, tile_span)
+from ._common import (DONE, READY, REDUCED, REDUCTION_DTYPES, ReductionContext, announce, await_all, await_previous,
+                      copy_blocks, push_and_publish, reduce_tiles, stage_and_publish, take_epoch, tile_span)
 from ._ll import LL_MAX_BYTES, LLBuffer, ll_lanes, ll_pack, ll_recv, ll_send
 
 DTYPES = REDUCTION_DTYPES
-METHODS = ("one_shot", "two_shot", "push_one_shot", "ll")
+METHODS = ("one_shot", "two_shot", "push_one_shot", "ll", "push_two_shot")
 # auto: ll up to LL_AUTO_MAX_BYTES, one-shot up to ONE_SHOT_MAX_BYTES, two-shot above. On 4x H100 one-shot won at
 # 64 KiB and lost at 1 MiB (NOTES.md); the crossovers inside those intervals are to be measured.
 LL_AUTO_MAX_BYTES = 64 << 10
 ONE_SHOT_MAX_BYTES = 512 << 10
+LARGE_METHOD = "push_two_shot"
 
 
 @triton.jit
@@ -113,6 +118,45 @@ def _ll_kernel(x_ptr, out_ptr, buf_ptr, epoch_ptr, n, words, slot_words, HALF: t
             tl.store(out_ptr + w, lo.to(dtype), mask=mask)
 
 
+@triton.jit
+def _push_two_shot_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, n, chunk, slot, wait_all,
+                          BLOCK: tl.constexpr):
+    rank = dl.rank()
+    world = dl.num_ranks()
+    nprog = tl.num_programs(0)
+    e = take_epoch(epoch_ptr)
+    await_previous(pad_ptr, e, world, wait_all)
+    for i in range(1, world):  # my x of chunk dst into slot rank of dst's staging
+        dst = (rank + i) % world
+        lo = dst * chunk
+        copy_blocks(x_ptr + lo, dl.symm_at(staging_ptr + rank * slot, dst), 0, tl.minimum(chunk, n - lo), nprog,
+                    BLOCK)
+    announce(pad_ptr, READY, e, rank, world)
+    base = dl.consume_token(staging_ptr, await_all(pad_ptr, READY, e, world))
+    reduced = base + world * slot  # my reduced chunk, read by the peers
+    mine = tl.minimum(chunk, n - rank * chunk)
+    t0, t1, step = tile_span(0, mine, 0, nprog, BLOCK)
+    for t in range(t0, t1, step):
+        offs = t * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < mine
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for src in range(world):
+            if src == rank:
+                acc += tl.load(x_ptr + rank * chunk + offs, mask=mask).to(tl.float32)
+            else:
+                acc += tl.load(base + src * slot + offs, mask=mask).to(tl.float32)
+        acc = acc.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + rank * chunk + offs, acc, mask=mask)
+        tl.store(reduced + offs, acc, mask=mask)
+    announce(pad_ptr, REDUCED, e, rank, world)
+    base = dl.consume_token(staging_ptr, await_all(pad_ptr, REDUCED, e, world))
+    for i in range(1, world):
+        src = (rank + i) % world
+        lo = src * chunk
+        copy_blocks(dl.symm_at(base + world * slot, src), out_ptr + lo, 0, tl.minimum(chunk, n - lo), nprog, BLOCK)
+    announce(pad_ptr, DONE, e, rank, world)
+
+
 class AllReduceContext(ReductionContext):
     """Staging for all-reduces of up to ``max_numel`` elements of ``dtype`` (and an LL buffer for up to
     ``LL_MAX_BYTES`` of them); reuse it for every call."""
@@ -122,6 +166,14 @@ class AllReduceContext(ReductionContext):
     def __init__(self, max_numel: int, dtype: torch.dtype, num_programs: int | None = None):
         super().__init__(max_numel, dtype, num_programs=num_programs)
         nbytes = max_numel * torch.empty((), dtype=dtype).element_size()
+        # push_two_shot: world slots + one reduced area, each a chunk rounded up to whole tiles
+        world = self.world.world_size
+        self.push_slot_room = -(-max_numel // world) + 8192
+        need = (world + 1) * self.push_slot_room * torch.empty((), dtype=dtype).element_size()
+        if need > self.staging_bytes:
+            triton_dist.free(self.staging)
+            self.staging_bytes = need
+            self.staging = triton_dist.empty((-(-need // 16) * 16,), torch.uint8)
         self.ll = LLBuffer(min(nbytes, LL_MAX_BYTES), 256 if self.world.interpreted else 1024, self.num_programs)
 
     def close(self) -> None:
@@ -133,7 +185,7 @@ def pick_method(nbytes: int) -> str:
     """The automatic choice: ll, then one-shot for small messages (latency), two-shot for large ones (bandwidth)."""
     if nbytes <= LL_AUTO_MAX_BYTES:
         return "ll"
-    return "one_shot" if nbytes <= ONE_SHOT_MAX_BYTES else "two_shot"
+    return "one_shot" if nbytes <= ONE_SHOT_MAX_BYTES else LARGE_METHOD
 
 
 def all_reduce(x: torch.Tensor, *, ctx: AllReduceContext, method: str = "auto",
@@ -162,17 +214,25 @@ def all_reduce(x: torch.Tensor, *, ctx: AllReduceContext, method: str = "auto",
         if n > slot:
             raise ValueError(f"all_reduce: push_one_shot needs world * numel = {ctx.world.world_size * n} elements "
                              f"of context, the context has {ctx.max_numel}")
-    staging = ctx.staging_as(x.dtype, ctx.max_numel if method == "push_one_shot" else n)
+    chunk = triton.cdiv(n, ctx.world.world_size)
+    if method == "push_two_shot":
+        chunk_slot = triton.cdiv(chunk, block) * block
+        staging = ctx.staging_as(x.dtype, (ctx.world.world_size + 1) * chunk_slot)
+    else:
+        staging = ctx.staging_as(x.dtype, ctx.max_numel if method == "push_one_shot" else n)
     programs = ctx.programs_for(n, block)
-    wait_all = ctx.layout_switch(f"{'slots' if method == 'push_one_shot' else 'flat'}/{block}", programs)
+    layout = {"push_one_shot": "slots", "push_two_shot": "chunk_slots"}.get(method, "flat")
+    wait_all = ctx.layout_switch(f"{layout}/{block}", programs)
     epoch = ctx.call_counters()
     grid = (programs,)
-    if method == "push_one_shot":
+    if method == "push_two_shot":
+        _push_two_shot_kernel[grid](x, out, staging, ctx.pad, epoch, n, chunk, chunk_slot, wait_all, BLOCK=block,
+                                    num_warps=8)
+    elif method == "push_one_shot":
         _push_one_shot_kernel[grid](x, out, staging, ctx.pad, epoch, n, slot, wait_all, BLOCK=block, num_warps=8)
     elif method == "one_shot":
         _one_shot_kernel[grid](x, out, staging, ctx.pad, epoch, n, wait_all, BLOCK=block, num_warps=8)
     else:
-        chunk = triton.cdiv(n, ctx.world.world_size)
         _two_shot_kernel[grid](x, out, staging, ctx.pad, epoch, n, chunk, wait_all, BLOCK=block, num_warps=8)
     return out
 
