@@ -353,7 +353,8 @@ def gemm_ratios(d: dict, m: int) -> tuple[str | None, dict[str, float], float | 
         if f != OURS and p != GEMM_ALONE:
             fams[f] = min(fams.get(f, math.inf), r["median_us"])
     alone = cells.get(GEMM_ALONE)
-    return best, {f: t / ours[best] for f, t in fams.items()}, None if alone is None else ours[best] / alone["median_us"]
+    over_gemm = None if alone is None else ours[best] / alone["median_us"]
+    return best, {f: t / ours[best] for f, t in fams.items()}, over_gemm
 
 
 def format_gemm_tables(rows: list[dict], notes: list[str] | None = None) -> str:
