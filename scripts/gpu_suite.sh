@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU suite: every test on CUDA worlds of 2, 3 and 4 GPUs (and all GPUs when there are more), the GPU-only
-# tests, then the primitive and collective benchmarks on all local GPUs. Run on a machine with GPUs from the repository root:
+# tests, then the primitive, collective and GEMM benchmarks on all local GPUs. Run on a machine with GPUs from the repository root:
 #     TRITON_DIST_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_suite.sh [OUT_DIR]
 # (TRITON_DIST_COMMIT names the commit in the benchmark rows where the checkout has no .git.)
 # Writes OUT_DIR/pytest.log, OUT_DIR/junit.xml, OUT_DIR/<card>.jsonl (bench rows) and a summary table (last).
@@ -31,6 +31,9 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     $PY -m triton_dist bench collectives -n "$NGPU" --out "$OUT_DIR" --plot "$OUT_DIR/collectives.png" \
         ${COLL_ARGS:-} 2>&1 | tee "$OUT_DIR/bench_collectives.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || BENCH_RC=1
+    $PY -m triton_dist bench gemm -n "$NGPU" --out "$OUT_DIR" --plot "$OUT_DIR/gemm.png" \
+        ${GEMM_ARGS:-} 2>&1 | tee "$OUT_DIR/bench_gemm.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || BENCH_RC=1
 fi
 
 $PY - "$OUT_DIR" "$TEST_RC" "$BENCH_RC" <<'PY'
@@ -49,6 +52,8 @@ for path in glob.glob(f"{out}/*.jsonl"):
     for r in rows:
         if r["run_id"] == last:
             gb = "" if r["gbps"] is None else f"{r['gbps']:.1f} GB/s"
-            print(f"{r['op']:<11} {r['shape']:<18} {r['provider']:<28} {r['median_us']:>10.2f} us  {gb}")
+            if r.get("tflops") is not None:
+                gb = f"{r['tflops']:.1f} TFLOP/s"
+            print(f"{r['op']:<14} {r['shape']:<32} {r['provider']:<28} {r['median_us']:>10.2f} us  {gb}")
 PY
 exit $(( TEST_RC != 0 || BENCH_RC != 0 ))

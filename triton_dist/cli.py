@@ -4,7 +4,8 @@
 
     triton-dist run -n 4 script.py [args...]        # 4 ranks: GPUs if present, else a CPU world
     triton-dist run -n 2 --mode cpu -m pkg.mod      # a module, on the CPU world
-    triton-dist bench primitives [-n N] [args...]   # a benchmark of triton_dist.bench
+    triton-dist bench primitives [-n N] [args...]   # a benchmark of triton_dist.bench (primitives,
+                                                    # collectives, gemm)
     triton-dist demo [-n N]                         # the intra-node all-gather tutorial
 
 The exit code is the world's: 0 when every rank succeeded, the failing rank's code, 124 on a timeout,
@@ -16,7 +17,7 @@ import argparse
 import os
 import sys
 
-BENCHES = ["primitives", "collectives"]
+BENCHES = ["primitives", "collectives", "gemm"]
 DEMO_SCRIPT = os.path.join("tutorials", "02_intra_node_allgather.py")
 EXIT_USAGE = 2
 

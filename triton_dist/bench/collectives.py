@@ -53,10 +53,12 @@ import argparse
 import math
 import os
 import re
-import time
 from dataclasses import asdict
 
 from ..kernels._ll import LL_MAX_BYTES
+from .harness import Skip as _Skip
+from .harness import agree as _agree
+from .harness import first_line, group_errors, time_call
 from .report import DEFAULT_PLOT, OPS, OURS, Progress, default_plot_path, fmt_bytes, format_tables, load_rows, plot_rows
 
 OUR_METHODS = {"all_reduce": ("ll", "one_shot", "two_shot", "push_one_shot", "push_two_shot"),
@@ -176,37 +178,6 @@ def compare(got, ref, *, exact: bool, dtype, world: int, fp32_accumulation: bool
             f"{g[i].item():.6g}, NCCL fp32 sum {r[i].item():.6g}")
 
 
-class _Skip(Exception):
-    """A provider cannot run this case (recorded as a note, not a failure)."""
-
-
-def _agree(err: str | None, group) -> list[str]:
-    """Every rank learns which ranks failed a step: returns ``["rank r: message", ...]`` (empty: all succeeded)."""
-    import torch
-    import torch.distributed as dist
-    flag = torch.tensor([0 if err is None else 1], dtype=torch.int32)  # CPU tensor: gloo, even if NCCL is broken
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    if not flag.item():
-        return []
-    errs = [None] * dist.get_world_size(group)
-    dist.all_gather_object(errs, err, group=group)
-    return group_errors(errs)
-
-
-def group_errors(errs: list[str | None]) -> list[str]:
-    """``["ranks 0,2: message", ...]`` for the ranks whose entry is not None; ``"all ranks"`` when every rank has it."""
-    by_msg: dict[str, list[int]] = {}
-    for r, e in enumerate(errs):
-        if e is not None:
-            by_msg.setdefault(e, []).append(r)
-    out = []
-    for msg, ranks in by_msg.items():
-        who = ("all ranks" if len(ranks) == len(errs) > 1 else
-               f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ",".join(map(str, ranks)))
-        out.append(f"{who}: {msg}")
-    return out
-
-
 class _Bench:
     def __init__(self, world, rec, args, dtype, progress: Progress):
         import torch
@@ -244,49 +215,13 @@ class _Bench:
 
     def time(self, call, rot: int, nbytes: int, provider: str, op: str) -> list[float]:
         """Per-call microseconds (slowest rank's samples): graph replay below --graph-below, else direct."""
-        import torch
         args = self.args
-        counter = [0]
-
-        def direct():
-            call(counter[0] % rot)
-            counter[0] += 1
-
-        if not self.gpu:
-            return _wall_times(direct, args.samples, self.group)
-        from triton_dist.bench.harness import time_op
-        if nbytes < args.graph_below:
-            k = args.graph_calls
-            graph, err = None, None
-            try:
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for i in range(3):
-                        call(i % rot)
-                torch.cuda.current_stream().wait_stream(side)
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                    for i in range(k):
-                        call(i % rot)
-                torch.cuda.synchronize()
-            except Exception as e:  # noqa: BLE001  (any capture failure falls back to direct timing)
-                graph, err = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                try:
-                    torch.cuda.synchronize()
-                except Exception:  # noqa: BLE001
-                    pass
-            failed = _agree(err, self.group)
-            if not failed:
-                try:
-                    return [t / k for t in time_op(graph.replay, iters=args.samples, warmup=2, group=self.group)]
-                finally:
-                    del graph
-            self.note(f"{op} {fmt_bytes(nbytes)} {provider}: CUDA-graph capture failed ({'; '.join(failed)}); "
-                      "timed directly instead")
-            del graph
-        return time_op(direct, iters=args.samples, warmup=5, group=self.group)
+        graph_calls = args.graph_calls if nbytes < args.graph_below else 0
+        samples, note = time_call(call, samples=args.samples, group=self.group, gpu=self.gpu, rot=rot,
+                                  graph_calls=graph_calls)
+        if note:
+            self.note(f"{op} {fmt_bytes(nbytes)} {provider}: {note}")
+        return samples
 
     # -- one (op, size) -------------------------------------------------------------------------------------------
     def case(self, op: str, nbytes: int):
@@ -429,7 +364,7 @@ class _Bench:
         except Exception as e:  # noqa: BLE001
             if ours and not isinstance(e, (ValueError, TypeError, NotImplementedError, MemoryError)):
                 raise
-            err, mismatch = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", False
+            err, mismatch = first_line(e), False
         failed = _agree(None if err is None else f"{'MISMATCH ' if mismatch else ''}{err}", self.group)
         if failed:
             if ours and any("MISMATCH" in f for f in failed):
@@ -444,20 +379,8 @@ class _Bench:
         self.sync()
 
 
-def _wall_times(fn, iters: int, group) -> list[float]:
-    """CPU world: barrier, wall clock around one call; the slowest rank's samples (plumbing check, not a timing)."""
-    import torch
-    import torch.distributed as dist
-    fn()
-    times = []
-    for _ in range(iters):
-        dist.barrier(group=group)
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e6)
-    t = torch.tensor(times, dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return t.tolist()
+__all__ = ["alg_bytes", "build_parser", "bus_bytes", "bus_factor", "busbw_gbps", "compare", "group_errors",
+           "heap_bytes_for", "main", "parse_bytes", "parse_ops", "reduction_tolerance", "size_sweep"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,11 @@
 Protocol (DESIGN.md): barrier before each sample, CUDA events around the op on every rank, the *slowest rank's*
 median over the samples, p20/p80 for the spread. Rows are appended to ``<out>/<card>.jsonl`` with the keys
 ``op, shape, dtype, world_size, provider, median_us, p20_us, p80_us, gbps, card, torch, triton, commit, date,
-run_id``. GB means 1e9 bytes.
+run_id, tflops``. GB means 1e9 bytes; ``gbps`` is what the bench says it is (busbw for collectives), ``tflops`` the
+per-rank FLOP rate of compute ops (1e12 FLOP/s), None where it does not apply.
+
+Also here, shared by the benches: :func:`time_call` (CUDA-graph replay or direct timing, wall clock in the CPU
+world), :func:`agree` (every rank learns which ranks failed a step) and :class:`Skip`.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import datetime
 import json
 import os
 import subprocess
+import time
 import uuid
 from dataclasses import asdict, dataclass
 
@@ -35,6 +40,7 @@ class Row:
     commit: str
     date: str
     run_id: str
+    tflops: float | None = None
 
 
 def card_name() -> str:
@@ -117,12 +123,15 @@ class Recorder:
         self.common["run_id"] = ids[0]
 
     def add(self, op: str, shape: str, dtype: str, provider: str, samples_us: list[float],
-            nbytes: float | None = None) -> Row:
+            nbytes: float | None = None, flops: float | None = None) -> Row:
+        """One row from per-sample microseconds; ``nbytes`` gives ``gbps`` (bytes / median), ``flops`` gives
+        ``tflops`` (FLOPs / median, in 1e12 FLOP/s)."""
         med = _quantile(samples_us, 0.5)
         row = Row(op=op, shape=shape, dtype=dtype, world_size=self.world_size, provider=provider,
                   median_us=round(med, 3), p20_us=round(_quantile(samples_us, 0.2), 3),
                   p80_us=round(_quantile(samples_us, 0.8), 3),
-                  gbps=None if nbytes is None else round(nbytes / (med * 1e-6) / 1e9, 2), **self.common)
+                  gbps=None if nbytes is None else round(nbytes / (med * 1e-6) / 1e9, 2),
+                  tflops=None if flops is None else round(flops / (med * 1e-6) / 1e12, 2), **self.common)
         self.rows.append(row)
         return row
 
@@ -143,3 +152,104 @@ class Recorder:
             lines.append(f"{r.op:<12} {r.shape:<18} {r.provider:<22} {r.median_us:>10.2f} {r.p20_us:>9.2f} "
                          f"{r.p80_us:>9.2f} {gb:>8}")
         return "\n".join(lines)
+
+
+class Skip(Exception):
+    """A provider cannot run this case (recorded as a note, not a failure)."""
+
+
+def group_errors(errs: list[str | None]) -> list[str]:
+    """``["ranks 0,2: message", ...]`` for the ranks whose entry is not None; ``"all ranks"`` when every rank has it."""
+    by_msg: dict[str, list[int]] = {}
+    for r, e in enumerate(errs):
+        if e is not None:
+            by_msg.setdefault(e, []).append(r)
+    out = []
+    for msg, ranks in by_msg.items():
+        who = ("all ranks" if len(ranks) == len(errs) > 1 else
+               f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ",".join(map(str, ranks)))
+        out.append(f"{who}: {msg}")
+    return out
+
+
+def agree(err: str | None, group) -> list[str]:
+    """Every rank learns which ranks failed a step: returns ``["rank r: message", ...]`` (empty: all succeeded)."""
+    flag = torch.tensor([0 if err is None else 1], dtype=torch.int32)  # CPU tensor: gloo, even if NCCL is broken
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if not flag.item():
+        return []
+    errs = [None] * dist.get_world_size(group)
+    dist.all_gather_object(errs, err, group=group)
+    return group_errors(errs)
+
+
+def first_line(e: BaseException) -> str:
+    """``"TypeName: first line of the message"``."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def wall_times(fn, iters: int, group) -> list[float]:
+    """CPU world: barrier, wall clock around one call; the slowest rank's samples (plumbing check, not a timing)."""
+    fn()
+    times = []
+    for _ in range(iters):
+        dist.barrier(group=group)
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e6)
+    t = torch.tensor(times, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.tolist()
+
+
+def time_call(call, *, samples: int, group, gpu: bool, rot: int = 1, graph_calls: int = 0, warmup: int = 5,
+              sleep_cycles: int = 1_000_000) -> tuple[list[float], str | None]:
+    """Per-call microseconds of ``call(i)`` (the slowest rank's samples) and a note, or None.
+
+    ``call(i)`` runs the op on input set ``i`` (``0 <= i < rot``); successive calls cycle over the sets. In the CPU
+    world (``gpu`` False): wall clock, one call per sample. On GPUs with ``graph_calls`` > 0: ``graph_calls``
+    back-to-back calls are captured in one CUDA graph (after three warm-up calls on a side stream) and the sample is
+    a replay's time divided by ``graph_calls``; if capture fails on any rank, every rank times the calls directly
+    and the note says why. Otherwise :func:`time_op`, one call per sample.
+    """
+    counter = [0]
+
+    def direct():
+        call(counter[0] % rot)
+        counter[0] += 1
+
+    if not gpu:
+        return wall_times(direct, samples, group), None
+    note = None
+    if graph_calls > 0:
+        k = graph_calls
+        graph, err = None, None
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for i in range(3):
+                    call(i % rot)
+            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                for i in range(k):
+                    call(i % rot)
+            torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001  (any capture failure falls back to direct timing)
+            graph, err = None, first_line(e)
+            try:
+                torch.cuda.synchronize()
+            except Exception:  # noqa: BLE001
+                pass
+        failed = agree(err, group)
+        if not failed:
+            try:
+                return [t / k for t in time_op(graph.replay, iters=samples, warmup=2, group=group,
+                                               sleep_cycles=sleep_cycles)], None
+            finally:
+                del graph
+        note = f"CUDA-graph capture failed ({'; '.join(failed)}); timed directly instead"
+        del graph
+    return time_op(direct, iters=samples, warmup=warmup, group=group, sleep_cycles=sleep_cycles), note

@@ -1,12 +1,15 @@
 """Reporting of benchmark rows: progress bar, per-op tables with ratios, plots, reading rows back.
 
-Works on plain row dicts (``<card>.jsonl`` lines), so everything here runs without GPUs.
+Works on plain row dicts (``<card>.jsonl`` lines), so everything here runs without GPUs. Collective rows (shape
+``nbytes=<S>``) and GEMM rows (shape ``<family>:M=<M>,N=<N>,K=<K>``, see :mod:`triton_dist.bench.gemm`) share the file
+and are told apart by op and shape.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import sys
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
@@ -125,6 +128,45 @@ def ratios(d: dict, size: int) -> tuple[str | None, dict[str, float]]:
     return best, {f: t / ours[best] for f, t in fams.items()}
 
 
+def _layout(title: str, cols: list[tuple[str, str, list[str]]], nrows: int) -> str:
+    """A text table: ``cols`` are ``(header 1, header 2, values)``; the first is the row label (left-aligned). A
+    column whose header 2 is ``"us"`` and the one after it share one header 1 (a provider's time and rate)."""
+    # a provider name (h1 of a "us" column) spans its "us" and rate columns: it does not size "us" alone
+    widths = [max(len(h2), *(len(v) for v in vals), 0 if h2 == "us" else len(h1)) for h1, h2, vals in cols]
+    head1, head2 = [], []
+    i = 0
+    while i < len(cols):
+        h1, h2, _ = cols[i]
+        if h2 == "us":
+            span = widths[i] + 2 + widths[i + 1]
+            if len(h1) > span:
+                extra = len(h1) - span
+                widths[i] += extra // 2
+                widths[i + 1] += extra - extra // 2
+                span = len(h1)
+            head1.append(h1.center(span))
+            head2.append(h2.rjust(widths[i]) + "  " + cols[i + 1][1].rjust(widths[i + 1]))
+            i += 2
+        else:
+            head1.append(h1.rjust(widths[i]))
+            head2.append(h2.rjust(widths[i]) if i else h2.ljust(widths[i]))
+            i += 1
+    lines = [title, " | ".join(head1), " | ".join(head2)]
+    lines.append("-" * len(lines[-1]))
+    for k in range(nrows):
+        cells, i = [], 0
+        while i < len(cols):
+            h1, h2, vals = cols[i]
+            if h2 == "us":
+                cells.append(vals[k].rjust(widths[i]) + "  " + cols[i + 1][2][k].rjust(widths[i + 1]))
+                i += 2
+            else:
+                cells.append(vals[k].ljust(widths[i]) if i == 0 else vals[k].rjust(widths[i]))
+                i += 1
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
+
+
 def format_tables(rows: list[dict], notes: list[str] | None = None) -> str:
     """One text table per op: size; median us and busbw GB/s per provider; our fastest method; each baseline
     family's best time divided by ours."""
@@ -145,42 +187,9 @@ def format_tables(rows: list[dict], notes: list[str] | None = None) -> str:
             cols.append(("best", "ours", ["-" if b is None else b.split(":", 1)[-1] for b, _ in per_size]))
         for f in fams:
             cols.append((f"{f}", "/ours", ["-" if f not in rt else f"{rt[f]:.2f}" for _, rt in per_size]))
-        # a provider name (h1 of a "us" column) spans its "us" and "GB/s" columns: it does not size "us" alone
-        widths = [max(len(h2), *(len(v) for v in vals), 0 if h2 == "us" else len(h1)) for h1, h2, vals in cols]
-        head1, head2 = [], []
-        i = 0
-        while i < len(cols):
-            h1, h2, _ = cols[i]
-            if h2 == "us":
-                span = widths[i] + 2 + widths[i + 1]
-                if len(h1) > span:
-                    extra = len(h1) - span
-                    widths[i] += extra // 2
-                    widths[i + 1] += extra - extra // 2
-                    span = len(h1)
-                head1.append(h1.center(span))
-                head2.append(h2.rjust(widths[i]) + "  " + cols[i + 1][1].rjust(widths[i + 1]))
-                i += 2
-            else:
-                head1.append(h1.rjust(widths[i]))
-                head2.append(h2.rjust(widths[i]) if i else h2.ljust(widths[i]))
-                i += 1
-        lines = [f"{op}  ({d['world']} ranks, {d['dtype']}; median us, busbw GB/s; <baseline>/ours = baseline "
-                 f"time / our best time, > 1: ours faster)",
-                 " | ".join(head1), " | ".join(head2)]
-        lines.append("-" * len(lines[-1]))
-        for k in range(len(d["sizes"])):
-            cells, i = [], 0
-            while i < len(cols):
-                h1, h2, vals = cols[i]
-                if h2 == "us":
-                    cells.append(vals[k].rjust(widths[i]) + "  " + cols[i + 1][2][k].rjust(widths[i + 1]))
-                    i += 2
-                else:
-                    cells.append(vals[k].ljust(widths[i]) if i == 0 else vals[k].rjust(widths[i]))
-                    i += 1
-            lines.append(" | ".join(cells))
-        blocks.append("\n".join(lines))
+        title = (f"{op}  ({d['world']} ranks, {d['dtype']}; median us, busbw GB/s; <baseline>/ours = baseline "
+                 f"time / our best time, > 1: ours faster)")
+        blocks.append(_layout(title, cols, len(d["sizes"])))
     if notes:
         blocks.append("notes:\n" + "\n".join(f"  - {n}" for n in notes))
     return "\n\n".join(blocks)
@@ -190,8 +199,10 @@ def _style(provider: str) -> dict:
     fam = _family(provider)
     if fam == OURS:
         return dict(linestyle="-", marker="o", linewidth=2.0)
-    if fam == "nccl":
+    if fam.startswith(("nccl", "gloo")):
         return dict(linestyle="--", marker="s", linewidth=1.5)
+    if fam == GEMM_ALONE:
+        return dict(linestyle="-.", marker="x", linewidth=1.5)
     return dict(linestyle=":", marker="^", linewidth=1.5)
 
 
@@ -245,23 +256,28 @@ def plot_rows(rows: list[dict], path: str, title: str | None = None) -> str | No
     return path
 
 
-def load_rows(path: str, run_id: str | None = None) -> list[dict]:
-    """The collective rows of one run in a ``<card>.jsonl`` (default: the last run in the file that has some)."""
+def _load(path: str, keep, what: str, run_id: str | None) -> list[dict]:
     rows = []
     with open(path) as f:
         for line in f:
             line = line.strip()
             if line:
                 r = json.loads(line)
-                if r.get("op") in OPS and str(r.get("shape", "")).startswith("nbytes="):
+                if keep(r):
                     rows.append(r)
     if not rows:
-        raise ValueError(f"{path} holds no collective rows")
+        raise ValueError(f"{path} holds no {what} rows")
     run_id = run_id or rows[-1]["run_id"]
     picked = [r for r in rows if r["run_id"] == run_id]
     if not picked:
-        raise ValueError(f"{path} has no collective rows of run {run_id!r}")
+        raise ValueError(f"{path} has no {what} rows of run {run_id!r}")
     return picked
+
+
+def load_rows(path: str, run_id: str | None = None) -> list[dict]:
+    """The collective rows of one run in a ``<card>.jsonl`` (default: the last run in the file that has some)."""
+    return _load(path, lambda r: r.get("op") in OPS and str(r.get("shape", "")).startswith("nbytes="), "collective",
+                 run_id)
 
 
 def default_plot_path(card: str) -> str:
@@ -270,5 +286,168 @@ def default_plot_path(card: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The benchmark (ranks of a world)
+# GEMM rows (triton_dist.bench.gemm): tables per (op, shape family) over M, time vs M plots
 # ----------------------------------------------------------------------------------------------------------------
+
+GEMM_OPS = ("ag_gemm", "gemm_rs", "gemm_ar")
+GEMM_ALONE = "gemm_alone"
+DEFAULT_GEMM_PLOT = os.path.join("docs", "perf", "gemm_{card}.png")
+# What M, N, K of a GEMM row are, per op (N and K are the per-rank GEMM's; M is never split in the row)
+GEMM_LAYOUTS = {"ag_gemm": "all_gather(A: M/world x K per rank) @ B: K x N per rank -> M x N",
+                "gemm_rs": "reduce_scatter(A: M x K per rank @ B: K x N per rank) -> M/world x N",
+                "gemm_ar": "all_reduce(A: M x K per rank @ B: K x N per rank) -> M x N"}
+_GEMM_SHAPE_RE = re.compile(r"^(?P<family>[\w.\-]+):M=(?P<m>\d+),N=(?P<n>\d+),K=(?P<k>\d+)$")
+
+
+def gemm_shape(family: str, m: int, n: int, k: int) -> str:
+    """The ``shape`` of a GEMM row: ``llama3-70b:M=8192,N=7168,K=8192``."""
+    return f"{family}:M={m},N={n},K={k}"
+
+
+def parse_gemm_shape(shape: str) -> tuple[str, int, int, int]:
+    """``"llama3-70b:M=8192,N=7168,K=8192"`` -> ``("llama3-70b", 8192, 7168, 8192)``."""
+    mt = _GEMM_SHAPE_RE.match(shape)
+    if not mt:
+        raise ValueError(f"row shape {shape!r} is not <family>:M=<M>,N=<N>,K=<K>")
+    return mt["family"], int(mt["m"]), int(mt["n"]), int(mt["k"])
+
+
+def is_gemm_row(row: dict) -> bool:
+    return row.get("op") in GEMM_OPS and _GEMM_SHAPE_RE.match(str(row.get("shape", ""))) is not None
+
+
+def summarize_gemm(rows: list[dict]) -> dict:
+    """``{(op, family): {"ms": [...], "n": N, "k": K, "providers": [...], "cells": {(M, provider): row}, "world",
+    "dtype"}}``; ops in GEMM_OPS order, families in order of appearance, providers ours first, GEMM alone last; a
+    later duplicate row replaces an earlier one."""
+    out: dict = {}
+    for r in rows:
+        fam, m, n, k = parse_gemm_shape(r["shape"])
+        d = out.setdefault((r["op"], fam), {"ms": [], "n": n, "k": k, "providers": [], "cells": {},
+                                            "world": r["world_size"], "dtype": r["dtype"]})
+        if m not in d["ms"]:
+            d["ms"].append(m)
+        if r["provider"] not in d["providers"]:
+            d["providers"].append(r["provider"])
+        d["cells"][(m, r["provider"])] = r
+    for d in out.values():
+        d["ms"].sort()
+        seen = list(d["providers"])
+        d["providers"].sort(key=lambda p: (0 if _family(p) == OURS else 2 if p == GEMM_ALONE else 1, seen.index(p)))
+    order = {op: i for i, op in enumerate(GEMM_OPS)}
+    fams = list(dict.fromkeys(f for _, f in out))
+    return dict(sorted(out.items(), key=lambda kv: (order.get(kv[0][0], len(order)), fams.index(kv[0][1]))))
+
+
+def gemm_ratios(d: dict, m: int) -> tuple[str | None, dict[str, float], float | None]:
+    """For one (op, family) summary and M: our fastest provider, per baseline family its best time / our best time
+    (> 1: ours faster), and our best time / GEMM alone (the price of the communication; 1 is perfect overlap)."""
+    cells = {p: d["cells"][(m, p)] for p in d["providers"] if (m, p) in d["cells"]}
+    ours = {p: r["median_us"] for p, r in cells.items() if _family(p) == OURS}
+    if not ours:
+        return None, {}, None
+    best = min(ours, key=ours.get)
+    fams: dict[str, float] = {}
+    for p, r in cells.items():
+        f = _family(p)
+        if f != OURS and p != GEMM_ALONE:
+            fams[f] = min(fams.get(f, math.inf), r["median_us"])
+    alone = cells.get(GEMM_ALONE)
+    over_gemm = None if alone is None else ours[best] / alone["median_us"]
+    return best, {f: t / ours[best] for f, t in fams.items()}, over_gemm
+
+
+def format_gemm_tables(rows: list[dict], notes: list[str] | None = None) -> str:
+    """One text table per (op, shape family): M; median us and per-rank TFLOP/s per provider; our fastest method;
+    each baseline family's best time / ours; ours / GEMM alone."""
+    blocks = []
+    for (op, fam), d in summarize_gemm(rows).items():
+        baselines = list(dict.fromkeys(_family(p) for p in d["providers"] if _family(p) != OURS and p != GEMM_ALONE))
+        cols = [("", "M", [str(m) for m in d["ms"]])]
+        for p in d["providers"]:
+            us, tf = [], []
+            for m in d["ms"]:
+                r = d["cells"].get((m, p))
+                us.append("-" if r is None else _fmt_us(r["median_us"]))
+                tf.append("-" if r is None or r.get("tflops") is None else f"{r['tflops']:.1f}")
+            cols.append((p, "us", us))
+            cols.append(("", "TFLOP/s", tf))
+        per_m = [gemm_ratios(d, m) for m in d["ms"]]
+        if any(b for b, _, _ in per_m):
+            cols.append(("best", "ours", ["-" if b is None else b.split(":", 1)[-1] for b, _, _ in per_m]))
+            for f in baselines:
+                cols.append((f, "/ours", ["-" if f not in rt else f"{rt[f]:.2f}" for _, rt, _ in per_m]))
+            if any(g is not None for _, _, g in per_m):
+                cols.append(("ours", "/gemm", ["-" if g is None else f"{g:.2f}" for _, _, g in per_m]))
+        title = (f"{op} {fam}: N={d['n']} K={d['k']}, {GEMM_LAYOUTS.get(op, '')}  ({d['world']} ranks, "
+                 f"{d['dtype']}; median us, TFLOP/s per rank; <baseline>/ours > 1: ours faster; ours/gemm: our best "
+                 "time over the GEMM alone)")
+        blocks.append(_layout(title, cols, len(d["ms"])))
+    if notes:
+        blocks.append("notes:\n" + "\n".join(f"  - {n}" for n in notes))
+    return "\n\n".join(blocks)
+
+
+def plot_gemm_rows(rows: list[dict], path: str, title: str | None = None) -> str | None:
+    """Time vs M (log-log), one line per provider, one panel per (op, shape family): a row of panels per op. Saved
+    as PNG at ``path``; returns the path, or None (with a printed note) without matplotlib or rows."""
+    try:
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import FixedLocator, NullLocator
+    except ImportError:
+        print(f"note: matplotlib is not importable, so no plot was drawn ({path} skipped); "
+              "`pip install matplotlib` and rerun with --render to draw it")
+        return None
+    summary = summarize_gemm(rows)
+    if not summary:
+        print(f"note: no GEMM rows to plot ({path} skipped)")
+        return None
+    ops = list(dict.fromkeys(op for op, _ in summary))
+    ncols = max(sum(1 for o, _ in summary if o == op) for op in ops)
+    providers = list(dict.fromkeys(p for d in summary.values() for p in d["providers"]))
+    colors = {p: f"C{i % 10}" for i, p in enumerate(providers)}
+    fig = Figure(figsize=(4.2 * ncols + 1, 3.6 * len(ops)), layout="constrained")
+    axes = fig.subplots(len(ops), ncols, squeeze=False)
+    used = set()
+    for op_i, op in enumerate(ops):
+        for col, ((_, fam), d) in enumerate((key, d) for key, d in summary.items() if key[0] == op):
+            ax = axes[op_i][col]
+            used.add((op_i, col))
+            for p in d["providers"]:
+                pts = [(m, d["cells"][(m, p)]["median_us"]) for m in d["ms"] if (m, p) in d["cells"]]
+                if pts:
+                    style = dict(color=colors[p], **_style(p))
+                    ax.plot([m for m, _ in pts], [t for _, t in pts], label=p, **style)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.xaxis.set_major_locator(FixedLocator(d["ms"]))
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xticklabels([str(m) for m in d["ms"]], fontsize=8)
+            ax.set_xlabel("M (tokens)")
+            ax.set_ylabel("median us")
+            ax.set_title(f"{op} {fam} (N={d['n']}, K={d['k']})", fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+    for op_i in range(len(ops)):
+        for col in range(ncols):
+            if (op_i, col) not in used:
+                axes[op_i][col].set_axis_off()
+    if title is None:
+        r0 = rows[0]
+        title = (f"{r0.get('card', '?')}: GEMM + communication, {r0.get('world_size', '?')} ranks, "
+                 f"{r0.get('dtype', '?')} (commit {r0.get('commit', '?')}, {r0.get('date', '?')}, "
+                 f"run {r0.get('run_id', '?')})")
+    fig.suptitle(title, fontsize=11)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def load_gemm_rows(path: str, run_id: str | None = None) -> list[dict]:
+    """The GEMM rows of one run in a ``<card>.jsonl`` (default: the last run in the file that has some)."""
+    return _load(path, is_gemm_row, "GEMM", run_id)
+
+
+def default_gemm_plot_path(card: str) -> str:
+    from triton_dist.bench.harness import card_slug
+    return DEFAULT_GEMM_PLOT.format(card=card_slug(card))
