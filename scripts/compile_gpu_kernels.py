@@ -96,5 +96,26 @@ check(L._get_kernel, {"dst_ptr": "*fp16", "src_ptr": "*fp16", "nbytes": "i32"}, 
 check(L._barrier_kernel, {"buf_ptr": "*i32", "out_ptr": "*i32"}, nvshmem=True)
 check(L._signal_add_kernel, {"sig_ptr": "*u64", "out_ptr": "*i64"}, nvshmem=True)
 
+
+
+def check_vectorised(fn, sig, const, min_v4):
+    """Loads made through dl.consume_token / dl.symm_at must stay 16-byte vectors (integer arguments specialised
+    as divisible by 16, as Triton does at launch for such values)."""
+    full = dict(sig, **{k: "constexpr" for k in const})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (k, v) in enumerate(full.items())
+             if v.startswith("*") or (v == "i32" and k != "wait_all")}
+    ptx = triton.compile(ASTSource(fn, full, constexprs=const, attrs=attrs), target=TARGET).asm["ptx"]
+    v4 = ptx.count("ld.global.v4.b32")
+    scalar = sum(ptx.count(f"ld.global.{w} ") for w in ("b16", "b32"))
+    ok = v4 >= min_v4 and scalar <= 4
+    print("ok  " if ok else "FAIL", f"{fn.__name__} vectorised: {v4} v4 loads, {scalar} scalar data loads")
+    if not ok:
+        failures.append(f"{fn.__name__} (vectorisation)")
+
+
+check_vectorised(AG._pull_kernel, dict(words, m="i32", wait_all="i32"), {"BLOCK": 4096}, 16)
+check_vectorised(AR._two_shot_kernel, dict(coll, n="i32", chunk="i32", wait_all="i32"), {"BLOCK": 8192}, 16)
+check_vectorised(RS._push_kernel, dict(coll, chunk="i32", slot="i32", wait_all="i32"), {"BLOCK": 8192}, 16)
+
 print(f"{len(failures)} failed")
 sys.exit(1 if failures else 0)

@@ -210,9 +210,13 @@ def consume_token(x, token, _semantic=None):
     if isinstance(x, core.tensor_descriptor_base):
         return x  # descriptor loads are side-effecting ops after the (side-effecting) wait
     token = _semantic.to_tensor(token).to(core.int32, _semantic=_semantic)
-    dep = core.inline_asm_elementwise("mov.b64 $0, $1;", "=l,l,r", [_as_i64(x, _semantic), token],
-                                      dtype=core.int64, is_pure=False, pack=1, _semantic=_semantic)
-    return dep.to(x.dtype, _semantic=_semantic)
+    # x + dep with dep an opaque zero computed from the token: the data dependency orders the loads after the wait,
+    # and dep, declared a multiple of 128 elements, keeps x's contiguity and alignment, so loads through the result
+    # stay 16-byte vectorised (a round trip of x through an integer would lose them)
+    dep = core.inline_asm_elementwise("mov.u32 $0, 0;", "=r,r", [token], dtype=core.int32, is_pure=False, pack=1,
+                                      _semantic=_semantic)
+    dep = core.multiple_of(dep, core.constexpr(128), _semantic=_semantic)
+    return _semantic.add(x, dep, True)
 
 
 def _one_thread_store(ptr, value, op: str, width, reg, _semantic):
