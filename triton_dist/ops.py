@@ -9,9 +9,10 @@ a method name forces one.
 =========================  ============================  ===============================================
 op                         shards                        methods
 =========================  ============================  ===============================================
-``all_reduce(x)``          x: any shape -> same shape     ``one_shot``, ``push_one_shot`` (latency), ``two_shot``
-``all_gather(x)``          (m, ...) -> (world*m, ...)     ``pull``, ``push``, ``ring``
-``reduce_scatter(x)``      (world*m, ...) -> (m, ...)     ``full_mesh``, ``ring`` (fp32 partials)
+``all_reduce(x)``          x: any shape -> same shape     ``ll``, ``one_shot``, ``push_one_shot`` (latency),
+                                                          ``two_shot``, ``push_two_shot`` (bandwidth)
+``all_gather(x)``          (m, ...) -> (world*m, ...)     ``ll``, ``pull``, ``push``, ``ring``, ``copy_engine``
+``reduce_scatter(x)``      (world*m, ...) -> (m, ...)     ``full_mesh``, ``push``, ``ring`` (fp32 partials)
 ``all_to_all(x)``          (world*m, ...) -> same         equal splits
 ``all_to_all_v(x, i, o)``  rows split by i -> rows by o   variable splits
 =========================  ============================  ===============================================
