@@ -107,7 +107,8 @@ for tma, trans in ((True, False), (True, True), (False, False)):
 for partial in ("bf16", "fp32"):
     check(GRS._rs_reduce_kernel, {"recv_ptr": f"*{partial}", "out_ptr": "*bf16", "flags_ptr": "*i32", "sig_ptr": "*i32",
                                   "epoch_ptr": "*i32", "m_loc": "i32", "N": "i32", "slot_stride": "i32"},
-          dict(BLOCK_M=G16.block_m, BLOCK_N=G16.block_n, GROUP_M=G16.group_m), options=dict(num_warps=8))
+          dict(BLOCK_M=G16.block_m, BLOCK_N=G16.block_n, GROUP_M=G16.group_m, SUB_M=GRS.REDUCE_ROWS),
+          options=dict(num_warps=8))
 check(AGG._ag_pull_kernel, {"a_ptr": "*bf16", "gathered_ptr": "*bf16", "sig_ptr": "*i32", "pad_ptr": "*i32",
                             "epoch_ptr": "*i32", "chunk_numel": "i32"}, {"BLOCK": 8192}, options=dict(num_warps=8))
 check(AGG._ce_begin_kernel, {"sig_ptr": "*i32", "epoch_ptr": "*i32"}, options=dict(num_warps=1))

@@ -37,13 +37,14 @@ import triton_dist
 import triton_dist.language as dl
 
 from . import reduce_scatter as _rs
-from .gemm import (DTYPES, OverlapContext, check_method, check_operands, check_out, chunk_tile, dot_precision,
-                   grouped_tile, num_sms, operands, store_tile, tile_dot)
+from .gemm import (DTYPES, OverlapContext, check_method, check_operands, check_out, chunk_tile, consume_aligned,
+                   dot_precision, grouped_tile, num_sms, operands, store_tile, tile_dot)
 
 METHODS = ("fused", "sequential_reduce", "sequential")
 AUTO_METHOD = "fused"  # not measured yet
 SEQUENTIAL_MAX_M = 128  # auto: up to this many rows of A, torch.matmul then reduce-scatter (not measured yet)
 REDUCE_PROGRAMS = 16  # programs of the reduction next to the GEMM (method "fused") on GPUs
+REDUCE_ROWS = 32  # rows of a tile the reduction sums at a time on GPUs (registers)
 
 
 @triton.jit
@@ -60,20 +61,22 @@ def _gemm_rs_kernel(a, b, recv_ptr, flags_ptr, sig_ptr, epoch_ptr, m_loc, N, K,
     tiles_n = tl.cdiv(N, BLOCK_N)
     for t in range(tl.program_id(0), world * tiles_m * tiles_n, tl.num_programs(0)):
         dst, pid_m, pid_n = chunk_tile(t, tiles_m, tiles_n, rank + 1, world, GROUP_M)
+        # dst finished reducing the previous call (waited before the tile, while no accumulator is live)
+        token = dl.wait(sig_ptr + dst, 1, "sys", "acquire", e - 1, cmp="ge")
+        slot = dl.symm_at(consume_aligned(recv_ptr, token), dst) + rank * slot_stride
         acc = tile_dot(a, b, dst * m_loc + pid_m * BLOCK_M, pid_n * BLOCK_N, dst * m_loc + m_loc, N, K,
                        stride_am, stride_ak, stride_bk, stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, B_TRANS,
                        DOT_PRECISION)
-        token = dl.wait(sig_ptr + dst, 1, "sys", "acquire", e - 1, cmp="ge")  # dst reduced the previous call
-        slot = dl.symm_at(dl.consume_token(recv_ptr, token), dst) + rank * slot_stride
         store_tile(slot, acc, pid_m * BLOCK_M, pid_n * BLOCK_N, m_loc, N, N, 1, BLOCK_M, BLOCK_N)
         dl.notify(flags_ptr + (pid_m * tiles_n + pid_n) * world + rank, dst, e, "set", "intra_node")
 
 
 @triton.jit
 def _rs_reduce_kernel(recv_ptr, out_ptr, flags_ptr, sig_ptr, epoch_ptr, m_loc, N, slot_stride,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Sum every tile of my chunk over the ``world`` slots in rank order (fp32) once all of its partials arrived;
-    the last program to finish tells every rank that my receive buffer may be overwritten."""
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SUB_M: tl.constexpr):
+    """Sum every tile of my chunk over the ``world`` slots in rank order (fp32) once all of its partials arrived,
+    ``SUB_M`` rows at a time (registers); the last program to finish tells every rank that my receive buffer may be
+    overwritten."""
     rank = dl.rank()
     world = dl.num_ranks()
     nprog = tl.num_programs(0)
@@ -83,15 +86,16 @@ def _rs_reduce_kernel(recv_ptr, out_ptr, flags_ptr, sig_ptr, epoch_ptr, m_loc, N
     for t in range(tl.program_id(0), tiles_m * tiles_n, nprog):
         pid_m, pid_n = grouped_tile(t, tiles_m, tiles_n, GROUP_M)  # the producers' order
         token = dl.wait(flags_ptr + (pid_m * tiles_n + pid_n) * world, world, "sys", "acquire", e, cmp="ge")
-        base = dl.consume_token(recv_ptr, token)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        base = consume_aligned(recv_ptr, token)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
-        mask = (rm[:, None] < m_loc) & (rn[None, :] < N)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for src in range(world):
-            acc += tl.load(base + src * slot_stride + offs, mask=mask).to(tl.float32)
-        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        for r0 in tl.static_range(0, BLOCK_M, SUB_M):
+            rm = pid_m * BLOCK_M + r0 + tl.arange(0, SUB_M)
+            offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
+            mask = (rm[:, None] < m_loc) & (rn[None, :] < N)
+            acc = tl.zeros((SUB_M, BLOCK_N), dtype=tl.float32)
+            for src in range(world):
+                acc += tl.load(base + src * slot_stride + offs, mask=mask).to(tl.float32)
+            tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
     count = sig_ptr + world
     tl.debug_barrier()  # every thread's loads of the buffer come before the count (release)
     if dl.atomic_add(count, 1, "gpu", "acq_rel") == nprog - 1:
@@ -179,7 +183,8 @@ def gemm_rs(a: torch.Tensor, b: torch.Tensor, *, ctx: GemmRSContext, method: str
                      USE_TMA=use_tma, B_TRANS=b_trans, DOT_PRECISION=dot_precision(a.dtype),
                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     reduce_args = (ctx.recv, out, ctx.flags, ctx.signals, epoch, m_loc, n, slot_stride)
-    reduce_meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m, num_warps=8)
+    reduce_meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m,
+                       SUB_M=cfg.block_m if ctx.world.interpreted else min(cfg.block_m, REDUCE_ROWS), num_warps=8)
     if method == "fused":
         with ctx.forked():
             gemm_grid = min(ctx.num_programs - ctx.reduce_programs, world * chunk_tiles)
