@@ -23,22 +23,26 @@ import test_gpu_stress as S  # noqa: E402
 import test_language as T  # noqa: E402
 import test_libshmem as L  # noqa: E402
 from triton_dist.bench import primitives as P  # noqa: E402
+from triton_dist.kernels import ag_gemm as AGG  # noqa: E402
 from triton_dist.kernels import all_gather as AG  # noqa: E402
 from triton_dist.kernels import all_reduce as AR  # noqa: E402
 from triton_dist.kernels import all_to_all as A2A  # noqa: E402
+from triton_dist.kernels import gemm as GEMM  # noqa: E402
+from triton_dist.kernels import gemm_ar as GAR  # noqa: E402
+from triton_dist.kernels import gemm_rs as GRS  # noqa: E402
 from triton_dist.kernels import reduce_scatter as RS  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 failures = []
 
 
-def check(fn, sig, const=None, nvshmem=False):
+def check(fn, sig, const=None, nvshmem=False, options=None):
     const = dict(const or {})
     full = dict(sig, **{k: "constexpr" for k in const})
     attrs = {(i,): [["tt.divisibility", 16]] for i, (k, v) in enumerate(full.items()) if v.startswith("*")}
     name = f"{fn.__name__}{const or ''}"
     try:
-        triton.compile(ASTSource(fn, full, constexprs=const, attrs=attrs), target=TARGET)
+        triton.compile(ASTSource(fn, full, constexprs=const, attrs=attrs), target=TARGET, options=options)
         print("ok  ", name)
     except Exception as e:  # report every kernel, then fail
         msg = str(e)
@@ -74,6 +78,53 @@ for equal in (True, False):
           {"x_ptr": "*i32", "out_ptr": "*i32", "staging_ptr": "*i32", "table_ptr": "*i64", "meta_ptr": "*i64",
            "pad_ptr": "*i32", "epoch_ptr": "*i32", "x_words": "i64", "row_words": "i64", "m_rows": "i64",
            "nprog": "i32"}, {"EQUAL": equal, "BLOCK": 4096, "WORLD_BLOCK": 8})
+# Overlapped GEMMs, bf16, with the GPU configs (gemm.GPU_CONFIG_16BIT; gemm_ar.decode_config for M <= 64): TMA
+# descriptors for A and B (B row-major, or B = w.t()), and the pointer fallback (unit strides specialised, as at run
+# time).
+G16 = GEMM.GPU_CONFIG_16BIT
+gemm_const = dict(BLOCK_M=G16.block_m, BLOCK_N=G16.block_n, BLOCK_K=G16.block_k, GROUP_M=G16.group_m)
+gemm_opts = dict(num_warps=G16.num_warps, num_stages=G16.num_stages)
+ab_strides = dict(stride_am="i32", stride_ak="i32", stride_bk="i32", stride_bn="i32")
+
+
+def gemm_operands(block_m, block_n, block_k, tma, trans):
+    """Signature entries of a and b, and the unit strides the launcher specialises for the pointer path."""
+    if not tma:
+        return {"a": "*bf16", "b": "*bf16"}, {"stride_ak": 1, "stride_bn": 1}
+    b = f"tensordesc<bf16[{block_n}, {block_k}]>" if trans else f"tensordesc<bf16[{block_k}, {block_n}]>"
+    return {"a": f"tensordesc<bf16[{block_m}, {block_k}]>", "b": b}, {}
+
+
+for tma, trans in ((True, False), (True, True), (False, False)):
+    ab, unit = gemm_operands(G16.block_m, G16.block_n, G16.block_k, tma, trans)
+    flags = dict(USE_TMA=tma, B_TRANS=trans, DOT_PRECISION="ieee")
+    sig = dict(ab, c_ptr="*bf16", sig_ptr="*i32", epoch_ptr="*i32", m_loc="i32", N="i32", K="i32", **ab_strides,
+               stride_cm="i32", stride_cn="i32")
+    check(AGG._ag_gemm_kernel, {k: v for k, v in sig.items() if k not in unit}, dict(gemm_const, **flags, **unit),
+          options=gemm_opts)
+    for partial in ("bf16", "fp32"):
+        sig = dict(ab, recv_ptr=f"*{partial}", flags_ptr="*i32", sig_ptr="*i32", epoch_ptr="*i32", m_loc="i32",
+                   N="i32", K="i32", **ab_strides, slot_stride="i32")
+        check(GRS._gemm_rs_kernel, {k: v for k, v in sig.items() if k not in unit}, dict(gemm_const, **flags, **unit),
+              options=gemm_opts)
+    dec = GAR.GemmConfig(64, 64, 128, group_m=1, num_stages=4, num_warps=4)  # decode_config(64, bf16) on GPUs
+    ab, unit = gemm_operands(dec.block_m, dec.block_n, dec.block_k, tma, trans)
+    sig = dict(ab, out_ptr="*bf16", slots_ptr="*bf16", flags_ptr="*i32", pad_ptr="*i32", epoch_ptr="*i32", M="i32",
+               N="i32", K="i32", **ab_strides, slot_stride="i32")
+    check(GAR._gemm_ar_kernel, {k: v for k, v in sig.items() if k not in unit},
+          dict(BLOCK_M=dec.block_m, BLOCK_N=dec.block_n, BLOCK_K=dec.block_k, **flags, **unit),
+          options=dict(num_warps=dec.num_warps, num_stages=dec.num_stages))
+for partial in ("bf16", "fp32"):
+    check(GRS._rs_reduce_kernel, {"recv_ptr": f"*{partial}", "out_ptr": "*bf16", "flags_ptr": "*i32", "sig_ptr": "*i32",
+                                  "epoch_ptr": "*i32", "m_loc": "i32", "N": "i32", "slot_stride": "i32"},
+          dict(BLOCK_M=G16.block_m, BLOCK_N=G16.block_n, GROUP_M=G16.group_m, SUB_M=GRS.REDUCE_ROWS),
+          options=dict(num_warps=8))
+check(AGG._ag_pull_kernel, {"a_ptr": "*bf16", "gathered_ptr": "*bf16", "sig_ptr": "*i32", "pad_ptr": "*i32",
+                            "epoch_ptr": "*i32", "chunk_numel": "i32"}, {"BLOCK": 8192}, options=dict(num_warps=8))
+check(AGG._ce_begin_kernel, {"sig_ptr": "*i32", "epoch_ptr": "*i32"}, options=dict(num_warps=1))
+for publish in (True, False):
+    check(AGG._ce_step_kernel, {"sig_ptr": "*i32", "pad_ptr": "*i32", "epoch_ptr": "*i32", "arrived": "i32",
+                                "next_src": "i32"}, {"PUBLISH": publish}, options=dict(num_warps=1))
 for flavour in P.FLAVOURS:
     check(P._pingpong_kernel, {"sig_ptr": "*i32", "base": "i32", "iters": "i32"}, {"FLAVOUR": flavour})
 for push in (True, False):

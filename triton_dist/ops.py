@@ -1,10 +1,10 @@
-"""Collectives on torch tensors: ``from triton_dist import ops``.
+"""Collectives and overlapped GEMMs on torch tensors: ``from triton_dist import ops``.
 
-Each op takes and returns torch tensors and keeps one context per (op, dtype) that owns its symmetric buffers; the
-first call with a larger size replaces the context (collective: every rank calls the ops in the same order with the
-same shapes, as with torch.distributed). After that first call an op allocates nothing on the symmetric heap and
-never syncs with the host, so it can be captured in a CUDA graph. ``method="auto"`` picks by size and world;
-a method name forces one.
+Each op takes and returns torch tensors and keeps one context per (op, dtype) (GEMMs: per (op, K, N, dtype)) that
+owns its symmetric buffers; the first call with a larger size replaces the context (collective: every rank calls
+the ops in the same order with the same shapes, as with torch.distributed). After that first call an op allocates
+nothing on the symmetric heap and never syncs with the host, so it can be captured in a CUDA graph.
+``method="auto"`` picks by size and world; a method name forces one.
 
 =========================  ============================  ===============================================
 op                         shards                        methods
@@ -15,16 +15,26 @@ op                         shards                        methods
 ``reduce_scatter(x)``      (world*m, ...) -> (m, ...)     ``full_mesh``, ``push``, ``ring`` (fp32 partials)
 ``all_to_all(x)``          (world*m, ...) -> same         equal splits
 ``all_to_all_v(x, i, o)``  rows split by i -> rows by o   variable splits
+``ag_gemm(a, b)``          a: (m, K), b: (K, N)           ``copy_engine``, ``sm``, ``sequential``
+                           -> all_gather(a) @ b: (world*m, N)
+``gemm_rs(a, b)``          a: (M, K_loc), b: (K_loc, N)   ``fused``, ``sequential_reduce``, ``sequential``
+                           -> rows of rank of sum(a@b): (M/world, N)
+``gemm_ar(a, b)``          a: (M, K_loc), b: (K_loc, N)   ``fused``, ``sequential`` (M <= a few hundred)
+                           -> sum(a@b): (M, N)
 =========================  ============================  ===============================================
 """
 from __future__ import annotations
 
 import torch
 
+from .kernels import ag_gemm as _ag_gemm
 from .kernels import all_gather as _ag
 from .kernels import all_reduce as _ar
 from .kernels import all_to_all as _a2a
+from .kernels import gemm_ar as _gemm_ar
+from .kernels import gemm_rs as _gemm_rs
 from .kernels import reduce_scatter as _rs
+from .kernels.gemm import check_operands as _gemm_check
 from .runtime.world import current_world
 
 _contexts: dict = {}
@@ -39,6 +49,23 @@ def _context(op: str, cls, numel: int, dtype: torch.dtype):
         capacity = 1 << max(12, (max(numel, 1) - 1).bit_length())  # powers of two: few re-allocations
         ctx = _contexts[key] = cls(capacity, dtype)
     return ctx
+
+
+def _gemm_context(op: str, cls, m: int, k: int, n: int, dtype: torch.dtype):
+    """The cached context of a GEMM op for (K, N, dtype), with room for at least ``m`` rows (a power of two)."""
+    key = (op, k, n, dtype)
+    ctx = _contexts.get(key)
+    if ctx is None or ctx.max_m < m:
+        if ctx is not None:
+            ctx.close()
+        ctx = _contexts[key] = cls(1 << max(4, (max(m, 1) - 1).bit_length()), k, n, dtype)
+    return ctx
+
+
+def _gemm_shapes(what: str, a, b):
+    """(M, K, N) of ``a @ b`` after the input checks (before any context is made for them)."""
+    _gemm_check(what, a, b)
+    return a.shape[0], a.shape[1], b.shape[1]
 
 
 def release_contexts() -> None:
@@ -78,3 +105,35 @@ def all_to_all_v(x: torch.Tensor, input_split_sizes, output_split_sizes, *,
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """Variable-split all-to-all along dim 0 (``all_to_all_single`` with split sizes)."""
     return _a2a.all_to_all_v(x, input_split_sizes, output_split_sizes, out=out)
+
+
+def ag_gemm(a: torch.Tensor, b: torch.Tensor, *, method: str = "auto", return_gathered: bool = False,
+            out: torch.Tensor | None = None):
+    """``all_gather(a) @ b`` with the gather overlapped with the GEMM: ``a`` is this rank's ``(m, K)`` rows of A,
+    ``b`` its ``(K, N)`` (any strides); returns ``(world*m, N)``, and the gathered A as well with
+    ``return_gathered`` (a view valid until the next ``ag_gemm`` call with the same K, N and dtype). See
+    :mod:`triton_dist.kernels.ag_gemm`."""
+    m, k, n = _gemm_shapes("ag_gemm", a, b)
+    ctx = _gemm_context("ag_gemm", _ag_gemm.AGGemmContext, current_world().world_size * m, k, n, a.dtype)
+    return _ag_gemm.ag_gemm(a, b, ctx=ctx, method=method, return_gathered=return_gathered, out=out)
+
+
+def gemm_rs(a: torch.Tensor, b: torch.Tensor, *, method: str = "auto", out: torch.Tensor | None = None):
+    """This rank's rows (``M/world``) of ``sum over ranks of a @ b`` with the reduce-scatter fused into the GEMM;
+    ``a`` is ``(M, K_loc)``, ``b`` ``(K_loc, N)``. See :mod:`triton_dist.kernels.gemm_rs`."""
+    m, k, n = _gemm_shapes("gemm_rs", a, b)
+    if m % current_world().world_size:
+        raise ValueError(f"gemm_rs: rows of a ({m}) must be a multiple of the world size "
+                         f"{current_world().world_size}")
+    ctx = _gemm_context("gemm_rs", _gemm_rs.GemmRSContext, m, k, n, a.dtype)
+    return _gemm_rs.gemm_rs(a, b, ctx=ctx, method=method, out=out)
+
+
+def gemm_ar(a: torch.Tensor, b: torch.Tensor, *, method: str = "auto", out: torch.Tensor | None = None):
+    """``sum over ranks of a @ b`` (``(M, N)``, identical on every rank) in one kernel for decode shapes; larger M
+    goes to torch.matmul + :func:`all_reduce` (``method="auto"``). See :mod:`triton_dist.kernels.gemm_ar`."""
+    m, k, n = _gemm_shapes("gemm_ar", a, b)
+    if method == "sequential" or (method == "auto" and _gemm_ar.pick_method(m) == "sequential"):
+        return all_reduce(torch.matmul(a, b), out=out)
+    ctx = _gemm_context("gemm_ar", _gemm_ar.GemmARContext, m, k, n, a.dtype)
+    return _gemm_ar.gemm_ar(a, b, ctx=ctx, method=method, out=out)

@@ -1,0 +1,250 @@
+"""AllGather + GEMM: ``C = all_gather(A) @ B``, the gather overlapped with the GEMM.
+
+Shards: every rank holds ``a`` (``m x K``, its rows of A: rank ``r`` has rows ``r*m:(r+1)*m`` of the ``M = world*m``
+row A) and its own ``b`` (``K x N``, any strides, e.g. ``w.t()`` of an ``nn.Linear`` weight). Every rank gets
+``C = A @ b`` (``M x N``): the column-parallel linear layer of sequence-parallel tensor parallelism.
+
+The context's symmetric ``gathered`` buffer (``max_m x K``) receives A: each rank writes its shard into its own rows
+(chunk ``rank``) and copies the other chunks from the peers' buffers. The GEMM is one persistent kernel on the main
+stream whose tiles run chunk by chunk, starting at this rank's chunk (ready first) and rotating (``rank``,
+``rank+1``, ...); a tile waits only for the flag of its own chunk, so the GEMM runs while later chunks arrive.
+
+Signals (``signals``, int32, on the symmetric heap; ``e`` is the call's epoch, bumped on the stream; every wait is
+``>=``, nothing is ever reset between calls):
+
+* ``done[s]`` (``signals[s]``): rank ``s`` finished reading my buffer in call ``e`` (it copied my chunk). Before
+  writing anything into my buffer in call ``e`` a rank waits ``done[*] >= e-1``: no peer still reads the previous
+  call's chunk, whatever the row ranges of the two calls.
+* ``flag[c]`` (``signals[world + c]``, local): chunk ``c`` is in my buffer for call ``e``. The GEMM's tiles of chunk
+  ``c`` wait ``flag[c] >= e`` (acquire), then make the A pointer/descriptor depend on the wait.
+* ``ready`` (the ``pad``, ``[program][rank]``): my shard is in my buffer, as in :mod:`._common`.
+
+Methods (the comm part runs on a side stream, forked from and joined back into the current stream):
+
+* ``copy_engine``: a 1-program kernel waits ``done[*] >= e-1``; ``copy_`` of my shard into my rows; a step kernel
+  raises ``flag[rank]``, announces ``ready`` and waits for the next peer's; then per peer ``s``: ``copy_`` from
+  ``s``'s buffer (CUDA IPC view: the copy engine over NVLink), then a step kernel raises ``flag[s]`` and waits for
+  the next peer; the last one announces ``done``. The GEMM uses all SMs but one (the tiny kernels need one).
+* ``sm``: a pull kernel of a few programs: each waits ``done[*] >= e-1``, copies its tiles of my shard into my rows,
+  announces ``ready`` (program p to program p of every rank), waits for the peers' program p, pulls its tiles of
+  every peer's chunk (NVLink loads; 16-byte vectors when a chunk holds a multiple of 16 elements). The last program
+  to finish a chunk raises its flag (a per-chunk counter), the last to finish all chunks announces ``done``. The
+  GEMM uses the remaining SMs.
+* ``sequential``: the pull kernel on all SMs, then ``torch.matmul`` (for small M, where overlap cannot win).
+
+In the CPU world streams do not exist: the comm part runs before the GEMM (the GEMM never waits for a later launch).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import triton
+import triton.language as tl
+
+import triton_dist
+import triton_dist.language as dl
+
+from ._common import REGIONS, announce, await_all, copy_blocks
+from .gemm import (OverlapContext, check_method, check_operands, check_out, chunk_tile, consume_aligned,
+                   dot_precision, fence_async_proxy, num_sms, operands, store_tile, tile_dot)
+
+METHODS = ("copy_engine", "sm", "sequential")
+AUTO_METHOD = "copy_engine"  # not measured yet
+SEQUENTIAL_MAX_M = 128  # auto: up to this many rows of C, gather then torch.matmul (not measured yet)
+SM_COMM_PROGRAMS = 20  # programs of the pull kernel next to the GEMM (method "sm") on GPUs
+
+
+@triton.jit
+def _chunk_copied(sig_ptr, chunk, e, nprog):
+    """Count this program's part of ``chunk`` as copied; the last of ``nprog`` programs raises ``flag[chunk]``."""
+    world = dl.num_ranks()
+    count = sig_ptr + 2 * world + chunk
+    tl.debug_barrier()  # every thread's stores of the chunk come before the count (release)
+    if dl.atomic_add(count, 1, "gpu", "acq_rel") == nprog - 1:
+        dl.st(count, 0, "gpu", "relaxed")  # the next call's kernel starts after this one ends
+        dl.notify(sig_ptr + world + chunk, dl.rank(), e, "set", "intra_node")
+
+
+@triton.jit
+def _finished_reading(sig_ptr, e, nprog):
+    """Count this program as done with the peers' buffers; the last of ``nprog`` announces ``done = e``."""
+    world = dl.num_ranks()
+    count = sig_ptr + 3 * world
+    tl.debug_barrier()
+    if dl.atomic_add(count, 1, "gpu", "acq_rel") == nprog - 1:
+        dl.st(count, 0, "gpu", "relaxed")
+        for peer in range(world):
+            dl.notify(sig_ptr + dl.rank(), peer, e, "set", "intra_node")
+
+
+@triton.jit
+def _ag_pull_kernel(a_ptr, gathered_ptr, sig_ptr, pad_ptr, epoch_ptr, chunk_numel, BLOCK: tl.constexpr):
+    """Method ``sm`` (and ``sequential``): gather A into ``gathered``, raising each chunk's flag when complete.
+    Buffer tiles of BLOCK elements belong to program ``tile % nprog`` on every rank (see ``_common.tile_span``)."""
+    rank = dl.rank()
+    world = dl.num_ranks()
+    nprog = tl.num_programs(0)
+    e = tl.load(epoch_ptr)
+    gathered = consume_aligned(gathered_ptr, dl.wait(sig_ptr, world, "sys", "acquire", e - 1, cmp="ge"))
+    copy_blocks(a_ptr, gathered + rank * chunk_numel, 0, chunk_numel, nprog, BLOCK, rank * chunk_numel)
+    _chunk_copied(sig_ptr, rank, e, nprog)
+    announce(pad_ptr, 0, e, rank, world)
+    base = consume_aligned(gathered_ptr, await_all(pad_ptr, 0, e, world))
+    for i in range(1, world):
+        src = (rank + i) % world
+        rows = base + src * chunk_numel
+        copy_blocks(dl.symm_at(rows, src), rows, 0, chunk_numel, nprog, BLOCK, src * chunk_numel)
+        _chunk_copied(sig_ptr, src, e, nprog)
+    _finished_reading(sig_ptr, e, nprog)
+
+
+@triton.jit
+def _ce_begin_kernel(sig_ptr, epoch_ptr):
+    """Method ``copy_engine``, before my shard goes into my buffer: every rank finished reading it (call e-1)."""
+    dl.wait(sig_ptr, dl.num_ranks(), "sys", "acquire", tl.load(epoch_ptr) - 1, cmp="ge")
+
+
+@triton.jit
+def _ce_step_kernel(sig_ptr, pad_ptr, epoch_ptr, arrived, next_src, PUBLISH: tl.constexpr):
+    """Method ``copy_engine``, after chunk ``arrived`` was copied into my buffer: raise its flag; with ``PUBLISH``
+    (``arrived`` is my own shard) tell every rank that my chunk is ready. Then wait until rank ``next_src``'s chunk
+    is ready (the next copy reads it), or, with ``next_src < 0``, announce that I finished reading every peer."""
+    rank = dl.rank()
+    world = dl.num_ranks()
+    e = tl.load(epoch_ptr)
+    dl.notify(sig_ptr + world + arrived, rank, e, "set", "intra_node")
+    if PUBLISH:
+        for peer in range(world):
+            dl.notify(pad_ptr + rank, peer, e, "set", "intra_node")
+    if next_src >= 0:
+        dl.wait(pad_ptr + next_src, 1, "sys", "acquire", e, cmp="ge")
+    else:
+        for peer in range(world):
+            dl.notify(sig_ptr + rank, peer, e, "set", "intra_node")
+
+
+@triton.jit
+def _ag_gemm_kernel(a, b, c_ptr, sig_ptr, epoch_ptr, m_loc, N, K,
+                    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                    USE_TMA: tl.constexpr, B_TRANS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Persistent GEMM over the gathered A: tiles of chunk ``rank`` first, then ``rank+1``, ...; each tile waits for
+    its chunk's flag. ``a`` is the gathered buffer (descriptor or pointer), rows of chunk c at ``c*m_loc``."""
+    rank = dl.rank()
+    world = dl.num_ranks()
+    e = tl.load(epoch_ptr)
+    tiles_m = tl.cdiv(m_loc, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    for t in range(tl.program_id(0), world * tiles_m * tiles_n, tl.num_programs(0)):
+        src, pid_m, pid_n = chunk_tile(t, tiles_m, tiles_n, rank, world, GROUP_M)
+        token = dl.wait(sig_ptr + world + src, 1, "sys", "acquire", e, cmp="ge")
+        if USE_TMA:
+            a_src = dl.consume_token(a, token)
+            fence_async_proxy()
+        else:
+            a_src = consume_aligned(a, token)
+        off_m = src * m_loc + pid_m * BLOCK_M
+        rows_end = src * m_loc + m_loc
+        acc = tile_dot(a_src, b, off_m, pid_n * BLOCK_N, rows_end, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                       BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, B_TRANS, DOT_PRECISION)
+        store_tile(c_ptr, acc, off_m, pid_n * BLOCK_N, rows_end, N, stride_cm, stride_cn, BLOCK_M, BLOCK_N)
+
+
+class AGGemmContext(OverlapContext):
+    """Gathered-A buffer (``max_m x k``, symmetric), signals, epoch and side stream of ``ag_gemm`` calls with up to
+    ``max_m`` rows of C (``max_m / world`` per rank), inner dimension ``k`` and ``n`` columns of B, in ``dtype``.
+
+    ``comm_programs``: programs of the pull kernel of method ``sm`` (default 20 on GPUs, 2 in the CPU world);
+    ``num_programs``: the SM budget of a call (default: the GPU's SMs). Made once, reused by every call."""
+
+    op = "ag_gemm"
+
+    def __init__(self, max_m: int, k: int, n: int, dtype: torch.dtype, *, config=None,
+                 comm_programs: int | None = None, num_programs: int | None = None):
+        super().__init__(max_m, k, n, dtype, config)
+        world = self.world.world_size
+        self.num_programs = num_programs or num_sms(self.world)
+        self.comm_programs = comm_programs or (2 if self.world.interpreted else SM_COMM_PROGRAMS)
+        if not 0 < self.comm_programs < self.num_programs or self.num_programs < 2:
+            raise ValueError(f"AGGemmContext: need 0 < comm_programs < num_programs, got {self.comm_programs} and "
+                             f"{self.num_programs}")
+        elem = torch.empty((), dtype=dtype).element_size()
+        self.block = 1024 if self.world.interpreted else (16 << 10) // elem  # elements per copy tile
+        self.gathered = self._alloc((max_m, k), dtype)
+        self.pad = self._alloc((REGIONS.value * self.num_programs * world,), torch.int32, zero=True)
+        self.signals = self._alloc((3 * world + 1,), torch.int32, zero=True)
+        self.peer_gathered = [triton_dist.peer_view(self.gathered, p) for p in range(world)]
+        self.world.barrier()  # every rank's signals are zero before anyone raises one
+
+
+def pick_method(m: int) -> str:
+    """The automatic choice by the rows of C."""
+    return "sequential" if m <= SEQUENTIAL_MAX_M else AUTO_METHOD
+
+
+def _gather_copy_engine(ctx: AGGemmContext, a: torch.Tensor, m_loc: int, epoch: torch.Tensor) -> None:
+    rank, world = ctx.world.rank, ctx.world.world_size
+    _ce_begin_kernel[(1,)](ctx.signals, epoch, num_warps=1)
+    ctx.gathered[rank * m_loc:(rank + 1) * m_loc].copy_(a)
+    arrived, publish = rank, True
+    for i in range(1, world + 1):
+        src = (rank + i) % world if i < world else -1
+        _ce_step_kernel[(1,)](ctx.signals, ctx.pad, epoch, arrived, src, PUBLISH=publish, num_warps=1)
+        if src >= 0:
+            rows = slice(src * m_loc, (src + 1) * m_loc)
+            ctx.gathered[rows].copy_(ctx.peer_gathered[src][rows])
+        arrived, publish = src, False
+
+
+def ag_gemm(a: torch.Tensor, b: torch.Tensor, *, ctx: AGGemmContext, method: str = "auto",
+            return_gathered: bool = False, out: torch.Tensor | None = None):
+    """``all_gather(a) @ b`` (``(world*m) x N``) with the gather overlapped with the GEMM; no host sync.
+
+    ``return_gathered=True`` returns ``(C, A)`` where ``A`` is a view of the context's gathered buffer, valid until
+    the next call on this context."""
+    check_operands("ag_gemm", a, b)
+    check_method("ag_gemm", method, METHODS)
+    world = ctx.world.world_size
+    m_loc, k = a.shape
+    n = b.shape[1]
+    m = world * m_loc
+    ctx.check_call(a, b, m, k, n)
+    out = check_out("ag_gemm", out, (m, n), a.dtype, a.device)
+    gathered = ctx.gathered[:m]
+    if m == 0 or n == 0:
+        return (out, gathered) if return_gathered else out
+    method = pick_method(m) if method == "auto" else method
+    epoch = ctx.next_epoch()
+    if method == "sequential":
+        _ag_pull_kernel[(ctx.num_programs,)](a, ctx.gathered, ctx.signals, ctx.pad, epoch, m_loc * k,
+                                             BLOCK=ctx.block, num_warps=8)
+        torch.matmul(gathered, b, out=out)
+        return (out, gathered) if return_gathered else out
+    cfg = ctx.config
+    a_arg, b_arg, use_tma, b_trans = operands(gathered, b, cfg)
+    with ctx.forked():
+        with ctx.side_stream():
+            if method == "sm":
+                _ag_pull_kernel[(ctx.comm_programs,)](a, ctx.gathered, ctx.signals, ctx.pad, epoch, m_loc * k,
+                                                      BLOCK=ctx.block, num_warps=8)
+            else:
+                _gather_copy_engine(ctx, a, m_loc, epoch)
+        budget = ctx.num_programs - (ctx.comm_programs if method == "sm" else 1)
+        tiles = world * triton.cdiv(m_loc, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+        _ag_gemm_kernel[(min(budget, tiles),)](
+            a_arg, b_arg, out, ctx.signals, epoch, m_loc, n, k, gathered.stride(0), gathered.stride(1),
+            b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            USE_TMA=use_tma, B_TRANS=b_trans, DOT_PRECISION=dot_precision(a.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return (out, gathered) if return_gathered else out
+
+
+def ag_gemm_reference(a: torch.Tensor, b: torch.Tensor, *, return_gathered: bool = False):
+    """torch.distributed.all_gather, then torch.matmul."""
+    world = triton_dist.current_world()
+    parts = [torch.empty_like(a) for _ in range(world.world_size)]
+    dist.all_gather(parts, a.contiguous(), group=world.group)
+    gathered = torch.cat(parts, dim=0)
+    c = torch.matmul(gathered, b)
+    return (c, gathered) if return_gathered else c

@@ -1,0 +1,326 @@
+"""GEMM building blocks shared by the overlapped ops (``ag_gemm``, ``gemm_rs``, ``gemm_ar``), in one place.
+
+Device helpers (``@triton.jit``):
+
+* :func:`grouped_tile`: tile ``t`` of a ``tiles_m x tiles_n`` grid in grouped order (``GROUP_M`` row tiles sweep the
+  columns together, so their A rows and B columns stay in L2);
+* :func:`chunk_tile`: tile ``t`` of a persistent loop over ``world`` row chunks, starting at chunk ``first`` and
+  rotating around the ranks, grouped order inside each chunk;
+* :func:`tile_dot`: the K-loop of one output tile, fp32 accumulation, operands either TMA tensor descriptors
+  (``USE_TMA``) or plain pointers with any strides;
+* :func:`store_tile`: the masked epilogue store;
+* :func:`fence_async_proxy`: orders an acquire (generic proxy) before later TMA loads (async proxy) on GPUs;
+* :func:`consume_aligned`: ``dl.consume_token`` for a symmetric-heap pointer, keeping its 16-byte alignment.
+
+A persistent kernel loops ``for t in range(tl.program_id(0), num_tiles, tl.num_programs(0))`` and calls these.
+
+Host helpers: :class:`GemmConfig` (block sizes, stages, warps; frozen and validated), :func:`default_config`,
+:func:`operands` (descriptors when the layouts allow TMA, pointers otherwise), input checks, and
+:class:`OverlapContext`, the base of the ops' contexts (symmetric buffers, epoch counter, side stream).
+
+TMA works in both worlds with Triton 3.6 (host-side ``TensorDescriptor``; Triton's interpreter emulates it), so the
+CPU tests run the descriptor path as well as the pointer path (taken when an operand's layout does not allow TMA:
+no unit stride, or strides/base not 16-byte aligned).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from triton import knobs
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+import triton_dist
+import triton_dist.language as dl
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------- device helpers
+@triton.jit
+def grouped_tile(t, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of tile ``t`` in grouped order: groups of ``GROUP_M`` row tiles, column-major inside a group.
+
+    Example with tiles_m=3, tiles_n=2, GROUP_M=2: t = 0..5 -> (0,0) (1,0) (0,1) (1,1) (2,0) (2,1)."""
+    per_group = GROUP_M * tiles_n
+    first_m = (t // per_group) * GROUP_M
+    size_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (t % per_group) % size_m
+    pid_n = (t % per_group) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def chunk_tile(t, tiles_m, tiles_n, first, world, GROUP_M: tl.constexpr):
+    """Tile ``t`` of a loop over ``world`` row chunks of ``tiles_m x tiles_n`` tiles each: the chunks come in the
+    order ``first, first+1, ... (mod world)`` and the tiles of a chunk in grouped order. Returns
+    (chunk, pid_m inside the chunk, pid_n)."""
+    per_chunk = tiles_m * tiles_n
+    chunk = (first + t // per_chunk) % world
+    pid_m, pid_n = grouped_tile(t % per_chunk, tiles_m, tiles_n, GROUP_M)
+    return chunk, pid_m, pid_n
+
+
+@triton.jit
+def tile_dot(a, b, off_m, off_n, rows_end, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+             USE_TMA: tl.constexpr, B_TRANS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """fp32 ``A[off_m:off_m+BM, :] @ B[:, off_n:off_n+BN]`` of one output tile.
+
+    ``USE_TMA``: ``a`` is a descriptor of A (block ``[BM, BK]``) and ``b`` one of B (block ``[BK, BN]``), or, with
+    ``B_TRANS``, of B's transpose (N x K, block ``[BN, BK]``; e.g. ``w`` for ``b = w.t()``); out-of-range rows and
+    columns read as zeros. Otherwise ``a`` and ``b`` are pointers with the given strides; rows of A at or past
+    ``rows_end`` and columns of B at or past ``N`` read as zeros (descriptor loads may read rows up to the end of
+    A's descriptor: results of rows past ``rows_end`` must be masked at the store)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    if USE_TMA:
+        for kt in range(k_tiles):
+            k = kt * BLOCK_K
+            x = a.load([off_m, k])
+            if B_TRANS:
+                y = b.load([off_n, k]).T
+            else:
+                y = b.load([k, off_n])
+            acc = tl.dot(x, y, acc, input_precision=DOT_PRECISION)
+    else:
+        rm = off_m + tl.arange(0, BLOCK_M)
+        rn = off_n + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        a_ptrs = a + rm.to(tl.int64)[:, None] * stride_am + rk[None, :] * stride_ak
+        b_ptrs = b + rk[:, None] * stride_bk + rn.to(tl.int64)[None, :] * stride_bn
+        for kt in range(k_tiles):
+            k_left = K - kt * BLOCK_K
+            x = tl.load(a_ptrs, mask=(rm[:, None] < rows_end) & (rk[None, :] < k_left), other=0.0)
+            y = tl.load(b_ptrs, mask=(rk[:, None] < k_left) & (rn[None, :] < N), other=0.0)
+            acc = tl.dot(x, y, acc, input_precision=DOT_PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
+def store_tile(ptr, acc, off_m, off_n, rows_end, cols_end, stride_m, stride_n,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Store ``acc`` (cast to ``ptr``'s element type) at rows ``off_m + i`` < ``rows_end`` and columns
+    ``off_n + j`` < ``cols_end`` of the matrix at ``ptr``."""
+    rm = off_m + tl.arange(0, BLOCK_M)
+    rn = off_n + tl.arange(0, BLOCK_N)
+    ptrs = ptr + rm.to(tl.int64)[:, None] * stride_m + rn[None, :] * stride_n
+    mask = (rm[:, None] < rows_end) & (rn[None, :] < cols_end)
+    tl.store(ptrs, acc.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def consume_aligned(ptr, token):
+    """``dl.consume_token(ptr, token)`` for a pointer to the start of a symmetric-heap object (256-byte aligned).
+
+    The asm move inside ``consume_token`` hides the pointer's alignment from the compiler, which then neither
+    vectorises accesses through it nor pipelines them (and a 128x256 epilogue spills); restate 16 bytes."""
+    return tl.multiple_of(dl.consume_token(ptr, token), 16)
+
+
+if knobs.runtime.interpret:
+    @triton.jit
+    def fence_async_proxy():
+        """No effect in the CPU world (the interpreter has no proxies)."""
+        pass
+else:
+    @triton.jit
+    def fence_async_proxy():
+        """``fence.proxy.async.global``: after an acquire that made peers' (generic-proxy) writes visible, make them
+        visible to this thread's later TMA loads (async proxy) too."""
+        tl.inline_asm_elementwise("fence.proxy.async.global; mov.u32 $0, 0;", "=r,r", [tl.program_id(0)],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+
+
+# ---------------------------------------------------------------------------------------------- configs
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile shape and launch parameters of a GEMM kernel. Block sizes are powers of two >= 16."""
+
+    block_m: int = 128
+    block_n: int = 256
+    block_k: int = 64
+    group_m: int = 8
+    num_stages: int = 3
+    num_warps: int = 8
+    use_tma: bool = True  # use TMA descriptors when the operand layouts allow it
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 16 or v & (v - 1):
+                raise ValueError(f"GemmConfig: {name} must be a power of two >= 16, got {v!r}")
+        if self.group_m < 1 or self.num_stages < 1 or self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"GemmConfig: need group_m >= 1, num_stages >= 1, num_warps in 1..16 (a power of two), "
+                             f"got {self.group_m}, {self.num_stages}, {self.num_warps}")
+
+
+# Hopper, bf16/fp16: a simple Triton TMA GEMM reached 717 TFLOP/s with this on H100 (DESIGN.md).
+GPU_CONFIG_16BIT = GemmConfig(128, 256, 64, group_m=8, num_stages=3, num_warps=8)
+GPU_CONFIG_FP32 = GemmConfig(128, 128, 32, group_m=8, num_stages=3, num_warps=8)
+# The interpreter costs ~0.1 ms per op per program whatever the block: few, mid-sized tiles.
+CPU_CONFIG = GemmConfig(32, 32, 32, group_m=2, num_stages=1, num_warps=4)
+
+
+def default_config(dtype: torch.dtype, world=None) -> GemmConfig:
+    world = world or triton_dist.current_world()
+    if world.interpreted:
+        return CPU_CONFIG
+    return GPU_CONFIG_FP32 if dtype == torch.float32 else GPU_CONFIG_16BIT
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs: TF32 only where torch allows it for matmuls (its default is full fp32)."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def num_sms(world) -> int:
+    """SMs of this rank's GPU; 4 'SMs' in the CPU world (programs there run one after another, so few)."""
+    if world.interpreted:
+        return 4
+    return torch.cuda.get_device_properties(world.device).multi_processor_count
+
+
+# ---------------------------------------------------------------------------------------------- operands
+def _tma_ok(t: torch.Tensor, unit_dim: int) -> bool:
+    """``t`` (2-D) can back a TMA descriptor with ``unit_dim`` as its contiguous dimension."""
+    other = 1 - unit_dim
+    return (t.stride(unit_dim) == 1 and t.data_ptr() % 16 == 0 and t.shape[0] > 0 and t.shape[1] > 0
+            and (t.stride(other) * t.element_size()) % 16 == 0)
+
+
+def operands(a: torch.Tensor, b: torch.Tensor, cfg: GemmConfig):
+    """Kernel arguments for A (M x K) and B (K x N): ``(a_arg, b_arg, use_tma, b_trans)``.
+
+    TMA descriptors when both layouts allow it (A row-major; B row-major, or column-major as ``w.t()`` of an
+    ``nn.Linear`` weight, described through ``w``), else the tensors themselves (pointer loads, any strides)."""
+    def desc(t, block):
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), block)
+
+    if cfg.use_tma and _tma_ok(a, 1):
+        if _tma_ok(b, 1):
+            return desc(a, [cfg.block_m, cfg.block_k]), desc(b, [cfg.block_k, cfg.block_n]), True, False
+        if _tma_ok(b, 0):
+            return desc(a, [cfg.block_m, cfg.block_k]), desc(b.t(), [cfg.block_n, cfg.block_k]), True, True
+    return a, b, False, False
+
+
+def check_operands(what: str, a, b) -> None:
+    """Types, devices, dtypes and shapes of ``a @ b``; A must be contiguous, B may have any strides."""
+    world = triton_dist.current_world()
+    for name, t in (("a", a), ("b", b)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{what}: {name} must be 2-D, got shape {tuple(t.shape)}")
+        if t.device.type != world.device.type or (t.device.type == "cuda" and t.device.index != world.device.index):
+            raise ValueError(f"{what}: {name} is on {t.device}, expected this rank's device {world.device}")
+        if t.dtype not in DTYPES:
+            raise TypeError(f"{what}: {name} has dtype {t.dtype}; expected bfloat16, float16 or float32")
+    if a.dtype != b.dtype:
+        raise TypeError(f"{what}: a and b must have the same dtype, got {a.dtype} and {b.dtype}")
+    if not a.is_contiguous():
+        raise ValueError(f"{what}: a must be contiguous (call .contiguous() first)")
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"{what}: a is {tuple(a.shape)} and b is {tuple(b.shape)}; expected b.shape[0] == "
+                         f"a.shape[1]")
+
+
+def check_out(what: str, out, shape, dtype, device) -> torch.Tensor:
+    """``out`` if given (must be a contiguous ``shape`` tensor of ``dtype``), else a new one."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if (not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape) or out.dtype != dtype
+            or not out.is_contiguous()):
+        got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{what}: out must be a contiguous {tuple(shape)} {dtype} tensor, got {got}")
+    return out
+
+
+def check_method(what: str, method: str, methods) -> None:
+    if method not in ("auto",) + tuple(methods):
+        raise ValueError(f"{what}: method must be 'auto' or one of {tuple(methods)}, got {method!r}")
+
+
+# ---------------------------------------------------------------------------------------------- context base
+class OverlapContext:
+    """Base of the overlapped GEMM contexts: symmetric buffers, a device epoch counter and, on GPUs, a side stream
+    with fork/join events (capturable in CUDA graphs).
+
+    ``max_m`` bounds the rows of A of a call, ``k`` and ``n`` are fixed. Creating a context is collective (symmetric
+    allocations and a barrier): every rank creates the same contexts in the same order and closes them alike.
+    """
+
+    op = "gemm"
+
+    def __init__(self, max_m: int, k: int, n: int, dtype: torch.dtype, config: GemmConfig | None = None):
+        for name, v in (("max_m", max_m), ("k", k), ("n", n)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{type(self).__name__}: {name} must be a positive int, got {v!r}")
+        if dtype not in DTYPES:
+            raise TypeError(f"{type(self).__name__}: dtype {dtype} is not supported; expected bfloat16, float16 or "
+                            "float32")
+        self.world = triton_dist.current_world()
+        self.max_m, self.k, self.n, self.dtype = max_m, k, n, dtype
+        self.config = config or default_config(dtype, self.world)
+        self.epoch = torch.zeros(1, dtype=torch.int32, device=self.world.device)
+        self._symmetric: list[torch.Tensor] = []
+        self.side = None
+        if not self.world.interpreted:
+            self.side = torch.cuda.Stream(self.world.device)
+            self._fork, self._join = torch.cuda.Event(), torch.cuda.Event()
+
+    def _alloc(self, shape, dtype, zero: bool = False) -> torch.Tensor:
+        t = triton_dist.zeros(shape, dtype) if zero else triton_dist.empty(shape, dtype)
+        self._symmetric.append(t)
+        return t
+
+    def next_epoch(self) -> torch.Tensor:
+        """Bump the epoch on the current stream (no host sync) and return the device counter."""
+        self.epoch.add_(1)
+        return self.epoch
+
+    @contextlib.contextmanager
+    def forked(self):
+        """Fork the side stream from the current stream; on exit the current stream waits for the side stream.
+        Inside, launches go to the current stream, and to the side stream within :meth:`side_stream`. Events only:
+        capturable in CUDA graphs. In the CPU world launches simply run in program order."""
+        if self.side is None:
+            yield
+            return
+        main = torch.cuda.current_stream(self.world.device)
+        self._fork.record(main)
+        self.side.wait_event(self._fork)
+        try:
+            yield
+        finally:
+            self._join.record(self.side)
+            main.wait_event(self._join)
+
+    def side_stream(self):
+        """Context manager: launches inside go to the side stream (inside :meth:`forked` only)."""
+        return contextlib.nullcontext() if self.side is None else torch.cuda.stream(self.side)
+
+    def check_call(self, a: torch.Tensor, b: torch.Tensor, m: int, k: int, n: int) -> None:
+        """Shapes and dtype of a call against this context."""
+        if a.dtype != self.dtype:
+            raise TypeError(f"{self.op}: context is for {self.dtype}, got {a.dtype}")
+        if k != self.k or n != self.n:
+            raise ValueError(f"{self.op}: context is for K={self.k}, N={self.n}; got K={k}, N={n}")
+        if m > self.max_m:
+            raise ValueError(f"{self.op}: context is for up to M={self.max_m} rows, got M={m}; make a larger "
+                             "context")
+
+    def close(self) -> None:
+        """Free the symmetric buffers (collective: every rank closes the same contexts in the same order)."""
+        self.world.barrier()
+        for t in reversed(self._symmetric):
+            triton_dist.free(t)
+        self._symmetric.clear()

@@ -1,0 +1,206 @@
+"""GEMM + ReduceScatter: ``C = reduce_scatter(A @ B)``, the scatter fused into the GEMM's epilogue.
+
+Shards: every rank holds ``a`` (``M x K_loc``, its columns of A) and ``b`` (``K_loc x N``, its rows of B, any
+strides). Rank ``r`` gets rows ``r*M/world:(r+1)*M/world`` of ``sum_q a_q @ b_q`` (``M/world x N``): the row-parallel
+linear layer of sequence-parallel tensor parallelism. ``M`` must be a multiple of the world size.
+
+Each rank's GEMM computes the output tiles of chunk ``(rank+1) % world`` first and of its own chunk last, and stores
+each tile (as a partial in the context's ``partial_dtype``: the input dtype by default, fp32 on request) straight
+into slot ``rank`` of the destination rank's symmetric receive buffer (NVLink stores in the epilogue), then raises
+that tile's flag on the destination. A reduction kernel sums each finished tile over the slots in rank order (fp32)
+into the output.
+
+Signals (int32 on the symmetric heap; ``e`` is the call's epoch, bumped on the stream; every wait is ``>=``):
+
+* ``flags[tile][src]`` on the destination: ``src``'s partial of ``tile`` (of my chunk) is in my slot ``src``; the
+  reduction waits for all ``world`` of them (one wait on consecutive signals), then loads;
+* ``done[d]`` (``signals[d]``): rank ``d``'s reduction of call ``e`` finished reading its receive buffer. A GEMM
+  tile for ``d`` waits ``done[d] >= e-1`` before storing into ``d``'s buffer, so a fast rank cannot overwrite a slot
+  a slow peer still reduces. The last reduction program to finish (a local counter) announces ``done``.
+
+Methods:
+
+* ``fused``: the reduction runs on a side stream next to the GEMM (a few programs, waiting per tile);
+* ``sequential_reduce``: the reduction runs after the GEMM on the same stream, on all SMs;
+* ``sequential``: ``torch.matmul`` then :func:`triton_dist.kernels.reduce_scatter.reduce_scatter` (small M).
+
+No program waits for a later launch on its own rank, so both orders run in the CPU world (GEMM, then reduction).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import triton
+import triton.language as tl
+
+import triton_dist
+import triton_dist.language as dl
+
+from . import reduce_scatter as _rs
+from .gemm import (DTYPES, OverlapContext, check_method, check_operands, check_out, chunk_tile, consume_aligned,
+                   dot_precision, grouped_tile, num_sms, operands, store_tile, tile_dot)
+
+METHODS = ("fused", "sequential_reduce", "sequential")
+AUTO_METHOD = "fused"  # not measured yet
+SEQUENTIAL_MAX_M = 128  # auto: up to this many rows of A, torch.matmul then reduce-scatter (not measured yet)
+REDUCE_PROGRAMS = 16  # programs of the reduction next to the GEMM (method "fused") on GPUs
+REDUCE_ROWS = 32  # rows of a tile the reduction sums at a time on GPUs (registers)
+
+
+@triton.jit
+def _gemm_rs_kernel(a, b, recv_ptr, flags_ptr, sig_ptr, epoch_ptr, m_loc, N, K,
+                    stride_am, stride_ak, stride_bk, stride_bn, slot_stride,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                    USE_TMA: tl.constexpr, B_TRANS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Persistent GEMM; the tiles of chunk d go to slot ``rank`` of rank d's receive buffer (rows relative to the
+    chunk, row stride N), each followed by its flag. Chunks in the order rank+1, ..., rank."""
+    rank = dl.rank()
+    world = dl.num_ranks()
+    e = tl.load(epoch_ptr)
+    tiles_m = tl.cdiv(m_loc, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    for t in range(tl.program_id(0), world * tiles_m * tiles_n, tl.num_programs(0)):
+        dst, pid_m, pid_n = chunk_tile(t, tiles_m, tiles_n, rank + 1, world, GROUP_M)
+        # dst finished reducing the previous call (waited before the tile, while no accumulator is live)
+        token = dl.wait(sig_ptr + dst, 1, "sys", "acquire", e - 1, cmp="ge")
+        slot = dl.symm_at(consume_aligned(recv_ptr, token), dst) + rank * slot_stride
+        acc = tile_dot(a, b, dst * m_loc + pid_m * BLOCK_M, pid_n * BLOCK_N, dst * m_loc + m_loc, N, K,
+                       stride_am, stride_ak, stride_bk, stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, B_TRANS,
+                       DOT_PRECISION)
+        store_tile(slot, acc, pid_m * BLOCK_M, pid_n * BLOCK_N, m_loc, N, N, 1, BLOCK_M, BLOCK_N)
+        dl.notify(flags_ptr + (pid_m * tiles_n + pid_n) * world + rank, dst, e, "set", "intra_node")
+
+
+@triton.jit
+def _rs_reduce_kernel(recv_ptr, out_ptr, flags_ptr, sig_ptr, epoch_ptr, m_loc, N, slot_stride,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SUB_M: tl.constexpr):
+    """Sum every tile of my chunk over the ``world`` slots in rank order (fp32) once all of its partials arrived,
+    ``SUB_M`` rows at a time (registers); the last program to finish tells every rank that my receive buffer may be
+    overwritten."""
+    rank = dl.rank()
+    world = dl.num_ranks()
+    nprog = tl.num_programs(0)
+    e = tl.load(epoch_ptr)
+    tiles_m = tl.cdiv(m_loc, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    for t in range(tl.program_id(0), tiles_m * tiles_n, nprog):
+        pid_m, pid_n = grouped_tile(t, tiles_m, tiles_n, GROUP_M)  # the producers' order
+        token = dl.wait(flags_ptr + (pid_m * tiles_n + pid_n) * world, world, "sys", "acquire", e, cmp="ge")
+        base = consume_aligned(recv_ptr, token)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        for r0 in tl.static_range(0, BLOCK_M, SUB_M):
+            rm = pid_m * BLOCK_M + r0 + tl.arange(0, SUB_M)
+            offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
+            mask = (rm[:, None] < m_loc) & (rn[None, :] < N)
+            acc = tl.zeros((SUB_M, BLOCK_N), dtype=tl.float32)
+            for src in range(world):
+                acc += tl.load(base + src * slot_stride + offs, mask=mask).to(tl.float32)
+            tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    count = sig_ptr + world
+    tl.debug_barrier()  # every thread's loads of the buffer come before the count (release)
+    if dl.atomic_add(count, 1, "gpu", "acq_rel") == nprog - 1:
+        dl.st(count, 0, "gpu", "relaxed")  # the next call's reduction starts after this one ends
+        for peer in range(world):
+            dl.notify(sig_ptr + rank, peer, e, "set", "intra_node")
+
+
+class GemmRSContext(OverlapContext):
+    """Receive buffer (``world x ceil(max_m/world) x n`` partials, symmetric), tile flags, signals, epoch and side
+    stream of ``gemm_rs`` calls with up to ``max_m`` rows of A, ``k`` columns of A and ``n`` columns of B.
+
+    ``partial_dtype``: dtype of the partial tiles sent over NVLink (default ``dtype``: half the bytes of fp32 for
+    bf16; fp32 rounds once instead of twice). ``reduce_programs``: programs of the reduction next to the GEMM
+    (default 16 on GPUs, 2 in the CPU world); ``num_programs``: SM budget (default: the GPU's SMs)."""
+
+    op = "gemm_rs"
+
+    def __init__(self, max_m: int, k: int, n: int, dtype: torch.dtype, *, config=None,
+                 partial_dtype: torch.dtype | None = None, reduce_programs: int | None = None,
+                 num_programs: int | None = None):
+        super().__init__(max_m, k, n, dtype, config)
+        world = self.world.world_size
+        self.partial_dtype = partial_dtype or dtype
+        if self.partial_dtype not in DTYPES:
+            raise TypeError(f"GemmRSContext: partial_dtype {self.partial_dtype} is not supported")
+        self.num_programs = num_programs or num_sms(self.world)
+        self.reduce_programs = reduce_programs or (2 if self.world.interpreted else REDUCE_PROGRAMS)
+        if not 0 < self.reduce_programs < self.num_programs:
+            raise ValueError(f"GemmRSContext: need 0 < reduce_programs < num_programs, got {self.reduce_programs} "
+                             f"and {self.num_programs}")
+        self.max_m_loc = triton.cdiv(max_m, world)
+        cfg = self.config
+        max_tiles = triton.cdiv(self.max_m_loc, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+        self.recv = self._alloc((world, self.max_m_loc, n), self.partial_dtype)
+        self.flags = self._alloc((max_tiles * world,), torch.int32, zero=True)
+        self.signals = self._alloc((world + 1,), torch.int32, zero=True)
+        self._rs_ctx = None
+        self.world.barrier()  # every rank's signals are zero before anyone raises one
+
+    def reduce_scatter_context(self) -> _rs.ReduceScatterContext:
+        """The collective's context of method ``sequential``, made on its first use (collective)."""
+        if self._rs_ctx is None:
+            self._rs_ctx = _rs.ReduceScatterContext(self.world.world_size * self.max_m_loc * self.n, self.dtype)
+        return self._rs_ctx
+
+    def close(self) -> None:
+        if self._rs_ctx is not None:
+            self._rs_ctx.close()
+            self._rs_ctx = None
+        super().close()
+
+
+def pick_method(m: int) -> str:
+    """The automatic choice by the rows of A."""
+    return "sequential" if m <= SEQUENTIAL_MAX_M else AUTO_METHOD
+
+
+def gemm_rs(a: torch.Tensor, b: torch.Tensor, *, ctx: GemmRSContext, method: str = "auto",
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows ``rank*M/world:(rank+1)*M/world`` of ``sum over ranks of a @ b`` (fp32 sum); no host sync."""
+    check_operands("gemm_rs", a, b)
+    check_method("gemm_rs", method, METHODS)
+    world = ctx.world.world_size
+    m, k = a.shape
+    n = b.shape[1]
+    if m % world:
+        raise ValueError(f"gemm_rs: rows of a ({m}) must be a multiple of the world size {world}")
+    ctx.check_call(a, b, m, k, n)
+    m_loc = m // world
+    out = check_out("gemm_rs", out, (m_loc, n), a.dtype, a.device)
+    if m_loc == 0 or n == 0:
+        return out
+    method = pick_method(m) if method == "auto" else method
+    if method == "sequential":
+        return _rs.reduce_scatter(torch.matmul(a, b), ctx=ctx.reduce_scatter_context(), out=out)
+    cfg = ctx.config
+    epoch = ctx.next_epoch()
+    a_arg, b_arg, use_tma, b_trans = operands(a, b, cfg)
+    chunk_tiles = triton.cdiv(m_loc, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    slot_stride = ctx.max_m_loc * n
+    gemm_args = (a_arg, b_arg, ctx.recv, ctx.flags, ctx.signals, epoch, m_loc, n, k, a.stride(0), a.stride(1),
+                 b.stride(0), b.stride(1), slot_stride)
+    gemm_meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+                     USE_TMA=use_tma, B_TRANS=b_trans, DOT_PRECISION=dot_precision(a.dtype),
+                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    reduce_args = (ctx.recv, out, ctx.flags, ctx.signals, epoch, m_loc, n, slot_stride)
+    reduce_meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m,
+                       SUB_M=cfg.block_m if ctx.world.interpreted else min(cfg.block_m, REDUCE_ROWS), num_warps=8)
+    if method == "fused":
+        with ctx.forked():
+            gemm_grid = min(ctx.num_programs - ctx.reduce_programs, world * chunk_tiles)
+            _gemm_rs_kernel[(gemm_grid,)](*gemm_args, **gemm_meta)
+            with ctx.side_stream():
+                _rs_reduce_kernel[(min(ctx.reduce_programs, chunk_tiles),)](*reduce_args, **reduce_meta)
+    else:
+        _gemm_rs_kernel[(min(ctx.num_programs, world * chunk_tiles),)](*gemm_args, **gemm_meta)
+        _rs_reduce_kernel[(min(ctx.num_programs, chunk_tiles),)](*reduce_args, **reduce_meta)
+    return out
+
+
+def gemm_rs_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch.matmul, then an fp32 all-reduce (gloo has no reduce_scatter_tensor) and this rank's rows."""
+    world = triton_dist.current_world()
+    acc = torch.matmul(a, b).to(torch.float32)
+    dist.all_reduce(acc, group=world.group)
+    m_loc = a.shape[0] // world.world_size
+    return acc[world.rank * m_loc:(world.rank + 1) * m_loc].to(a.dtype)
