@@ -303,6 +303,9 @@ def _bad_inputs():
         ops.gemm_ar([[1.0]], torch.ones(1, 4, **f32))
     with pytest.raises(ValueError, match="method must be 'auto' or one of"):
         ops.gemm_ar(torch.ones(4, 8, **f32), torch.ones(8, 4, **f32), method="bogus")
+    with pytest.raises(ValueError, match=r"gemm_ar: out must be a contiguous \(4, 4\)"):
+        ops.gemm_ar(torch.ones(4, 8, **f32), torch.ones(8, 4, **f32), method="sequential",
+                    out=torch.empty(4, 5, **f32))
     ctx = agm.AGGemmContext(w.world_size * 8, 16, 16, torch.float32)
     with pytest.raises(ValueError, match="context is for up to M="):
         agm.ag_gemm(torch.ones(9, 16, **f32), torch.ones(16, 16, **f32), ctx=ctx)

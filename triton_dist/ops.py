@@ -34,7 +34,9 @@ from .kernels import all_to_all as _a2a
 from .kernels import gemm_ar as _gemm_ar
 from .kernels import gemm_rs as _gemm_rs
 from .kernels import reduce_scatter as _rs
+from .kernels.gemm import check_method as _check_method
 from .kernels.gemm import check_operands as _gemm_check
+from .kernels.gemm import check_out as _check_out
 from .runtime.world import current_world
 
 _contexts: dict = {}
@@ -62,9 +64,10 @@ def _gemm_context(op: str, cls, m: int, k: int, n: int, dtype: torch.dtype):
     return ctx
 
 
-def _gemm_shapes(what: str, a, b):
-    """(M, K, N) of ``a @ b`` after the input checks (before any context is made for them)."""
+def _gemm_shapes(what: str, a, b, method: str, methods):
+    """(M, K, N) of ``a @ b`` after the input and method checks (before any context is made for them)."""
     _gemm_check(what, a, b)
+    _check_method(what, method, methods)
     return a.shape[0], a.shape[1], b.shape[1]
 
 
@@ -113,7 +116,7 @@ def ag_gemm(a: torch.Tensor, b: torch.Tensor, *, method: str = "auto", return_ga
     ``b`` its ``(K, N)`` (any strides); returns ``(world*m, N)``, and the gathered A as well with
     ``return_gathered`` (a view valid until the next ``ag_gemm`` call with the same K, N and dtype). See
     :mod:`triton_dist.kernels.ag_gemm`."""
-    m, k, n = _gemm_shapes("ag_gemm", a, b)
+    m, k, n = _gemm_shapes("ag_gemm", a, b, method, _ag_gemm.METHODS)
     ctx = _gemm_context("ag_gemm", _ag_gemm.AGGemmContext, current_world().world_size * m, k, n, a.dtype)
     return _ag_gemm.ag_gemm(a, b, ctx=ctx, method=method, return_gathered=return_gathered, out=out)
 
@@ -121,7 +124,7 @@ def ag_gemm(a: torch.Tensor, b: torch.Tensor, *, method: str = "auto", return_ga
 def gemm_rs(a: torch.Tensor, b: torch.Tensor, *, method: str = "auto", out: torch.Tensor | None = None):
     """This rank's rows (``M/world``) of ``sum over ranks of a @ b`` with the reduce-scatter fused into the GEMM;
     ``a`` is ``(M, K_loc)``, ``b`` ``(K_loc, N)``. See :mod:`triton_dist.kernels.gemm_rs`."""
-    m, k, n = _gemm_shapes("gemm_rs", a, b)
+    m, k, n = _gemm_shapes("gemm_rs", a, b, method, _gemm_rs.METHODS)
     if m % current_world().world_size:
         raise ValueError(f"gemm_rs: rows of a ({m}) must be a multiple of the world size "
                          f"{current_world().world_size}")
@@ -132,8 +135,8 @@ def gemm_rs(a: torch.Tensor, b: torch.Tensor, *, method: str = "auto", out: torc
 def gemm_ar(a: torch.Tensor, b: torch.Tensor, *, method: str = "auto", out: torch.Tensor | None = None):
     """``sum over ranks of a @ b`` (``(M, N)``, identical on every rank) in one kernel for decode shapes; larger M
     goes to torch.matmul + :func:`all_reduce` (``method="auto"``). See :mod:`triton_dist.kernels.gemm_ar`."""
-    m, k, n = _gemm_shapes("gemm_ar", a, b)
+    m, k, n = _gemm_shapes("gemm_ar", a, b, method, _gemm_ar.METHODS)
     if method == "sequential" or (method == "auto" and _gemm_ar.pick_method(m) == "sequential"):
-        return all_reduce(torch.matmul(a, b), out=out)
+        return all_reduce(torch.matmul(a, b), out=_check_out("gemm_ar", out, (m, n), a.dtype, a.device))
     ctx = _gemm_context("gemm_ar", _gemm_ar.GemmARContext, m, k, n, a.dtype)
     return _gemm_ar.gemm_ar(a, b, ctx=ctx, method=method, out=out)
