@@ -49,8 +49,13 @@ from .gemm import (OverlapContext, check_method, check_operands, check_out, chun
                    dot_precision, fence_async_proxy, num_sms, operands, store_tile, tile_dot)
 
 METHODS = ("copy_engine", "sm", "sequential")
-AUTO_METHOD = "copy_engine"  # not measured yet
-SEQUENTIAL_MAX_M = 128  # auto: up to this many rows of C, gather then torch.matmul (not measured yet)
+# auto, from the 4x H100 run of 2026-11-28 (docs/perf/NOTES.md): "sm" won for M < 8192 on 5 of 6 model shapes,
+# "copy_engine" at M = 8192 on 2 of 3; with N <= 2048 per rank neither beat NCCL + cuBLAS (542 / 702 vs 411 us at
+# M=4096 K=8192 N=2048), so auto takes the sequential path there.
+AUTO_METHOD = "sm"
+COPY_ENGINE_MIN_M = 8192
+SEQUENTIAL_MAX_M = 128  # auto: up to this many rows of C, gather then torch.matmul
+SEQUENTIAL_MAX_N = 2048  # auto: up to this many output columns per rank, likewise
 SM_COMM_PROGRAMS = 20  # programs of the pull kernel next to the GEMM (method "sm") on GPUs
 
 
@@ -177,9 +182,11 @@ class AGGemmContext(OverlapContext):
         self.world.barrier()  # every rank's signals are zero before anyone raises one
 
 
-def pick_method(m: int) -> str:
-    """The automatic choice by the rows of C."""
-    return "sequential" if m <= SEQUENTIAL_MAX_M else AUTO_METHOD
+def pick_method(m: int, n: int = 1 << 30) -> str:
+    """The automatic choice by the rows and columns of C."""
+    if m <= SEQUENTIAL_MAX_M or n <= SEQUENTIAL_MAX_N:
+        return "sequential"
+    return "copy_engine" if m >= COPY_ENGINE_MIN_M else AUTO_METHOD
 
 
 def _gather_copy_engine(ctx: AGGemmContext, a: torch.Tensor, m_loc: int, epoch: torch.Tensor) -> None:
@@ -213,7 +220,7 @@ def ag_gemm(a: torch.Tensor, b: torch.Tensor, *, ctx: AGGemmContext, method: str
     gathered = ctx.gathered[:m]
     if m == 0 or n == 0:
         return (out, gathered) if return_gathered else out
-    method = pick_method(m) if method == "auto" else method
+    method = pick_method(m, n) if method == "auto" else method
     epoch = ctx.next_epoch()
     if method == "sequential":
         _ag_pull_kernel[(ctx.num_programs,)](a, ctx.gathered, ctx.signals, ctx.pad, epoch, m_loc * k,

@@ -42,10 +42,10 @@ from ._ll import LL_MAX_BYTES, LLBuffer, ll_lanes, ll_pack, ll_recv, ll_send
 
 DTYPES = REDUCTION_DTYPES
 METHODS = ("one_shot", "two_shot", "push_one_shot", "ll", "push_two_shot")
-# auto: ll up to LL_AUTO_MAX_BYTES, one-shot up to ONE_SHOT_MAX_BYTES, two-shot above. On 4x H100 one-shot won at
-# 64 KiB and lost at 1 MiB (NOTES.md); the crossovers inside those intervals are to be measured.
-LL_AUTO_MAX_BYTES = 64 << 10
-ONE_SHOT_MAX_BYTES = 512 << 10
+# auto, from the 4x H100 run of 2026-11-28 (NOTES.md): ll was fastest up to 256 KiB (8-14 us), push_two_shot from
+# 4 MiB up and within 4% of push_one_shot at 1 MiB; one_shot is never picked (ONE_SHOT_MAX_BYTES = 0).
+LL_AUTO_MAX_BYTES = 256 << 10
+ONE_SHOT_MAX_BYTES = 0
 LARGE_METHOD = "push_two_shot"
 
 

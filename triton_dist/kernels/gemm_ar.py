@@ -38,7 +38,10 @@ from .gemm import (DTYPES, GemmConfig, OverlapContext, check_method, check_opera
                    dot_precision, num_sms, operands, store_tile, tile_dot)
 
 METHODS = ("fused", "sequential")
-FUSED_MAX_M = 256  # auto: fused up to this many rows, torch.matmul + all-reduce above (not measured yet)
+# auto: fused up to this many rows, torch.matmul + our all-reduce (LL for decode sizes) above. The 4x H100 run of
+# 2026-11-28 had the one-kernel version slower at every decode M (e.g. 33.1 vs 22.5 us at M=1, 253 vs 92 us at M=256,
+# LLaMA-3 shapes): its tile count (64x64 tiles) leaves the GEMM far from cuBLAS. So auto never picks it for now.
+FUSED_MAX_M = 0
 
 
 @triton.jit

@@ -41,8 +41,10 @@ from .gemm import (DTYPES, OverlapContext, check_method, check_operands, check_o
                    dot_precision, grouped_tile, num_sms, operands, store_tile, tile_dot)
 
 METHODS = ("fused", "sequential_reduce", "sequential")
-AUTO_METHOD = "fused"  # not measured yet
-SEQUENTIAL_MAX_M = 128  # auto: up to this many rows of A, torch.matmul then reduce-scatter (not measured yet)
+# auto, from the 4x H100 run of 2026-11-28: "fused" (reduction next to the GEMM) lost to "sequential_reduce" on every
+# shape (e.g. 2175 vs 1578 us at M=8192 K=7168 N=8192): the spinning reduction programs take SMs from the GEMM.
+AUTO_METHOD = "sequential_reduce"
+SEQUENTIAL_MAX_M = 128  # auto: up to this many rows of A, torch.matmul then reduce-scatter (not measured)
 REDUCE_PROGRAMS = 16  # programs of the reduction next to the GEMM (method "fused") on GPUs
 REDUCE_ROWS = 32  # rows of a tile the reduction sums at a time on GPUs (registers)
 
