@@ -77,7 +77,7 @@ for equal in (True, False):
     check(A2A._all_to_all_kernel,
           {"x_ptr": "*i32", "out_ptr": "*i32", "staging_ptr": "*i32", "table_ptr": "*i64", "meta_ptr": "*i64",
            "pad_ptr": "*i32", "epoch_ptr": "*i32", "x_words": "i64", "row_words": "i64", "m_rows": "i64",
-           "nprog": "i32"}, {"EQUAL": equal, "BLOCK": 4096, "WORLD_BLOCK": 8})
+           "nprog": "i32", "wait_all": "i32"}, {"EQUAL": equal, "BLOCK": 4096, "WORLD_BLOCK": 8})
 # Overlapped GEMMs, bf16, with the GPU configs (gemm.GPU_CONFIG_16BIT; gemm_ar.decode_config for M <= 64): TMA
 # descriptors for A and B (B row-major, or B = w.t()), and the pointer fallback (unit strides specialised, as at run
 # time).

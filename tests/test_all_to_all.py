@@ -37,12 +37,12 @@ def _splits(counts, rank):
 
 
 # ----------------------------------------------------------------------------------------------- rank bodies
-def _equal(dtype, m, row_shape, seed):
+def _equal(dtype, m, row_shape, seed, method="auto"):
     w = this_world()
     x = rand((w.world_size * m,) + row_shape, dtype, seed + w.rank, w.device)
     ctx = AllToAllContext(_nbytes(x), dtype)
     out = poison(torch.empty_like(x))
-    got = all_to_all(x, ctx=ctx, out=out)
+    got = all_to_all(x, ctx=ctx, out=out, method=method)
     sync()
     ok = got is out and _same(got, all_to_all_reference(x))
     ctx.close()
@@ -101,7 +101,8 @@ def _back_to_back(seed, calls, cols, hi):
     for k in range(calls):
         if k % 3 == 1:
             x = rand((ws * (k % hi + 1), cols), torch.float32, seed + 100 * k + w.rank, w.device)
-            out = all_to_all(x, ctx=ctx, out=poison(torch.empty_like(x)))
+            method = ("kernel", "copy_engine")[(k // 3) % 2]  # the two methods alternate on one context
+            out = all_to_all(x, ctx=ctx, out=poison(torch.empty_like(x)), method=method)
             done.append((x, None, out))
         else:
             ins, outs = _splits(_counts(ws, seed + k, hi), w.rank)
@@ -197,8 +198,9 @@ def _bad_inputs():
 
 # ---------------------------------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_all_to_all_matches_reference(world, dtype, seed):
-    assert all(world.run(_equal, dtype, 5, (123,), seed))
+@pytest.mark.parametrize("method", ["kernel", "copy_engine"])
+def test_all_to_all_matches_reference(world, dtype, method, seed):
+    assert all(world.run(_equal, dtype, 5, (123,), seed, method))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -208,13 +210,14 @@ def test_all_to_all_v_matches_reference(world, dtype, seed):
 
 def test_odd_world_and_shapes(world3, seed):
     assert all(world3.run(_equal, torch.float16, 5, (123,), seed))
+    assert all(world3.run(_equal, torch.float16, 5, (123,), seed, "copy_engine"))
     assert all(world3.run(_variable, torch.int8, (123,), seed))
     for results in world3.run(_odd_shapes, seed):
         assert results == [True] * 6
 
 
 def test_back_to_back_calls_on_one_context(world, seed):
-    for results in world.run(_back_to_back, seed, 3, 123, 6):
+    for results in world.run(_back_to_back, seed, 7, 123, 6):
         assert results == [True] * 3
 
 

@@ -13,7 +13,7 @@ op                         shards                        methods
                                                           ``two_shot``, ``push_two_shot`` (bandwidth)
 ``all_gather(x)``          (m, ...) -> (world*m, ...)     ``ll``, ``pull``, ``push``, ``ring``, ``copy_engine``
 ``reduce_scatter(x)``      (world*m, ...) -> (m, ...)     ``full_mesh``, ``push``, ``ring`` (fp32 partials)
-``all_to_all(x)``          (world*m, ...) -> same         equal splits
+``all_to_all(x)``          (world*m, ...) -> same         equal splits: ``kernel``, ``copy_engine``
 ``all_to_all_v(x, i, o)``  rows split by i -> rows by o   variable splits
 ``ag_gemm(a, b)``          a: (m, K), b: (K, N)           ``copy_engine``, ``sm``, ``sequential``
                            -> all_gather(a) @ b: (world*m, N)
@@ -98,10 +98,10 @@ def reduce_scatter(x: torch.Tensor, *, method: str = "auto", out: torch.Tensor |
     return _rs.reduce_scatter(x, ctx=ctx, method=method, out=out)
 
 
-def all_to_all(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Equal-split all-to-all along dim 0 (``all_to_all_single`` semantics); see
-    :mod:`triton_dist.kernels.all_to_all`."""
-    return _a2a.all_to_all(x, out=out)
+def all_to_all(x: torch.Tensor, *, method: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
+    """Equal-split all-to-all along dim 0 (``all_to_all_single`` semantics), ``method`` ``kernel`` or
+    ``copy_engine``; see :mod:`triton_dist.kernels.all_to_all`."""
+    return _a2a.all_to_all(x, out=out, method=method)
 
 
 def all_to_all_v(x: torch.Tensor, input_split_sizes, output_split_sizes, *,

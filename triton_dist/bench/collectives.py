@@ -63,7 +63,7 @@ from .report import DEFAULT_PLOT, OPS, OURS, Progress, default_plot_path, fmt_by
 
 OUR_METHODS = {"all_reduce": ("ll", "one_shot", "two_shot", "push_one_shot", "push_two_shot"),
                "all_gather": ("ll", "pull", "push", "ring", "copy_engine"),
-               "reduce_scatter": ("full_mesh", "push", "ring"), "all_to_all": (None,)}
+               "reduce_scatter": ("full_mesh", "push", "ring"), "all_to_all": ("kernel", "copy_engine")}
 SYMM_MEM_METHODS = {"all_reduce": ("one_shot", "two_shot")}
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 

@@ -112,12 +112,14 @@ def await_previous(pad_ptr, e, world, wait_all):
     """Before overwriting staging: every peer's program pid finished reading the previous call's data
     (``DONE >= e-1``). ``wait_all`` (the host sets it to the previous call's program count when that call's staging
     layout or program count differs from this one's) waits for every program of every peer instead, since tile
-    ownership then changed."""
+    ownership then changed. Returns a token (for :func:`dl.consume_token`)."""
     if wait_all != 0:
-        for q in range(wait_all):
-            dl.wait(signal_slots(pad_ptr, DONE, world, q), world, "sys", "acquire", e - 1, cmp="ge")
+        token = dl.wait(signal_slots(pad_ptr, DONE, world, 0), world, "sys", "acquire", e - 1, cmp="ge")
+        for q in range(1, wait_all):
+            token = dl.wait(signal_slots(pad_ptr, DONE, world, q), world, "sys", "acquire", e - 1, cmp="ge")
     else:
-        await_all(pad_ptr, DONE, e - 1, world)
+        token = await_all(pad_ptr, DONE, e - 1, world)
+    return token
 
 
 @triton.jit

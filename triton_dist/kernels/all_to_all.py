@@ -47,8 +47,9 @@ import triton.language as tl
 
 import triton_dist
 import triton_dist.language as dl
-from triton_dist.kernels._common import (DONE, READY, CollectiveContext, announce, await_all, check_collective_input,
-                                         take_epoch)
+from triton_dist.kernels._common import (DONE, READY, CollectiveContext, announce, await_all, await_previous,
+                                         check_collective_input, take_epoch)
+from triton_dist.kernels.all_gather import _ce_signal_kernel
 
 __all__ = ["AllToAllContext", "all_to_all", "all_to_all_v", "all_to_all_reference", "all_to_all_v_reference",
            "close_default_context", "SUPPORTED_DTYPES"]
@@ -61,7 +62,7 @@ _WORDS = ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.uint8)
 
 @triton.jit(do_not_specialize=["x_words", "row_words", "m_rows", "nprog"])
 def _all_to_all_kernel(x_ptr, out_ptr, staging_ptr, table_ptr, meta_ptr, pad_ptr, epoch_ptr,
-                       x_words, row_words, m_rows, nprog,
+                       x_words, row_words, m_rows, nprog, wait_all,
                        EQUAL: tl.constexpr, BLOCK: tl.constexpr, WORLD_BLOCK: tl.constexpr):
     """One program of the all-to-all; see the module docstring for the protocol.
 
@@ -77,7 +78,7 @@ def _all_to_all_kernel(x_ptr, out_ptr, staging_ptr, table_ptr, meta_ptr, pad_ptr
     offs = tl.arange(0, BLOCK)
 
     # 1. every peer's program pid finished reading my staging tiles (and table row) of the previous call
-    token = await_all(pad_ptr, DONE, epoch - 1, world)
+    token = await_previous(pad_ptr, epoch, world, wait_all)
     staging = dl.consume_token(staging_ptr, token)
     table = dl.consume_token(table_ptr, token)
 
@@ -272,17 +273,43 @@ def _launch(ctx: AllToAllContext, x: torch.Tensor, out: torch.Tensor, m_rows: in
     x_words = x.numel() * x.element_size() // size
     block = ctx.tile_bytes // size
     staging = ctx.staging[:max(x_words * size, size)].view(wdtype)
+    wait_all = ctx.layout_switch("kernel", ctx.num_programs)
     epoch = ctx.call_counters()
     _all_to_all_kernel[(ctx.num_programs,)](
         _words(x, wdtype), _words(out, wdtype), staging, ctx.table, ctx.meta, ctx.pad, epoch,
-        x_words, row_bytes // size, m_rows, ctx.num_programs,
+        x_words, row_bytes // size, m_rows, ctx.num_programs, wait_all,
         EQUAL=equal, BLOCK=block, WORLD_BLOCK=triton.next_power_of_2(2 * ctx.world.world_size),
         num_warps=8 if not ctx.world.interpreted else 1)
 
 
+def _launch_copy_engine(ctx: AllToAllContext, x: torch.Tensor, out: torch.Tensor) -> None:
+    """Equal splits by DMA: x into my staging, a ready round, then every peer's block for me, copied out of its
+    staging through its peer view (stream-ordered ``copy_``), then done. The SMs run three one-program signal
+    kernels only (those of the copy-engine all-gather)."""
+    world, rank = ctx.world.world_size, ctx.world.rank
+    nbytes = x.numel() * x.element_size()
+    block = nbytes // world
+    peers = ctx.__dict__.setdefault("_peer_bytes", [triton_dist.peer_view(ctx.staging, r) for r in range(world)])
+    xb, ob = _words(x, torch.uint8), _words(out, torch.uint8)
+    wait_all = ctx.layout_switch("copy_engine", 1)
+    epoch = ctx.call_counters()
+    _ce_signal_kernel[(1,)](ctx.pad, epoch, wait_all, PHASE=0, num_warps=1)
+    peers[rank][:nbytes].copy_(xb)
+    ob[rank * block:(rank + 1) * block].copy_(xb[rank * block:(rank + 1) * block])
+    _ce_signal_kernel[(1,)](ctx.pad, epoch, 0, PHASE=1, num_warps=1)
+    for i in range(1, world):
+        src = (rank + i) % world
+        ob[src * block:(src + 1) * block].copy_(peers[src][rank * block:(rank + 1) * block])
+    _ce_signal_kernel[(1,)](ctx.pad, epoch, 0, PHASE=2, num_warps=1)
+
+
 # ------------------------------------------------------------------------------------------------- public
-def all_to_all(x: torch.Tensor, *, ctx: AllToAllContext | None = None, out: torch.Tensor | None = None
-               ) -> torch.Tensor:
+METHODS = ("kernel", "copy_engine")
+COPY_ENGINE_MIN_BYTES = 1 << 20  # auto: copy_engine from this x size up (to be confirmed by measurement)
+
+
+def all_to_all(x: torch.Tensor, *, ctx: AllToAllContext | None = None, out: torch.Tensor | None = None,
+               method: str = "auto") -> torch.Tensor:
     """All-to-all with equal splits: ``torch.distributed.all_to_all_single(out, x)`` without split sizes.
 
     ``x``: contiguous ``(world * m, ...)`` tensor on this rank's device, the same shape on every rank. Chunk ``j``
@@ -290,8 +317,12 @@ def all_to_all(x: torch.Tensor, *, ctx: AllToAllContext | None = None, out: torc
     ``ctx``: an :class:`AllToAllContext` with at least ``x``'s bytes (``None``: a module-level context, made or
     grown on first need, collectively). ``out``: a contiguous tensor of ``x``'s shape and dtype to write into
     (``None``: a new one). Returns ``out``. Collective: every rank calls it, in the same order.
+    ``method``: ``"kernel"`` (one Triton kernel: stage, ready, pull; the only method of ``all_to_all_v``),
+    ``"copy_engine"`` (DMA copies between three one-program signal kernels) or ``"auto"`` (by size).
     """
     what = "all_to_all"
+    if method not in ("auto",) + METHODS:
+        raise ValueError(f"{what}: method must be 'auto' or one of {METHODS}, got {method!r}")
     _check_x(x, what, ctx)
     w = triton_dist.current_world().world_size
     if x.shape[0] % w:
@@ -302,7 +333,12 @@ def all_to_all(x: torch.Tensor, *, ctx: AllToAllContext | None = None, out: torc
         _check_out(out, x, x.shape[0], what)
     if ctx is None:
         ctx = _default_context(x.numel() * x.element_size(), agree=False)
-    _launch(ctx, x, out, x.shape[0] // w, equal=True)
+    if method == "auto":
+        method = "copy_engine" if x.numel() * x.element_size() >= COPY_ENGINE_MIN_BYTES else "kernel"
+    if method == "copy_engine" and x.numel():
+        _launch_copy_engine(ctx, x, out)
+    else:
+        _launch(ctx, x, out, x.shape[0] // w, equal=True)
     return out
 
 
