@@ -218,7 +218,7 @@ def test_odd_world_and_shapes(world3, seed):
 
 def test_back_to_back_calls_on_one_context(world, seed):
     for results in world.run(_back_to_back, seed, 7, 123, 6):
-        assert results == [True] * 3
+        assert results == [True] * 7
 
 
 def test_default_context_grows(world, seed):
