@@ -305,7 +305,7 @@ def _launch_copy_engine(ctx: AllToAllContext, x: torch.Tensor, out: torch.Tensor
 
 # ------------------------------------------------------------------------------------------------- public
 METHODS = ("kernel", "copy_engine")
-COPY_ENGINE_MIN_BYTES = 1 << 20  # auto: copy_engine from this x size up (to be confirmed by measurement)
+COPY_ENGINE_MIN_BYTES = 4 << 20  # auto: copy_engine from here (4x H100, 2026-11-28: kernel won at 1 MiB, CE from 4 MiB)
 
 
 def all_to_all(x: torch.Tensor, *, ctx: AllToAllContext | None = None, out: torch.Tensor | None = None,
