@@ -181,6 +181,49 @@ def epoch_counters(programs: int, device) -> torch.Tensor:
     return c
 
 
+@triton.jit
+def scatter_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, chunk, slot, wait_all, BLOCK: tl.constexpr):
+    """The push-reduction prologue: wait ``DONE >= e-1``; store chunk ``d`` of ``x[0:n]`` (``chunk`` elements each,
+    the last one shorter) into slot ``rank`` (``slot`` elements apart) of rank ``d``'s staging for every peer ``d``
+    (NVLink stores; my own chunk stays in ``x``); announce ``READY = e`` and wait for everyone's. Returns
+    ``(rank, world, nprog, e, staging)`` like :func:`stage_and_publish`."""
+    rank = dl.rank()
+    world = dl.num_ranks()
+    nprog = tl.num_programs(0)
+    e = take_epoch(epoch_ptr)
+    await_previous(pad_ptr, e, world, wait_all)
+    for i in range(1, world):
+        dst = (rank + i) % world
+        lo = dst * chunk
+        copy_blocks(x_ptr + lo, dl.symm_at(staging_ptr + rank * slot, dst), 0, tl.minimum(chunk, n - lo), nprog,
+                    BLOCK)
+    announce(pad_ptr, READY, e, rank, world)
+    staging = dl.consume_token(staging_ptr, await_all(pad_ptr, READY, e, world))
+    return rank, world, nprog, e, staging
+
+
+@triton.jit
+def reduce_slots(x_ptr, slots_ptr, slot, n, out_ptr, copy_ptr, rank, world, nprog, BLOCK: tl.constexpr,
+                 COPY: tl.constexpr):
+    """The owner's side of a push reduction: for this program's tiles of ``[0, n)``, sum slot ``src`` of
+    ``slots_ptr`` (``slot`` elements apart; my own contribution read from ``x_ptr`` instead) in rank order in fp32,
+    store at ``out_ptr`` and, with ``COPY``, at ``copy_ptr`` too."""
+    t0, t1, step = tile_span(0, n, 0, nprog, BLOCK)
+    for t in range(t0, t1, step):
+        offs = t * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for src in range(world):
+            if src == rank:
+                acc += tl.load(x_ptr + offs, mask=mask).to(tl.float32)
+            else:
+                acc += tl.load(slots_ptr + src * slot + offs, mask=mask).to(tl.float32)
+        acc = acc.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + offs, acc, mask=mask)
+        if COPY:
+            tl.store(copy_ptr + offs, acc, mask=mask)
+
+
 def default_programs(world) -> int:
     """Programs per collective launch: one per SM on GPUs, 2 in the CPU world (the interpreter is slow)."""
     if world.interpreted:

@@ -72,7 +72,6 @@ def _ring_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, m, wait_all, B
     rank = dl.rank()
     world = dl.num_ranks()
     nprog = tl.num_programs(0)
-    pid = tl.program_id(0)
     e = take_epoch(epoch_ptr)
     right = (rank + 1) % world
     await_previous(pad_ptr, e, world, wait_all)  # everyone copied the previous call's staging out

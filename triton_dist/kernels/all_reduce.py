@@ -36,8 +36,9 @@ import triton.language as tl
 import triton_dist
 import triton_dist.language as dl
 
-from ._common import (DONE, READY, REDUCED, REDUCTION_DTYPES, ReductionContext, announce, await_all, await_previous,
-                      copy_blocks, push_and_publish, reduce_tiles, stage_and_publish, take_epoch, tile_span)
+from ._common import (DONE, REDUCED, REDUCTION_DTYPES, ReductionContext, announce, await_all, copy_blocks,
+                      push_and_publish, reduce_slots, reduce_tiles, scatter_and_publish, stage_and_publish,
+                      take_epoch, tile_span)
 from ._ll import LL_MAX_BYTES, LLBuffer, ll_lanes, ll_pack, ll_recv, ll_send
 
 DTYPES = REDUCTION_DTYPES
@@ -121,33 +122,11 @@ def _ll_kernel(x_ptr, out_ptr, buf_ptr, epoch_ptr, n, words, slot_words, HALF: t
 @triton.jit
 def _push_two_shot_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, n, chunk, slot, wait_all,
                           BLOCK: tl.constexpr):
-    rank = dl.rank()
-    world = dl.num_ranks()
-    nprog = tl.num_programs(0)
-    e = take_epoch(epoch_ptr)
-    await_previous(pad_ptr, e, world, wait_all)
-    for i in range(1, world):  # my x of chunk dst into slot rank of dst's staging
-        dst = (rank + i) % world
-        lo = dst * chunk
-        copy_blocks(x_ptr + lo, dl.symm_at(staging_ptr + rank * slot, dst), 0, tl.minimum(chunk, n - lo), nprog,
-                    BLOCK)
-    announce(pad_ptr, READY, e, rank, world)
-    base = dl.consume_token(staging_ptr, await_all(pad_ptr, READY, e, world))
-    reduced = base + world * slot  # my reduced chunk, read by the peers
-    mine = tl.minimum(chunk, n - rank * chunk)
-    t0, t1, step = tile_span(0, mine, 0, nprog, BLOCK)
-    for t in range(t0, t1, step):
-        offs = t * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < mine
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for src in range(world):
-            if src == rank:
-                acc += tl.load(x_ptr + rank * chunk + offs, mask=mask).to(tl.float32)
-            else:
-                acc += tl.load(base + src * slot + offs, mask=mask).to(tl.float32)
-        acc = acc.to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + rank * chunk + offs, acc, mask=mask)
-        tl.store(reduced + offs, acc, mask=mask)
+    rank, world, nprog, e, base = scatter_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, chunk, slot,
+                                                      wait_all, BLOCK)
+    mine = tl.minimum(chunk, n - rank * chunk)  # my reduced chunk goes to out and to the peers (after the slots)
+    reduce_slots(x_ptr + rank * chunk, base, slot, mine, out_ptr + rank * chunk, base + world * slot, rank, world,
+                 nprog, BLOCK, True)
     announce(pad_ptr, REDUCED, e, rank, world)
     base = dl.consume_token(staging_ptr, await_all(pad_ptr, REDUCED, e, world))
     for i in range(1, world):

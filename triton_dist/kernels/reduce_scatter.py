@@ -27,8 +27,8 @@ import triton.language as tl
 import triton_dist
 import triton_dist.language as dl
 
-from ._common import (DONE, READY, REDUCTION_DTYPES, ReductionContext, announce, await_all, await_previous,
-                      copy_blocks, reduce_tiles, signal_slots, stage_and_publish, take_epoch, tile_span)
+from ._common import (DONE, READY, REDUCTION_DTYPES, ReductionContext, announce, await_previous, reduce_slots,
+                      reduce_tiles, scatter_and_publish, signal_slots, stage_and_publish, take_epoch, tile_span)
 
 DTYPES = REDUCTION_DTYPES
 METHODS = ("full_mesh", "push", "ring")
@@ -82,27 +82,9 @@ def _ring_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, chunk, wait_al
 
 @triton.jit
 def _push_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, chunk, slot, wait_all, BLOCK: tl.constexpr):
-    rank = dl.rank()
-    world = dl.num_ranks()
-    nprog = tl.num_programs(0)
-    e = take_epoch(epoch_ptr)
-    await_previous(pad_ptr, e, world, wait_all)
-    for i in range(1, world):
-        dst = (rank + i) % world
-        copy_blocks(x_ptr + dst * chunk, dl.symm_at(staging_ptr + rank * slot, dst), 0, chunk, nprog, BLOCK)
-    announce(pad_ptr, READY, e, rank, world)
-    base = dl.consume_token(staging_ptr, await_all(pad_ptr, READY, e, world))
-    t0, t1, step = tile_span(0, chunk, 0, nprog, BLOCK)
-    for t in range(t0, t1, step):
-        offs = t * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < chunk
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for src in range(world):
-            if src == rank:
-                acc += tl.load(x_ptr + rank * chunk + offs, mask=mask).to(tl.float32)
-            else:
-                acc += tl.load(base + src * slot + offs, mask=mask).to(tl.float32)
-        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    rank, world, nprog, e, base = scatter_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr,
+                                                      dl.num_ranks() * chunk, chunk, slot, wait_all, BLOCK)
+    reduce_slots(x_ptr + rank * chunk, base, slot, chunk, out_ptr, out_ptr, rank, world, nprog, BLOCK, False)
     announce(pad_ptr, DONE, e, rank, world)
 
 
