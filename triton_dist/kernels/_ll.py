@@ -7,8 +7,8 @@ fence, no separate signal and no round trip before the data moves. It costs twic
 of at most :data:`LL_MAX_BYTES`.
 
 Buffer: ``2 x world`` slots of ``slot_words`` int64 words on every rank (:class:`LLBuffer`), with its own epoch
-counters (``_common.take_epoch``: bumped by the kernel, independent of the context's staged calls); rank ``r`` writes into slot
-``[e % 2][r]`` of each receiver. Reuse is safe without a ``done`` handshake: a rank can reach LL call ``e + 2`` (the
+counters (``_common.take_epoch``: bumped by the kernel, independent of the context's staged calls); rank ``r``
+writes into slot ``[e % 2][r]`` of each receiver. Reuse is safe without a ``done`` handshake: a rank can reach LL call ``e + 2`` (the
 next one that writes the same parity) only after receiving every peer's data of LL call ``e + 1``, which each peer
 sends only after it finished LL call ``e``, i.e. after it read the slots of call ``e``. Flags are epochs (>= 1) and
 the buffer starts zeroed, so stale words never match.
