@@ -3,6 +3,7 @@ machine without GPUs (``python scripts/compile_gpu_kernels.py``; run by tests/te
 interpreter accepts but the compiler does not (non-constexpr globals, type errors in PTX builtins, ...).
 Prints one line per kernel; exits non-zero if any kernel fails. NVSHMEM kernels are compiled down to ptxas, where
 only the unresolved NVSHMEM symbols may fail (libnvshmem_device.bc is not on CPU machines)."""
+import importlib.util
 import os
 import sys
 
@@ -147,6 +148,12 @@ check(L._get_kernel, {"dst_ptr": "*fp16", "src_ptr": "*fp16", "nbytes": "i32"}, 
 check(L._barrier_kernel, {"buf_ptr": "*i32", "out_ptr": "*i32"}, nvshmem=True)
 check(L._signal_add_kernel, {"sig_ptr": "*u64", "out_ptr": "*i64"}, nvshmem=True)
 
+
+_spec = importlib.util.spec_from_file_location("tutorial_05", os.path.join(ROOT, "tutorials", "05_ll_allreduce.py"))
+T5 = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(T5)
+check(T5.ll_all_reduce_kernel, {"x_ptr": "*fp32", "ll_ptr": "*i64", "out_ptr": "*fp32", "n": "i32", "epoch": "i32"},
+      {"BLOCK": 1024})
 
 
 def check_vectorised(fn, sig, const, min_v4):
