@@ -2,9 +2,9 @@
 
 Protocol ("epochs"). Every context owns a *signal pad* on the symmetric heap: for each of up to ``num_programs``
 programs, ``REGIONS`` regions of ``world`` int32 slots (program-major, so the layout does not depend on how many
-programs a call launches), and a local device counter ``epoch`` that the host bumps (``epoch.add_(1)``, a
-stream-ordered op, so CUDA-graph capturable) before every call. Program ``p`` of rank ``r`` talks only to program
-``p`` of the other ranks:
+programs a call launches), and local device epoch counters that the kernel itself bumps (:func:`take_epoch`: no
+host-side op per call, CUDA-graph capturable). Program ``p`` of rank ``r`` talks only to program ``p`` of the other
+ranks:
 
 * ``announce(pad, region, e)``: set slot ``[p][region][r]`` on every rank to ``e`` (barrier, one system-scope
   fence, then one relaxed store per rank: a single release for all ranks);
@@ -232,7 +232,7 @@ def default_programs(world) -> int:
 
 
 class CollectiveContext:
-    """Symmetric staging buffer + signal pad + epoch counter, made once and reused by every call.
+    """Symmetric staging buffer + signal pad + epoch counters, made once and reused by every call.
 
     Creating a context allocates from the symmetric heap, so every rank must create the same contexts in the same
     order (the op functions in :mod:`triton_dist.ops` do this lazily on the first call with a given size).
@@ -245,7 +245,6 @@ class CollectiveContext:
         # rounded up to 16 bytes, so the staging can be viewed as any word type
         self.staging = triton_dist.empty((max(-(-staging_bytes // 16) * 16, 16),), torch.uint8)
         self.pad = triton_dist.zeros((REGIONS.value * self.num_programs * self.world.world_size,), torch.int32)
-        self.epoch = torch.zeros(1, dtype=torch.int32, device=self.world.device)
         self.counters = epoch_counters(self.num_programs, self.world.device)
         self.world.barrier()  # every pad is zero before any rank announces into it
 
@@ -279,11 +278,6 @@ class CollectiveContext:
     def call_counters(self) -> torch.Tensor:
         """The per-program epoch counters for a kernel that takes its epoch with :func:`take_epoch`."""
         return self.counters
-
-    def next_epoch(self) -> torch.Tensor:
-        """Bump the epoch on the stream (no host sync) and return the device counter for the kernel."""
-        self.epoch.add_(1)
-        return self.epoch
 
     def close(self) -> None:
         """Free the symmetric buffers (collective: every rank closes the same contexts in the same order)."""
