@@ -3,7 +3,8 @@
 # tests, then the primitive, collective and GEMM benchmarks on all local GPUs. Run on a machine with GPUs from the repository root:
 #     TRITON_DIST_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_suite.sh [OUT_DIR]
 # (TRITON_DIST_COMMIT names the commit in the benchmark rows where the checkout has no .git.)
-# Writes OUT_DIR/pytest.log, OUT_DIR/junit.xml, OUT_DIR/<card>.jsonl (bench rows) and a summary table (last).
+# Writes OUT_DIR/pytest.log, OUT_DIR/junit-<test file>.xml, OUT_DIR/<card>.jsonl (bench rows) and a summary table
+# (last). TEST_FILES, FILE_TIMEOUT, TEST_TIMEOUT, PYTEST_ARGS, SKIP_BENCH, BENCH_ARGS, COLL_ARGS, GEMM_ARGS adjust it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-tests/gpu_results/latest}}
@@ -20,9 +21,18 @@ if [ -z "${TRITON_DIST_TEST_WORLD_SIZES:-}" ]; then
     export TRITON_DIST_TEST_WORLD_SIZES=2,4
     [ "$NGPU" -gt 4 ] && export TRITON_DIST_TEST_WORLD_SIZES=2,4,$NGPU
 fi
-TRITON_DIST_TEST_BACKEND=cuda $PY -m pytest -q -m "" tests -p no:cacheprovider --timeout 900 \
-    --junitxml="$OUT_DIR/junit.xml" ${PYTEST_ARGS:-} 2>&1 | tee "$OUT_DIR/pytest.log"
-TEST_RC=${PIPESTATUS[0]}
+# One pytest per test file, each under its own deadline (FILE_TIMEOUT s) and a per-test timeout (TEST_TIMEOUT s), so
+# that a stalled test costs one file, not the rest of the suite. TEST_FILES picks files (default: all).
+TEST_RC=0
+for f in ${TEST_FILES:-tests/test_*.py}; do
+    name=$(basename "$f" .py)
+    TRITON_DIST_TEST_BACKEND=cuda timeout "${FILE_TIMEOUT:-600}" $PY -m pytest -q -m "" "$f" -p no:cacheprovider \
+        --timeout "${TEST_TIMEOUT:-240}" --junitxml="$OUT_DIR/junit-$name.xml" ${PYTEST_ARGS:-} 2>&1 \
+        | tee -a "$OUT_DIR/pytest.log"
+    rc=${PIPESTATUS[0]}
+    [ "$rc" -eq 124 ] && echo "$f: stopped after ${FILE_TIMEOUT:-600} s (no junit report)" | tee -a "$OUT_DIR/pytest.log"
+    [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ] && TEST_RC=1  # 5: no tests collected
+done
 
 BENCH_RC=0
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
@@ -39,12 +49,19 @@ fi
 $PY - "$OUT_DIR" "$TEST_RC" "$BENCH_RC" <<'PY'
 import glob, json, sys, xml.etree.ElementTree as ET
 out, test_rc, bench_rc = sys.argv[1], sys.argv[2], sys.argv[3]
-try:
-    suite = ET.parse(f"{out}/junit.xml").getroot().find("testsuite")
-    a = suite.attrib
-    print(f"tests: {a['tests']} run, {a['failures']} failed, {a['errors']} errors, {a['skipped']} skipped (rc {test_rc})")
-except (OSError, ET.ParseError, AttributeError) as e:
-    print(f"tests: no junit report ({e}); rc {test_rc}")
+totals = dict(tests=0, failures=0, errors=0, skipped=0)
+for path in sorted(glob.glob(f"{out}/junit-*.xml")):
+    try:
+        a = ET.parse(path).getroot().find("testsuite").attrib
+    except (OSError, ET.ParseError, AttributeError) as e:
+        print(f"{path}: no report ({e})")
+        continue
+    for k in totals:
+        totals[k] += int(a[k])
+    print(f"{path.split('junit-')[-1][:-4]:<24} {a['tests']:>4} run {a['failures']:>3} failed {a['errors']:>3} errors "
+          f"{a['skipped']:>3} skipped")
+print(f"tests: {totals['tests']} run, {totals['failures']} failed, {totals['errors']} errors, {totals['skipped']} "
+      f"skipped (rc {test_rc})")
 print(f"bench rc {bench_rc}")
 for path in glob.glob(f"{out}/*.jsonl"):
     rows = [json.loads(l) for l in open(path)]
