@@ -54,7 +54,9 @@ METHODS = ("copy_engine", "sm", "sequential")
 # M=4096 K=8192 N=2048), so auto takes the sequential path there.
 AUTO_METHOD = "sm"
 COPY_ENGINE_MIN_M = 8192
-SEQUENTIAL_MAX_M = 128  # auto: up to this many rows of C, gather then torch.matmul
+# auto: up to this many rows of C, gather then torch.matmul. At M=1024 the overlapped methods were 0.88-1.01x
+# NCCL + cuBLAS (2026-11-28); our gather is on par with NCCL's there, so sequential is predicted ~1.0x (unmeasured).
+SEQUENTIAL_MAX_M = 1024
 SEQUENTIAL_MAX_N = 2048  # auto: up to this many output columns per rank, likewise
 SM_COMM_PROGRAMS = 20  # programs of the pull kernel next to the GEMM (method "sm") on GPUs
 

@@ -44,7 +44,10 @@ METHODS = ("fused", "sequential_reduce", "sequential")
 # auto, from the 4x H100 run of 2026-11-28: "fused" (reduction next to the GEMM) lost to "sequential_reduce" on every
 # shape (e.g. 2175 vs 1578 us at M=8192 K=7168 N=8192): the spinning reduction programs take SMs from the GEMM.
 AUTO_METHOD = "sequential_reduce"
-SEQUENTIAL_MAX_M = 128  # auto: up to this many rows of A, torch.matmul then reduce-scatter (not measured)
+# auto: up to this many rows of A, torch.matmul then our reduce-scatter. sequential_reduce was 0.85-0.98x NCCL +
+# cuBLAS at M <= 2048 (2026-11-28) while our push reduce-scatter beat NCCL at 1 MiB (1.32x): predicted >= 1.0x there,
+# not measured yet.
+SEQUENTIAL_MAX_M = 2048
 REDUCE_PROGRAMS = 16  # programs of the reduction next to the GEMM (method "fused") on GPUs
 REDUCE_ROWS = 32  # rows of a tile the reduction sums at a time on GPUs (registers)
 
