@@ -133,8 +133,10 @@ def gemm_rs(a: torch.Tensor, b: torch.Tensor, *, method: str = "auto", out: torc
 
 
 def gemm_ar(a: torch.Tensor, b: torch.Tensor, *, method: str = "auto", out: torch.Tensor | None = None):
-    """``sum over ranks of a @ b`` (``(M, N)``, identical on every rank) in one kernel for decode shapes; larger M
-    goes to torch.matmul + :func:`all_reduce` (``method="auto"``). See :mod:`triton_dist.kernels.gemm_ar`."""
+    """``sum over ranks of a @ b`` (``(M, N)``, identical on every rank), for decode shapes. ``method="fused"``: one
+    kernel (GEMM tiles pushed to every rank, summed in rank order); ``"sequential"``: torch.matmul then
+    :func:`all_reduce`, which ``"auto"`` picks (faster at every measured M so far, docs/perf/NOTES.md). See
+    :mod:`triton_dist.kernels.gemm_ar`."""
     m, k, n = _gemm_shapes("gemm_ar", a, b, method, _gemm_ar.METHODS)
     if method == "sequential" or (method == "auto" and _gemm_ar.pick_method(m) == "sequential"):
         return all_reduce(torch.matmul(a, b), out=_check_out("gemm_ar", out, (m, n), a.dtype, a.device))
