@@ -25,6 +25,7 @@ import test_language as T  # noqa: E402
 import test_libshmem as L  # noqa: E402
 from triton_dist.bench import primitives as P  # noqa: E402
 from triton_dist.kernels import ag_gemm as AGG  # noqa: E402
+from triton_dist.kernels import _common as C  # noqa: E402
 from triton_dist.kernels import all_gather as AG  # noqa: E402
 from triton_dist.kernels import all_reduce as AR  # noqa: E402
 from triton_dist.kernels import all_to_all as A2A  # noqa: E402
@@ -65,7 +66,7 @@ for dt, half in (("bf16", True), ("fp32", False)):
 check(AG._ll_kernel, {"x_ptr": "*i32", "out_ptr": "*i32", "buf_ptr": "*i64", "epoch_ptr": "*i32", "words": "i32",
                       "slot_words": "i32"}, {"BLOCK": 1024})
 for phase in (0, 1, 2):
-    check(AG._ce_signal_kernel, {"pad_ptr": "*i32", "epoch_ptr": "*i32", "wait_all": "i32"}, {"PHASE": phase})
+    check(C.copy_engine_signal_kernel, {"pad_ptr": "*i32", "epoch_ptr": "*i32", "wait_all": "i32"}, {"PHASE": phase})
 check(AR._push_two_shot_kernel, dict(coll, n="i32", chunk="i32", slot="i32", wait_all="i32"), {"BLOCK": 8192})
 check(RS._push_kernel, dict(coll, chunk="i32", slot="i32", wait_all="i32"), {"BLOCK": 8192})
 check(RS._full_mesh_kernel, dict(coll, chunk="i32", wait_all="i32"), {"BLOCK": 2048})

@@ -174,6 +174,42 @@ def reduce_tiles(base, out_ptr, lo, hi, out_shift, world, nprog, BLOCK: tl.const
             tl.store(base + offs, acc, mask=mask)
 
 
+@triton.jit
+def copy_engine_signal_kernel(pad_ptr, epoch_ptr, wait_all, PHASE: tl.constexpr):
+    """The signals of a copy-engine exchange (one program, see :func:`copy_engine_exchange`): PHASE 0 takes the
+    epoch and waits ``done >= e-1``, 1 announces ``ready`` and waits for everyone's, 2 announces ``done``."""
+    rank = dl.rank()
+    world = dl.num_ranks()
+    if PHASE == 0:
+        e = take_epoch(epoch_ptr)
+        await_previous(pad_ptr, e, world, wait_all)
+    else:
+        e = tl.load(epoch_ptr + 1)  # the epoch phase 0 of this call took
+        if PHASE == 1:
+            announce(pad_ptr, READY, e, rank, world)
+            await_all(pad_ptr, READY, e, world)
+        else:
+            announce(pad_ptr, DONE, e, rank, world)
+
+
+def copy_engine_exchange(ctx: "CollectiveContext", x: torch.Tensor, take) -> None:
+    """Move data by DMA between three one-program signal kernels: wait until the peers read my staging of the
+    previous call; ``x`` (a flat word view) into my staging; a ready round; ``take(src, staging_of_src)`` for every
+    rank, starting with me (``staging_of_src``: a host-side peer view of ``src``'s staging in ``x``'s word type, for
+    stream-ordered ``copy_`` out of it); then announce that I finished reading. Leaves the SMs free."""
+    world, rank = ctx.world.world_size, ctx.world.rank
+    peers = ctx.peer_staging(x.dtype)
+    wait_all = ctx.layout_switch("copy_engine", 1)  # x at staging[0:n]; the one signal program is pid 0
+    counters = ctx.call_counters()
+    copy_engine_signal_kernel[(1,)](ctx.pad, counters, wait_all, PHASE=0, num_warps=1)
+    peers[rank][:x.numel()].copy_(x)
+    copy_engine_signal_kernel[(1,)](ctx.pad, counters, 0, PHASE=1, num_warps=1)
+    for i in range(world):
+        src = (rank + i) % world
+        take(src, peers[src])
+    copy_engine_signal_kernel[(1,)](ctx.pad, counters, 0, PHASE=2, num_warps=1)
+
+
 def epoch_counters(programs: int, device) -> torch.Tensor:
     """Counters for :func:`take_epoch`: ``[programs, 0, 0, ...]`` (int32, ``1 + programs``)."""
     c = torch.zeros(1 + programs, dtype=torch.int32, device=device)
@@ -274,6 +310,14 @@ class CollectiveContext:
             raise ValueError(f"{type(self).__name__}: {numel} elements of {dtype} need {nbytes} bytes of staging, "
                              f"the context has {self.staging_bytes}; make a larger context")
         return self.staging[:nbytes].view(dtype)
+
+    def peer_staging(self, word: torch.dtype) -> list[torch.Tensor]:
+        """Every rank's staging viewed as ``word`` (host-side peer views for copy-engine copies), cached."""
+        views = self.__dict__.setdefault("_peer_staging", {})
+        if word not in views:
+            local = self.staging.view(word)
+            views[word] = [triton_dist.peer_view(local, r) for r in range(self.world.world_size)]
+        return views[word]
 
     def call_counters(self) -> torch.Tensor:
         """The per-program epoch counters for a kernel that takes its epoch with :func:`take_epoch`."""

@@ -62,6 +62,15 @@ def ll_send(buf_ptr, slot_words, word, w, e, rank, world):
 
 
 @triton.jit
+def ll_send_all(src_ptr, n, words, buf_ptr, slot_words, e, rank, world, HALF: tl.constexpr, BLOCK: tl.constexpr):
+    """Send this program's tiles of a message of ``words`` 32-bit words (``n`` elements at ``src_ptr``, see
+    :func:`ll_pack`) to every rank (:func:`ll_send`)."""
+    for t in range(tl.program_id(0), tl.cdiv(words, BLOCK), tl.num_programs(0)):
+        w, mask = ll_lanes(t, words, BLOCK)
+        ll_send(buf_ptr, slot_words, ll_pack(src_ptr, w, n, HALF), w, e, rank, world)
+
+
+@triton.jit
 def _all_flagged(v, e):
     return tl.min(((v >> 32).to(tl.int32) == e).to(tl.int32), axis=0) != 0
 

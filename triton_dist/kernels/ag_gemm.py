@@ -45,7 +45,7 @@ import triton_dist
 import triton_dist.language as dl
 
 from ._common import REGIONS, announce, await_all, copy_blocks
-from .gemm import (OverlapContext, check_method, check_operands, check_out, chunk_tile, consume_aligned,
+from .gemm import (OverlapContext, check_method, check_operands, check_out, chunk_tile,
                    dot_precision, fence_async_proxy, num_sms, operands, store_tile, tile_dot)
 
 METHODS = ("copy_engine", "sm", "sequential")
@@ -92,11 +92,11 @@ def _ag_pull_kernel(a_ptr, gathered_ptr, sig_ptr, pad_ptr, epoch_ptr, chunk_nume
     world = dl.num_ranks()
     nprog = tl.num_programs(0)
     e = tl.load(epoch_ptr)
-    gathered = consume_aligned(gathered_ptr, dl.wait(sig_ptr, world, "sys", "acquire", e - 1, cmp="ge"))
+    gathered = dl.consume_token(gathered_ptr, dl.wait(sig_ptr, world, "sys", "acquire", e - 1, cmp="ge"))
     copy_blocks(a_ptr, gathered + rank * chunk_numel, 0, chunk_numel, nprog, BLOCK, rank * chunk_numel)
     _chunk_copied(sig_ptr, rank, e, nprog)
     announce(pad_ptr, 0, e, rank, world)
-    base = consume_aligned(gathered_ptr, await_all(pad_ptr, 0, e, world))
+    base = dl.consume_token(gathered_ptr, await_all(pad_ptr, 0, e, world))
     for i in range(1, world):
         src = (rank + i) % world
         rows = base + src * chunk_numel
@@ -145,11 +145,9 @@ def _ag_gemm_kernel(a, b, c_ptr, sig_ptr, epoch_ptr, m_loc, N, K,
     for t in range(tl.program_id(0), world * tiles_m * tiles_n, tl.num_programs(0)):
         src, pid_m, pid_n = chunk_tile(t, tiles_m, tiles_n, rank, world, GROUP_M)
         token = dl.wait(sig_ptr + world + src, 1, "sys", "acquire", e, cmp="ge")
+        a_src = dl.consume_token(a, token)
         if USE_TMA:
-            a_src = dl.consume_token(a, token)
-            fence_async_proxy()
-        else:
-            a_src = consume_aligned(a, token)
+            fence_async_proxy()  # the peers' chunk was written by the generic proxy, TMA reads by the async one
         off_m = src * m_loc + pid_m * BLOCK_M
         rows_end = src * m_loc + m_loc
         acc = tile_dot(a_src, b, off_m, pid_n * BLOCK_N, rows_end, N, K, stride_am, stride_ak, stride_bk, stride_bn,

@@ -34,9 +34,9 @@ import triton_dist
 import triton_dist.language as dl
 from triton_dist.runtime.heap import SUPPORTED_DTYPES
 
-from ._common import (DONE, READY, CollectiveContext, announce, await_all, await_previous, check_collective_input,
-                      copy_blocks, push_and_publish, signal_slots, stage_and_publish, take_epoch)
-from ._ll import LL_MAX_BYTES, LLBuffer, ll_lanes, ll_recv, ll_send
+from ._common import (DONE, READY, CollectiveContext, announce, await_previous, check_collective_input, copy_blocks,
+                      copy_engine_exchange, push_and_publish, signal_slots, stage_and_publish, take_epoch)
+from ._ll import LL_MAX_BYTES, LLBuffer, ll_lanes, ll_recv, ll_send_all
 
 METHODS = ("pull", "push", "ring", "ll", "copy_engine")
 # auto, from the 4x H100 run of 2026-11-28: ll up to 256 KiB per rank (1.5-1.9x NCCL), pull up to 16 MiB,
@@ -98,34 +98,12 @@ def _ll_kernel(x_ptr, out_ptr, buf_ptr, epoch_ptr, words, slot_words, BLOCK: tl.
     rank = dl.rank()
     world = dl.num_ranks()
     e = take_epoch(epoch_ptr)
-    tiles = tl.cdiv(words, BLOCK)
-    for t in range(tl.program_id(0), tiles, tl.num_programs(0)):
-        w, mask = ll_lanes(t, words, BLOCK)
-        ll_send(buf_ptr, slot_words, tl.load(x_ptr + w), w, e, rank, world)
-    for t in range(tl.program_id(0), tiles, tl.num_programs(0)):
+    ll_send_all(x_ptr, words, words, buf_ptr, slot_words, e, rank, world, False, BLOCK)
+    for t in range(tl.program_id(0), tl.cdiv(words, BLOCK), tl.num_programs(0)):
         w, mask = ll_lanes(t, words, BLOCK)
         for i in range(world):
             src = (rank + i) % world
             tl.store(out_ptr + src * words + w, ll_recv(buf_ptr, slot_words, w, e, src, world), mask=mask)
-
-
-@triton.jit
-def _ce_signal_kernel(pad_ptr, epoch_ptr, wait_all, PHASE: tl.constexpr):
-    """The copy-engine method's signals (one program): PHASE 0 waits ``done >= e-1``, 1 announces ``ready`` and
-    waits for everyone's, 2 announces ``done``."""
-    rank = dl.rank()
-    world = dl.num_ranks()
-    if PHASE == 0:
-        e = take_epoch(epoch_ptr)
-    else:
-        e = tl.load(epoch_ptr + 1)  # the epoch phase 0 of this call took
-    if PHASE == 0:
-        await_previous(pad_ptr, e, world, wait_all)
-    elif PHASE == 1:
-        announce(pad_ptr, READY, e, rank, world)
-        await_all(pad_ptr, READY, e, world)
-    else:
-        announce(pad_ptr, DONE, e, rank, world)
 
 
 class AllGatherContext(CollectiveContext):
@@ -139,14 +117,6 @@ class AllGatherContext(CollectiveContext):
         nbytes = max_numel * torch.empty((), dtype=dtype).element_size()
         super().__init__(world * nbytes, num_programs=num_programs)
         self.ll = LLBuffer(min(nbytes, LL_MAX_BYTES), 256 if self.world.interpreted else 1024, self.num_programs)
-
-    def peer_staging(self, word: torch.dtype) -> list[torch.Tensor]:
-        """Every rank's staging viewed as ``word`` (host-side peer views for copy-engine copies), cached."""
-        views = self.__dict__.setdefault("_peer_staging", {})
-        if word not in views:
-            local = self.staging.view(word)
-            views[word] = [triton_dist.peer_view(local, r) for r in range(self.world.world_size)]
-        return views[word]
 
     def close(self) -> None:
         super().close()
@@ -197,7 +167,7 @@ def all_gather(x: torch.Tensor, *, ctx: AllGatherContext, method: str = "auto",
                                                   BLOCK=block, num_warps=4)
         return out
     if method == "copy_engine":
-        _copy_engine_all_gather(xw, outw, ctx, word)
+        _copy_engine_all_gather(xw, outw, ctx)
         return out
     staging = ctx.staging.view(word)
     block = 1024 if ctx.world.interpreted else 4096  # fixed per context: tiles own staging bytes
@@ -209,19 +179,9 @@ def all_gather(x: torch.Tensor, *, ctx: AllGatherContext, method: str = "auto",
     return out
 
 
-def _copy_engine_all_gather(xw: torch.Tensor, outw: torch.Tensor, ctx: AllGatherContext, word: torch.dtype) -> None:
-    world, rank, m = ctx.world.world_size, ctx.world.rank, xw.numel()
-    peers = ctx.peer_staging(word)
-    wait_all = ctx.layout_switch("copy_engine", 1)  # my x at staging[0:m]; the one signal program is pid 0
-    epoch = ctx.call_counters()
-    _ce_signal_kernel[(1,)](ctx.pad, epoch, wait_all, PHASE=0, num_warps=1)
-    peers[rank][:m].copy_(xw)
-    outw[rank * m:(rank + 1) * m].copy_(xw)
-    _ce_signal_kernel[(1,)](ctx.pad, epoch, 0, PHASE=1, num_warps=1)
-    for i in range(1, world):
-        src = (rank + i) % world
-        outw[src * m:(src + 1) * m].copy_(peers[src][:m])
-    _ce_signal_kernel[(1,)](ctx.pad, epoch, 0, PHASE=2, num_warps=1)
+def _copy_engine_all_gather(xw: torch.Tensor, outw: torch.Tensor, ctx: AllGatherContext) -> None:
+    m = xw.numel()
+    copy_engine_exchange(ctx, xw, lambda src, staged: outw[src * m:(src + 1) * m].copy_(staged[:m]))
 
 
 def all_gather_reference(x: torch.Tensor) -> torch.Tensor:

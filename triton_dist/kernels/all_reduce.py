@@ -38,8 +38,8 @@ import triton_dist.language as dl
 
 from ._common import (DONE, REDUCED, REDUCTION_DTYPES, ReductionContext, announce, await_all, copy_blocks,
                       push_and_publish, reduce_slots, reduce_tiles, scatter_and_publish, stage_and_publish,
-                      take_epoch, tile_span)
-from ._ll import LL_MAX_BYTES, LLBuffer, ll_lanes, ll_pack, ll_recv, ll_send
+                      take_epoch)
+from ._ll import LL_MAX_BYTES, LLBuffer, ll_lanes, ll_recv, ll_send_all
 
 DTYPES = REDUCTION_DTYPES
 METHODS = ("one_shot", "two_shot", "push_one_shot", "ll", "push_two_shot")
@@ -78,14 +78,7 @@ def _push_one_shot_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, n, sl
     tile ownership (relative to the slot start) is the same in every call."""
     rank, world, nprog, e, base = push_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, dl.rank() * slot, 0,
                                                    wait_all, BLOCK)
-    t0, t1, step = tile_span(0, n, 0, nprog, BLOCK)
-    for t in range(t0, t1, step):
-        offs = t * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for src in range(world):
-            acc += tl.load(base + src * slot + offs, mask=mask).to(tl.float32)
-        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    reduce_slots(x_ptr, base, slot, n, out_ptr, out_ptr, rank, world, nprog, BLOCK, False)
     announce(pad_ptr, DONE, e, rank, world)
 
 
@@ -96,12 +89,9 @@ def _ll_kernel(x_ptr, out_ptr, buf_ptr, epoch_ptr, n, words, slot_words, HALF: t
     rank = dl.rank()
     world = dl.num_ranks()
     e = take_epoch(epoch_ptr)
-    tiles = tl.cdiv(words, BLOCK)
-    for t in range(tl.program_id(0), tiles, tl.num_programs(0)):
-        w, mask = ll_lanes(t, words, BLOCK)
-        ll_send(buf_ptr, slot_words, ll_pack(x_ptr, w, n, HALF), w, e, rank, world)
+    ll_send_all(x_ptr, n, words, buf_ptr, slot_words, e, rank, world, HALF, BLOCK)
     dtype = out_ptr.dtype.element_ty
-    for t in range(tl.program_id(0), tiles, tl.num_programs(0)):
+    for t in range(tl.program_id(0), tl.cdiv(words, BLOCK), tl.num_programs(0)):
         w, mask = ll_lanes(t, words, BLOCK)
         lo = tl.zeros([BLOCK], dtype=tl.float32)
         hi = tl.zeros([BLOCK], dtype=tl.float32)

@@ -48,8 +48,7 @@ import triton.language as tl
 import triton_dist
 import triton_dist.language as dl
 from triton_dist.kernels._common import (DONE, READY, CollectiveContext, announce, await_all, await_previous,
-                                         check_collective_input, take_epoch)
-from triton_dist.kernels.all_gather import _ce_signal_kernel
+                                         check_collective_input, copy_engine_exchange, take_epoch)
 
 __all__ = ["AllToAllContext", "all_to_all", "all_to_all_v", "all_to_all_reference", "all_to_all_v_reference",
            "close_default_context", "SUPPORTED_DTYPES"]
@@ -283,24 +282,13 @@ def _launch(ctx: AllToAllContext, x: torch.Tensor, out: torch.Tensor, m_rows: in
 
 
 def _launch_copy_engine(ctx: AllToAllContext, x: torch.Tensor, out: torch.Tensor) -> None:
-    """Equal splits by DMA: x into my staging, a ready round, then every peer's block for me, copied out of its
-    staging through its peer view (stream-ordered ``copy_``), then done. The SMs run three one-program signal
-    kernels only (those of the copy-engine all-gather)."""
-    world, rank = ctx.world.world_size, ctx.world.rank
-    nbytes = x.numel() * x.element_size()
-    block = nbytes // world
-    peers = ctx.__dict__.setdefault("_peer_bytes", [triton_dist.peer_view(ctx.staging, r) for r in range(world)])
-    xb, ob = _words(x, torch.uint8), _words(out, torch.uint8)
-    wait_all = ctx.layout_switch("copy_engine", 1)
-    epoch = ctx.call_counters()
-    _ce_signal_kernel[(1,)](ctx.pad, epoch, wait_all, PHASE=0, num_warps=1)
-    peers[rank][:nbytes].copy_(xb)
-    ob[rank * block:(rank + 1) * block].copy_(xb[rank * block:(rank + 1) * block])
-    _ce_signal_kernel[(1,)](ctx.pad, epoch, 0, PHASE=1, num_warps=1)
-    for i in range(1, world):
-        src = (rank + i) % world
-        ob[src * block:(src + 1) * block].copy_(peers[src][rank * block:(rank + 1) * block])
-    _ce_signal_kernel[(1,)](ctx.pad, epoch, 0, PHASE=2, num_warps=1)
+    """Equal splits by DMA (``_common.copy_engine_exchange``): x into my staging, a ready round, then every rank's
+    block for me copied out of its staging through its peer view, then done."""
+    rank, block = ctx.world.rank, x.numel() * x.element_size() // ctx.world.world_size
+    ob = _words(out, torch.uint8)
+    copy_engine_exchange(ctx, _words(x, torch.uint8),
+                         lambda src, staged: ob[src * block:(src + 1) * block].copy_(
+                             staged[rank * block:(rank + 1) * block]))
 
 
 # ------------------------------------------------------------------------------------------------- public

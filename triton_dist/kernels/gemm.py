@@ -10,7 +10,6 @@ Device helpers (``@triton.jit``):
   (``USE_TMA``) or plain pointers with any strides;
 * :func:`store_tile`: the masked epilogue store;
 * :func:`fence_async_proxy`: orders an acquire (generic proxy) before later TMA loads (async proxy) on GPUs;
-* :func:`consume_aligned`: ``dl.consume_token`` for a symmetric-heap pointer, keeping its 16-byte alignment.
 
 A persistent kernel loops ``for t in range(tl.program_id(0), num_tiles, tl.num_programs(0))`` and calls these.
 
@@ -34,7 +33,6 @@ from triton import knobs
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 import triton_dist
-import triton_dist.language as dl
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -112,15 +110,6 @@ def store_tile(ptr, acc, off_m, off_n, rows_end, cols_end, stride_m, stride_n,
     ptrs = ptr + rm.to(tl.int64)[:, None] * stride_m + rn[None, :] * stride_n
     mask = (rm[:, None] < rows_end) & (rn[None, :] < cols_end)
     tl.store(ptrs, acc.to(ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def consume_aligned(ptr, token):
-    """``dl.consume_token(ptr, token)`` for a pointer to the start of a symmetric-heap object (256-byte aligned).
-
-    The asm move inside ``consume_token`` hides the pointer's alignment from the compiler, which then neither
-    vectorises accesses through it nor pipelines them (and a 128x256 epilogue spills); restate 16 bytes."""
-    return tl.multiple_of(dl.consume_token(ptr, token), 16)
 
 
 if knobs.runtime.interpret:

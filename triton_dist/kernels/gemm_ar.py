@@ -34,7 +34,7 @@ import triton_dist.language as dl
 
 from . import all_reduce as _ar
 from ._common import DONE, REGIONS, announce, await_all
-from .gemm import (DTYPES, GemmConfig, OverlapContext, check_method, check_operands, check_out, consume_aligned,
+from .gemm import (DTYPES, GemmConfig, OverlapContext, check_method, check_operands, check_out,
                    dot_precision, num_sms, operands, store_tile, tile_dot)
 
 METHODS = ("fused", "sequential")
@@ -57,7 +57,7 @@ def _gemm_ar_kernel(a, b, out_ptr, slots_ptr, flags_ptr, pad_ptr, epoch_ptr, M, 
     tiles_n = tl.cdiv(N, BLOCK_N)
     num_tiles = tl.cdiv(M, BLOCK_M) * tiles_n
     # 1. program pid of every rank finished reading the previous call's slots
-    slots = consume_aligned(slots_ptr, await_all(pad_ptr, DONE, e - 1, world))
+    slots = dl.consume_token(slots_ptr, await_all(pad_ptr, DONE, e - 1, world))
     # 2. my tiles: compute, push into slot `rank` everywhere, raise the tile's flag everywhere
     for t in range(pid, num_tiles, nprog):
         off_m = (t // tiles_n) * BLOCK_M
@@ -72,7 +72,7 @@ def _gemm_ar_kernel(a, b, out_ptr, slots_ptr, flags_ptr, pad_ptr, epoch_ptr, M, 
     # 3. the same tiles from every rank, summed in rank order
     for t in range(pid, num_tiles, nprog):
         token = dl.wait(flags_ptr + t * world, world, "sys", "acquire", e, cmp="ge")
-        base = consume_aligned(slots_ptr, token)
+        base = dl.consume_token(slots_ptr, token)
         rm = (t // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = (t % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs = rm.to(tl.int64)[:, None] * N + rn[None, :]

@@ -37,7 +37,7 @@ import triton_dist
 import triton_dist.language as dl
 
 from . import reduce_scatter as _rs
-from .gemm import (DTYPES, OverlapContext, check_method, check_operands, check_out, chunk_tile, consume_aligned,
+from .gemm import (DTYPES, OverlapContext, check_method, check_operands, check_out, chunk_tile,
                    dot_precision, grouped_tile, num_sms, operands, store_tile, tile_dot)
 
 METHODS = ("fused", "sequential_reduce", "sequential")
@@ -68,7 +68,7 @@ def _gemm_rs_kernel(a, b, recv_ptr, flags_ptr, sig_ptr, epoch_ptr, m_loc, N, K,
         dst, pid_m, pid_n = chunk_tile(t, tiles_m, tiles_n, rank + 1, world, GROUP_M)
         # dst finished reducing the previous call (waited before the tile, while no accumulator is live)
         token = dl.wait(sig_ptr + dst, 1, "sys", "acquire", e - 1, cmp="ge")
-        slot = dl.symm_at(consume_aligned(recv_ptr, token), dst) + rank * slot_stride
+        slot = dl.symm_at(dl.consume_token(recv_ptr, token), dst) + rank * slot_stride
         acc = tile_dot(a, b, dst * m_loc + pid_m * BLOCK_M, pid_n * BLOCK_N, dst * m_loc + m_loc, N, K,
                        stride_am, stride_ak, stride_bk, stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, B_TRANS,
                        DOT_PRECISION)
@@ -91,7 +91,7 @@ def _rs_reduce_kernel(recv_ptr, out_ptr, flags_ptr, sig_ptr, epoch_ptr, m_loc, N
     for t in range(tl.program_id(0), tiles_m * tiles_n, nprog):
         pid_m, pid_n = grouped_tile(t, tiles_m, tiles_n, GROUP_M)  # the producers' order
         token = dl.wait(flags_ptr + (pid_m * tiles_n + pid_n) * world, world, "sys", "acquire", e, cmp="ge")
-        base = consume_aligned(recv_ptr, token)
+        base = dl.consume_token(recv_ptr, token)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         for r0 in tl.static_range(0, BLOCK_M, SUB_M):
             rm = pid_m * BLOCK_M + r0 + tl.arange(0, SUB_M)
