@@ -59,7 +59,8 @@ from ..kernels._ll import LL_MAX_BYTES
 from .harness import Skip as _Skip
 from .harness import agree as _agree
 from .harness import first_line, group_errors, time_call
-from .report import DEFAULT_PLOT, OPS, OURS, Progress, default_plot_path, fmt_bytes, format_tables, load_rows, plot_rows
+from .report import (DEFAULT_PLOT, OPS, OURS, Progress, add_render_args, default_plot_path, fmt_bytes, format_tables,
+                     load_rows, plot_rows, render_recorded)
 
 OUR_METHODS = {"all_reduce": ("ll", "one_shot", "two_shot", "push_one_shot", "push_two_shot"),
                "all_gather": ("ll", "pull", "push", "ring", "copy_engine"),
@@ -395,13 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--graph-below", type=parse_bytes, default=1 << 20,
                     help="sizes below this are timed by CUDA-graph replay (0: never)")
     ap.add_argument("--graph-calls", type=int, default=20, help="calls captured per CUDA graph")
-    ap.add_argument("--plot", default=None, help=f"PNG path [default: {DEFAULT_PLOT}]")
-    ap.add_argument("--no-plot", action="store_true", help="draw no plot")
     ap.add_argument("--smoke", action="store_true",
                     help="allow the CPU world (wall-clock timing, nothing written): checks the plumbing only")
-    ap.add_argument("--render", metavar="JSONL", default=None,
-                    help="no benchmark: print the tables and draw the plot of a recorded run, then exit")
-    ap.add_argument("--run-id", default=None, help="with --render: the run to show [default: the last one]")
+    add_render_args(ap, DEFAULT_PLOT)
     return ap
 
 
@@ -409,12 +406,7 @@ def main(argv=None) -> None:
     ap = build_parser()
     args = ap.parse_args(argv)
     if args.render:
-        rows = load_rows(args.render, args.run_id)
-        print(format_tables(rows))
-        if not args.no_plot:
-            path = plot_rows(rows, args.plot or default_plot_path(rows[0]["card"]))
-            if path:
-                print(f"plot written to {path}")
+        render_recorded(args, load_rows, format_tables, plot_rows, default_plot_path)
         return
     try:
         sizes = size_sweep(args.min_bytes, args.max_bytes, args.step)

@@ -72,8 +72,8 @@ import zlib
 from dataclasses import asdict, dataclass
 
 from .harness import Skip, agree, first_line, time_call
-from .report import (GEMM_ALONE, GEMM_OPS, OURS, Progress, default_gemm_plot_path, format_gemm_tables, gemm_shape,
-                     load_gemm_rows, plot_gemm_rows)
+from .report import (GEMM_ALONE, GEMM_OPS, OURS, Progress, add_render_args, default_gemm_plot_path,
+                     format_gemm_tables, gemm_shape, load_gemm_rows, plot_gemm_rows, render_recorded)
 
 MODELS = {"llama3-8b": (4096, 14336), "llama3-70b": (8192, 28672), "qwen2-72b": (8192, 29568)}  # (H, I)
 GOAL_SHAPES = {"ag_gemm": ((8192, 7168, 8192), (4096, 2048, 8192)), "gemm_rs": ((8192, 8192, 7168),)}  # (M, N, K)
@@ -425,13 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--graph-max-m", type=int, default=256,
                     help="gemm_ar cases with M up to this are timed by CUDA-graph replay (0: never)")
     ap.add_argument("--graph-calls", type=int, default=20, help="calls captured per CUDA graph")
-    ap.add_argument("--plot", default=None, help="PNG path [default: docs/perf/gemm_<card>.png]")
-    ap.add_argument("--no-plot", action="store_true", help="draw no plot")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes, allowed in the CPU world (wall-clock timing): checks the plumbing only")
-    ap.add_argument("--render", metavar="JSONL", default=None,
-                    help="no benchmark: print the tables and draw the plot of a recorded run, then exit")
-    ap.add_argument("--run-id", default=None, help="with --render: the run to show [default: the last one]")
+    add_render_args(ap, "docs/perf/gemm_<card>.png")
     return ap
 
 
@@ -439,12 +435,7 @@ def main(argv=None) -> None:
     ap = build_parser()
     args = ap.parse_args(argv)
     if args.render:
-        rows = load_gemm_rows(args.render, args.run_id)
-        print(format_gemm_tables(rows))
-        if not args.no_plot:
-            path = plot_gemm_rows(rows, args.plot or default_gemm_plot_path(rows[0]["card"]))
-            if path:
-                print(f"plot written to {path}")
+        render_recorded(args, load_gemm_rows, format_gemm_tables, plot_gemm_rows, default_gemm_plot_path)
         return
     if args.samples is not None and args.samples < 1 or args.graph_calls < 1:
         ap.error("--samples and --graph-calls must be positive")

@@ -451,3 +451,22 @@ def load_gemm_rows(path: str, run_id: str | None = None) -> list[dict]:
 def default_gemm_plot_path(card: str) -> str:
     from triton_dist.bench.harness import card_slug
     return DEFAULT_GEMM_PLOT.format(card=card_slug(card))
+
+
+def add_render_args(ap, plot_default: str) -> None:
+    """The options every benchmark shares for its plot and for re-rendering a recorded run."""
+    ap.add_argument("--plot", default=None, help=f"PNG path [default: {plot_default}]")
+    ap.add_argument("--no-plot", action="store_true", help="draw no plot")
+    ap.add_argument("--render", metavar="JSONL", default=None,
+                    help="no benchmark: print the tables and draw the plot of a recorded run, then exit")
+    ap.add_argument("--run-id", default=None, help="with --render: the run to show [default: the last one]")
+
+
+def render_recorded(args, load, fmt, plot, default_path) -> None:
+    """``--render``: print the tables of a recorded run and (unless ``--no-plot``) draw its plot."""
+    rows = load(args.render, args.run_id)
+    print(fmt(rows))
+    if not args.no_plot:
+        path = plot(rows, args.plot or default_path(rows[0]["card"]))
+        if path:
+            print(f"plot written to {path}")
