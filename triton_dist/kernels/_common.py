@@ -38,6 +38,7 @@ REDUCED = tl.constexpr(1)  # my chunk reduced (two-shot),
 DONE = tl.constexpr(2)  # finished reading the peers' staging
 REGIONS = tl.constexpr(3)
 REDUCTION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+MAX_TILE_ELEMS = 8192  # the largest tile of a reduction call (CollectiveContext.tile_elems)
 
 
 @triton.jit
@@ -293,7 +294,7 @@ class CollectiveContext:
         (more bytes in flight per program: NVLink loads wait a round trip). Part of the layout key."""
         if self.world.interpreted:
             return 1024
-        return 2048 if nbytes < (1 << 20) else 8192
+        return 2048 if nbytes < (1 << 20) else MAX_TILE_ELEMS
 
     def layout_switch(self, layout: str, programs: int | None = None) -> int:
         """The ``wait_all`` kernel argument: 0 if this call's staging layout and program count are the previous
@@ -335,14 +336,19 @@ class ReductionContext(CollectiveContext):
 
     op = "reduction"
     staging_elem_bytes = None  # bytes of staging per input element; default: the input's element size
+    push_areas = 0  # chunk-sized staging areas the push methods need beyond the world slots
 
     def __init__(self, max_numel: int, dtype: torch.dtype, num_programs: int | None = None):
         if dtype not in REDUCTION_DTYPES:
             raise TypeError(f"{self.op}: dtype {dtype} is not supported; expected bf16, fp16 or fp32")
         self.max_numel = max_numel
         self.dtype = dtype
-        per_elem = self.staging_elem_bytes or torch.empty((), dtype=dtype).element_size()
-        super().__init__(max_numel * per_elem, num_programs=num_programs)
+        elem = torch.empty((), dtype=dtype).element_size()
+        need = max_numel * (self.staging_elem_bytes or elem)
+        world = triton_dist.current_world().world_size  # push methods: world slots (+ areas) of a chunk rounded
+        slot = -(-max_numel // world) + MAX_TILE_ELEMS   # up to whole tiles
+        need = max(need, (world + self.push_areas) * slot * elem)
+        super().__init__(need, num_programs=num_programs)
 
     def check(self, x: torch.Tensor) -> None:
         check_collective_input(x, self.op, REDUCTION_DTYPES)

@@ -131,18 +131,11 @@ class AllReduceContext(ReductionContext):
     ``LL_MAX_BYTES`` of them); reuse it for every call."""
 
     op = "all_reduce"
+    push_areas = 1  # push_two_shot: the world slots plus my reduced chunk
 
     def __init__(self, max_numel: int, dtype: torch.dtype, num_programs: int | None = None):
         super().__init__(max_numel, dtype, num_programs=num_programs)
         nbytes = max_numel * torch.empty((), dtype=dtype).element_size()
-        # push_two_shot: world slots + one reduced area, each a chunk rounded up to whole tiles
-        world = self.world.world_size
-        self.push_slot_room = -(-max_numel // world) + 8192
-        need = (world + 1) * self.push_slot_room * torch.empty((), dtype=dtype).element_size()
-        if need > self.staging_bytes:
-            triton_dist.free(self.staging)
-            self.staging_bytes = need
-            self.staging = triton_dist.empty((-(-need // 16) * 16,), torch.uint8)
         self.ll = LLBuffer(min(nbytes, LL_MAX_BYTES), 256 if self.world.interpreted else 1024, self.num_programs)
 
     def close(self) -> None:

@@ -95,17 +95,6 @@ class ReduceScatterContext(ReductionContext):
     op = "reduce_scatter"
     staging_elem_bytes = 4
 
-    def __init__(self, max_numel: int, dtype: torch.dtype, num_programs: int | None = None):
-        super().__init__(max_numel, dtype, num_programs=num_programs)
-        # push pads each rank's slot to whole tiles: room for world x (chunk + largest tile) input elements
-        world = self.world.world_size
-        self.push_slot_room = -(-max_numel // world) + 8192
-        need = world * self.push_slot_room * torch.empty((), dtype=dtype).element_size()
-        if need > self.staging_bytes:
-            triton_dist.free(self.staging)
-            self.staging_bytes = need
-            self.staging = triton_dist.empty((-(-need // 16) * 16,), torch.uint8)
-
 
 def reduce_scatter(x: torch.Tensor, *, ctx: ReduceScatterContext, method: str = "auto",
                    out: torch.Tensor | None = None) -> torch.Tensor:
