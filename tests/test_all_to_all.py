@@ -176,6 +176,8 @@ def _bad_inputs():
         all_to_all(x, ctx=ctx, out=torch.empty((8, ws * 4), device=w.device).t())
     with pytest.raises(ValueError, match="not a multiple of the world size"):
         all_to_all(x[:ws * 4 - 1], ctx=ctx)
+    with pytest.raises(ValueError, match="method must be 'auto' or one of"):
+        all_to_all(x, ctx=ctx, method="dma")
     with pytest.raises(ValueError, match="out is torch.float16"):
         all_to_all(x, ctx=ctx, out=torch.empty(x.shape, dtype=torch.float16, device=w.device))
     with pytest.raises(ValueError, match="expected"):

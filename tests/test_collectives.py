@@ -172,6 +172,14 @@ def _bad_inputs():
         ops.all_reduce(torch.ones(8, dtype=torch.int32, device=w.device))
     with pytest.raises(ValueError, match="multiple of the world size"):
         ops.reduce_scatter(torch.ones(w.world_size * 3 + 1, device=w.device))
+    with pytest.raises(ValueError, match="method 'll' needs a whole number of 32-bit words"):
+        ops.all_gather(torch.ones(3, dtype=torch.float16, device=w.device), method="ll")
+    with pytest.raises(ValueError, match="method must be"):
+        ops.all_gather(torch.ones(4, device=w.device), method="tree")
+    big = ar.AllReduceContext(1 << 20, torch.float32, num_programs=2)
+    with pytest.raises(ValueError, match="method 'll' is for messages of at most"):
+        ar.all_reduce(torch.ones(1 << 20, device=w.device), ctx=big, method="ll")
+    big.close()
     ctx.close()
     ops.release_contexts()
     return True
