@@ -55,7 +55,6 @@ import os
 import re
 from dataclasses import asdict
 
-from ..kernels._ll import LL_MAX_BYTES
 from .harness import Skip as _Skip
 from .harness import agree as _agree
 from .harness import first_line, group_errors, time_call
@@ -263,6 +262,7 @@ class _Bench:
         import torch
         import torch.distributed as dist
         from triton_dist import ops
+        from triton_dist.kernels._ll import LL_MAX_BYTES
         group, n = self.group, self.n
         out = []
         for method in OUR_METHODS[op]:
