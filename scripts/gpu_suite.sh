@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU suite: every test on CUDA worlds of 2, 3 and 4 GPUs (and all GPUs when there are more), the GPU-only
-# tests, then the primitive, collective and GEMM benchmarks on all local GPUs. Run on a machine with GPUs from the repository root:
+# tests, the tutorials (SKIP_TUTORIALS=1 skips them), then the primitive, collective and GEMM benchmarks on all
+# local GPUs. Run on a machine with GPUs from the repository root:
 #     TRITON_DIST_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_suite.sh [OUT_DIR]
 # (TRITON_DIST_COMMIT names the commit in the benchmark rows where the checkout has no .git.)
 # Writes OUT_DIR/pytest.log, OUT_DIR/junit-<test file>.xml, OUT_DIR/<card>.jsonl (bench rows) and a summary table
@@ -34,6 +35,18 @@ for f in ${TEST_FILES:-tests/test_*.py}; do
     [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ] && TEST_RC=1  # 5: no tests collected
 done
 
+# The tutorials as their users run them, on all local GPUs; each exits non-zero when its result differs from torch.
+TUT_RC=0
+if [ "${SKIP_TUTORIALS:-0}" != 1 ]; then
+    for t in tutorials/0*.py; do
+        timeout "${TUTORIAL_TIMEOUT:-240}" $PY -m triton_dist run -n "$NGPU" "$t" > "$OUT_DIR/$(basename "$t" .py).log" 2>&1
+        rc=$?
+        echo "tutorial $t on $NGPU GPUs: rc $rc; $(grep -i -m1 'match\|exactly' "$OUT_DIR/$(basename "$t" .py).log")" \
+            | tee -a "$OUT_DIR/tutorials.log"
+        [ "$rc" -ne 0 ] && TUT_RC=1
+    done
+fi
+
 BENCH_RC=0
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
     $PY -m triton_dist bench primitives -n "$NGPU" --out "$OUT_DIR" ${BENCH_ARGS:-} 2>&1 | tee "$OUT_DIR/bench.log"
@@ -47,7 +60,7 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
 fi
 
 $PY - "$OUT_DIR" "$TEST_RC" "$BENCH_RC" <<'PY'
-import glob, json, sys, xml.etree.ElementTree as ET
+import glob, json, os, sys, xml.etree.ElementTree as ET
 out, test_rc, bench_rc = sys.argv[1], sys.argv[2], sys.argv[3]
 totals = dict(tests=0, failures=0, errors=0, skipped=0)
 for path in sorted(glob.glob(f"{out}/junit-*.xml")):
@@ -62,6 +75,8 @@ for path in sorted(glob.glob(f"{out}/junit-*.xml")):
           f"{a['skipped']:>3} skipped")
 print(f"tests: {totals['tests']} run, {totals['failures']} failed, {totals['errors']} errors, {totals['skipped']} "
       f"skipped (rc {test_rc})")
+if os.path.exists(f"{out}/tutorials.log"):
+    print(open(f"{out}/tutorials.log").read().rstrip())
 print(f"bench rc {bench_rc}")
 for path in glob.glob(f"{out}/*.jsonl"):
     rows = [json.loads(l) for l in open(path)]
@@ -73,4 +88,4 @@ for path in glob.glob(f"{out}/*.jsonl"):
                 gb = f"{r['tflops']:.1f} TFLOP/s"
             print(f"{r['op']:<14} {r['shape']:<32} {r['provider']:<28} {r['median_us']:>10.2f} us  {gb}")
 PY
-exit $(( TEST_RC != 0 || BENCH_RC != 0 ))
+exit $(( TEST_RC != 0 || TUT_RC != 0 || BENCH_RC != 0 ))

@@ -76,6 +76,10 @@ class ProcessWorld:
                "TRITON_DIST_BACKEND": self.backend, "TRITON_DIST_RUN_ID": uuid.uuid4().hex[:12]}
         if self.backend == "cpu":
             env["TRITON_INTERPRET"] = "1"
+        # CPU threads per rank: the cores shared out (torch's default is every core in every rank, and n ranks
+        # spinning n x cores OpenMP threads: the suspected cause of the slow 4-rank GEMM GPU tests).
+        if "OMP_NUM_THREADS" not in os.environ:
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.world_size))
         env.update(self.extra_env)
         return env
 
