@@ -121,12 +121,19 @@ for partial in ("bf16", "fp32"):
                                   "epoch_ptr": "*i32", "m_loc": "i32", "N": "i32", "slot_stride": "i32"},
           dict(BLOCK_M=G16.block_m, BLOCK_N=G16.block_n, GROUP_M=G16.group_m, SUB_M=GRS.REDUCE_ROWS),
           options=dict(num_warps=8))
+check(GRS._dec_reduce_kernel, {"own_ptr": "*bf16", "recv_ptr": "*bf16", "out_ptr": "*bf16", "sig_ptr": "*i32",
+                               "epoch_ptr": "*i32", "n": "i32", "slot": "i32"}, {"BLOCK": 8192}, options=dict(num_warps=8))
+for phase in (0, 1):
+    check(GRS._dec_signal_kernel, {"sig_ptr": "*i32", "epoch_ptr": "*i32", "dst": "i32"}, {"PHASE": phase},
+          options=dict(num_warps=1))
 check(AGG._ag_pull_kernel, {"a_ptr": "*bf16", "gathered_ptr": "*bf16", "sig_ptr": "*i32", "pad_ptr": "*i32",
                             "epoch_ptr": "*i32", "chunk_numel": "i32"}, {"BLOCK": 8192}, options=dict(num_warps=8))
-check(AGG._ce_begin_kernel, {"sig_ptr": "*i32", "epoch_ptr": "*i32"}, options=dict(num_warps=1))
-for publish in (True, False):
-    check(AGG._ce_step_kernel, {"sig_ptr": "*i32", "pad_ptr": "*i32", "epoch_ptr": "*i32", "arrived": "i32",
-                                "next_src": "i32"}, {"PUBLISH": publish}, options=dict(num_warps=1))
+for phase in (0, 1):
+    check(AGG._ce_begin_kernel, {"sig_ptr": "*i32", "pad_ptr": "*i32", "epoch_ptr": "*i32"}, {"PHASE": phase},
+          options=dict(num_warps=1))
+for flag in (True, False):
+    check(AGG._ce_end_kernel, {"sig_ptr": "*i32", "epoch_ptr": "*i32", "chunk": "i32"}, {"FLAG": flag},
+          options=dict(num_warps=1))
 for flavour in P.FLAVOURS:
     check(P._pingpong_kernel, {"sig_ptr": "*i32", "base": "i32", "iters": "i32"}, {"FLAVOUR": flavour})
 for push in (True, False):

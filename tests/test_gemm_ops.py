@@ -166,12 +166,12 @@ def _alternate(seed):
     w = this_world()
     k, n = 48, 40
     ctx = agm.AGGemmContext(w.world_size * 24, k, n, torch.float32)
-    _ag_gemm_calls(ctx, ("copy_engine", "sm", "sequential", "sm", "copy_engine", "copy_engine"), torch.float32,
-                   [24, 9, 3, 24, 1, 17], k, n, seed)
+    _ag_gemm_calls(ctx, ("copy_engine", "sm", "decomposed", "sequential", "sm", "decomposed", "copy_engine"),
+                   torch.float32, [24, 9, 3, 24, 1, 17, 5], k, n, seed)
     ctx.close()
     ctx = grs.GemmRSContext(w.world_size * 24, k, n, torch.float32)
-    _gemm_rs_calls(ctx, ("fused", "sequential_reduce", "sequential", "fused", "fused"), torch.float32,
-                   [24, 9, 3, 1, 17], k, n, seed)
+    _gemm_rs_calls(ctx, ("fused", "decomposed", "sequential_reduce", "sequential", "decomposed", "fused"),
+                   torch.float32, [24, 9, 3, 1, 17, 6], k, n, seed)
     ctx.close()
     ctx = gar.GemmARContext(40, k, n, torch.float32)
     _gemm_ar_calls(ctx, ("fused", "sequential", "fused", "fused"), torch.float32, [40, 9, 1, 33], k, n, seed)
@@ -216,11 +216,11 @@ def _straggler(op, seed, calls=6):
         if op == "ag_gemm":
             shards = [rand((m_loc, k), torch.float32, s + r, w.device) for r in range(w.world_size)]
             b = rand((k, n), torch.float32, s + 100 + w.rank, w.device)
-            got = agm.ag_gemm(shards[w.rank], b, ctx=ctx, method=("copy_engine", "sm")[call % 2])
+            got = agm.ag_gemm(shards[w.rank], b, ctx=ctx, method=("copy_engine", "sm", "decomposed")[call % 3])
             runs.append((got, torch.cat(shards).double() @ b.double()))
         elif op == "gemm_rs":
             a, b, exact = _partials(w.world_size * m_loc, k, n, torch.float32, s, "row")
-            got = grs.gemm_rs(a, b, ctx=ctx, method=("fused", "sequential_reduce")[call % 2])
+            got = grs.gemm_rs(a, b, ctx=ctx, method=("fused", "sequential_reduce", "decomposed")[call % 3])
             runs.append((got, exact[w.rank * m_loc:(w.rank + 1) * m_loc]))
         else:
             a, b, exact = _partials(w.world_size * m_loc, k, n, torch.float32, s, "row")
@@ -321,6 +321,11 @@ def _bad_inputs():
         agm.AGGemmContext(8, 16, 16, torch.float32, comm_programs=4, num_programs=4)
     with pytest.raises(TypeError, match="dtype torch.int8 is not supported"):
         grs.GemmRSContext(8, 16, 16, torch.int8)
+    ctx = grs.GemmRSContext(w.world_size * 4, 16, 16, torch.float16, partial_dtype=torch.float32)
+    h = dict(dtype=torch.float16, device=dev)
+    with pytest.raises(ValueError, match="'decomposed' sends torch.matmul's torch.float16 partials"):
+        grs.gemm_rs(torch.ones(w.world_size * 4, 16, **h), torch.ones(16, 16, **h), ctx=ctx, method="decomposed")
+    ctx.close()
     ops.release_contexts()
     return True
 

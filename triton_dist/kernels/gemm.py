@@ -241,7 +241,7 @@ def check_method(what: str, method: str, methods) -> None:
 # ---------------------------------------------------------------------------------------------- context base
 class OverlapContext:
     """Base of the overlapped GEMM contexts: symmetric buffers, a device epoch counter and, on GPUs, a side stream
-    with fork/join events (capturable in CUDA graphs).
+    with fork/join events, ``world - 1`` copy streams and one event per row chunk (all capturable in CUDA graphs).
 
     ``max_m`` bounds the rows of A of a call, ``k`` and ``n`` are fixed. Creating a context is collective (symmetric
     allocations and a barrier): every rank creates the same contexts in the same order and closes them alike.
@@ -262,9 +262,14 @@ class OverlapContext:
         self.epoch = torch.zeros(1, dtype=torch.int32, device=self.world.device)
         self._symmetric: list[torch.Tensor] = []
         self.side = None
+        self.copy_streams: list = []  # world - 1 streams for DMA copies running side by side (GPUs)
+        self.chunk_events: list = []  # one per row chunk: "the chunk's copy (or GEMM) is done" (GPUs)
         if not self.world.interpreted:
+            world = self.world.world_size
             self.side = torch.cuda.Stream(self.world.device)
             self._fork, self._join = torch.cuda.Event(), torch.cuda.Event()
+            self.copy_streams = [torch.cuda.Stream(self.world.device) for _ in range(world - 1)]
+            self.chunk_events = [torch.cuda.Event() for _ in range(world)]
 
     def _alloc(self, shape, dtype, zero: bool = False) -> torch.Tensor:
         t = triton_dist.zeros(shape, dtype) if zero else triton_dist.empty(shape, dtype)
@@ -296,6 +301,34 @@ class OverlapContext:
     def side_stream(self):
         """Context manager: launches inside go to the side stream (inside :meth:`forked` only)."""
         return contextlib.nullcontext() if self.side is None else torch.cuda.stream(self.side)
+
+    @contextlib.contextmanager
+    def copy_stream(self, i: int, after_chunk: int | None = None):
+        """Launches inside go to copy stream ``i`` (inside :meth:`forked` only). The stream first waits for the side
+        stream's work so far, or, with ``after_chunk``, for the last :meth:`chunk_done` of that chunk; on exit the
+        side stream waits for it (so :meth:`forked` joins it too). Copy streams run side by side: one DMA per
+        peer at a time instead of one after another. CPU world: launches run in program order."""
+        if self.side is None:
+            yield
+            return
+        st = self.copy_streams[i]
+        if after_chunk is None:
+            st.wait_stream(self.side)
+        else:
+            st.wait_event(self.chunk_events[after_chunk])
+        with torch.cuda.stream(st):
+            yield
+        self.side.wait_stream(st)
+
+    def chunk_done(self, chunk: int) -> None:
+        """Record on the current stream that ``chunk`` is done (for :meth:`wait_chunk` / :meth:`copy_stream`)."""
+        if self.chunk_events:
+            self.chunk_events[chunk].record()
+
+    def wait_chunk(self, chunk: int) -> None:
+        """The current stream waits for the last :meth:`chunk_done` of ``chunk`` (no host sync; capturable)."""
+        if self.chunk_events:
+            torch.cuda.current_stream(self.world.device).wait_event(self.chunk_events[chunk])
 
     def check_call(self, a: torch.Tensor, b: torch.Tensor, m: int, k: int, n: int) -> None:
         """Shapes and dtype of a call against this context."""

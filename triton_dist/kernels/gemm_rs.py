@@ -22,6 +22,11 @@ Methods:
 
 * ``fused``: the reduction runs on a side stream next to the GEMM (a few programs, waiting per tile);
 * ``sequential_reduce``: the reduction runs after the GEMM on the same stream, on all SMs;
+* ``decomposed``: one ``torch.matmul`` (cuBLAS) per destination's rows into a local buffer, in the same rotated
+  order; after each, a copy stream waits ``done[dst] >= e-1``, copies the partial into slot ``rank`` of ``dst``'s
+  receive buffer by DMA (overlapping the next matmul) and raises ``arrived[rank]`` on ``dst``
+  (``signals[world+1+src]``); the reduction waits for every peer's ``arrived``, sums the slots (mine from the
+  local buffer) and announces ``done``. Partials in the input dtype only;
 * ``sequential``: ``torch.matmul`` then :func:`triton_dist.kernels.reduce_scatter.reduce_scatter` (small M).
 
 No program waits for a later launch on its own rank, so both orders run in the CPU world (GEMM, then reduction).
@@ -37,10 +42,11 @@ import triton_dist
 import triton_dist.language as dl
 
 from . import reduce_scatter as _rs
+from ._common import reduce_slots
 from .gemm import (DTYPES, OverlapContext, check_method, check_operands, check_out, chunk_tile,
                    dot_precision, grouped_tile, num_sms, operands, store_tile, tile_dot)
 
-METHODS = ("fused", "sequential_reduce", "sequential")
+METHODS = ("fused", "sequential_reduce", "decomposed", "sequential")
 # auto, from the 4x H100 run of 2026-11-28: "fused" (reduction next to the GEMM) lost to "sequential_reduce" on every
 # shape (e.g. 2175 vs 1578 us at M=8192 K=7168 N=8192): the spinning reduction programs take SMs from the GEMM.
 AUTO_METHOD = "sequential_reduce"
@@ -101,12 +107,49 @@ def _rs_reduce_kernel(recv_ptr, out_ptr, flags_ptr, sig_ptr, epoch_ptr, m_loc, N
             for src in range(world):
                 acc += tl.load(base + src * slot_stride + offs, mask=mask).to(tl.float32)
             tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    _finished_reducing(sig_ptr, e, nprog)
+
+
+@triton.jit
+def _finished_reducing(sig_ptr, e, nprog):
+    """Count this program as done with my receive buffer; the last of ``nprog`` announces ``done = e`` to every
+    rank (a local counter at ``signals[world]``)."""
+    rank = dl.rank()
+    world = dl.num_ranks()
     count = sig_ptr + world
     tl.debug_barrier()  # every thread's loads of the buffer come before the count (release)
     if dl.atomic_add(count, 1, "gpu", "acq_rel") == nprog - 1:
         dl.st(count, 0, "gpu", "relaxed")  # the next call's reduction starts after this one ends
         for peer in range(world):
             dl.notify(sig_ptr + rank, peer, e, "set", "intra_node")
+
+
+@triton.jit
+def _dec_signal_kernel(sig_ptr, epoch_ptr, dst, PHASE: tl.constexpr):
+    """Method ``decomposed``, one program on a copy stream. ``PHASE`` 0, before my partial of ``dst``'s rows is
+    copied into ``dst``'s receive buffer: ``dst`` finished reducing call e-1 (``done[dst] >= e-1``). 1, after the
+    copy: ``arrived[rank] = e`` on ``dst``."""
+    e = tl.load(epoch_ptr)
+    if PHASE == 0:
+        dl.wait(sig_ptr + dst, 1, "sys", "acquire", e - 1, cmp="ge")
+    else:
+        dl.notify(sig_ptr + dl.num_ranks() + 1 + dl.rank(), dst, e, "set", "intra_node")
+
+
+@triton.jit
+def _dec_reduce_kernel(own_ptr, recv_ptr, out_ptr, sig_ptr, epoch_ptr, n, slot, BLOCK: tl.constexpr):
+    """Method ``decomposed``: once every peer's partial of my rows arrived (``arrived[src] >= e``), sum the
+    ``world`` partials in rank order (fp32; mine from ``own_ptr``) into ``out``; then ``done``."""
+    rank = dl.rank()
+    world = dl.num_ranks()
+    nprog = tl.num_programs(0)
+    e = tl.load(epoch_ptr)
+    slots = recv_ptr
+    for i in range(1, world):
+        src = (rank + i) % world
+        slots = dl.consume_token(slots, dl.wait(sig_ptr + world + 1 + src, 1, "sys", "acquire", e, cmp="ge"))
+    reduce_slots(own_ptr, slots, slot, n, out_ptr, out_ptr, rank, world, nprog, BLOCK, False)
+    _finished_reducing(sig_ptr, e, nprog)
 
 
 class GemmRSContext(OverlapContext):
@@ -137,9 +180,19 @@ class GemmRSContext(OverlapContext):
         max_tiles = triton.cdiv(self.max_m_loc, cfg.block_m) * triton.cdiv(n, cfg.block_n)
         self.recv = self._alloc((world, self.max_m_loc, n), self.partial_dtype)
         self.flags = self._alloc((max_tiles * world,), torch.int32, zero=True)
-        self.signals = self._alloc((world + 1,), torch.int32, zero=True)
+        # done[world], the reduction's program counter, arrived[world] (method "decomposed")
+        self.signals = self._alloc((2 * world + 1,), torch.int32, zero=True)
+        self.peer_recv = [triton_dist.peer_view(self.recv, p) for p in range(world)]
+        self._send = None
         self._rs_ctx = None
         self.world.barrier()  # every rank's signals are zero before anyone raises one
+
+    def send_buffer(self) -> torch.Tensor:
+        """Local ``world x ceil(max_m/world) x n`` buffer of the partials of method ``decomposed`` (made on its first
+        use, outside any CUDA-graph capture)."""
+        if self._send is None:
+            self._send = torch.empty(self.recv.shape, dtype=self.partial_dtype, device=self.world.device)
+        return self._send
 
     def reduce_scatter_context(self) -> _rs.ReduceScatterContext:
         """The collective's context of method ``sequential``, made on its first use (collective)."""
@@ -177,11 +230,17 @@ def gemm_rs(a: torch.Tensor, b: torch.Tensor, *, ctx: GemmRSContext, method: str
     method = pick_method(m) if method == "auto" else method
     if method == "sequential":
         return _rs.reduce_scatter(torch.matmul(a, b), ctx=ctx.reduce_scatter_context(), out=out)
-    cfg = ctx.config
     epoch = ctx.next_epoch()
+    slot_stride = ctx.max_m_loc * n
+    if method == "decomposed":
+        if ctx.partial_dtype != a.dtype:
+            raise ValueError(f"gemm_rs: method 'decomposed' sends torch.matmul's {a.dtype} partials; this context's "
+                             f"partial_dtype is {ctx.partial_dtype} (use 'fused' or 'sequential_reduce')")
+        _gemm_rs_decomposed(ctx, a, b, out, m_loc, epoch)
+        return out
+    cfg = ctx.config
     a_arg, b_arg, use_tma, b_trans = operands(a, b, cfg)
     chunk_tiles = triton.cdiv(m_loc, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    slot_stride = ctx.max_m_loc * n
     gemm_args = (a_arg, b_arg, ctx.recv, ctx.flags, ctx.signals, epoch, m_loc, n, k, a.stride(0), a.stride(1),
                  b.stride(0), b.stride(1), slot_stride)
     gemm_meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
@@ -200,6 +259,28 @@ def gemm_rs(a: torch.Tensor, b: torch.Tensor, *, ctx: GemmRSContext, method: str
         _gemm_rs_kernel[(min(ctx.num_programs, world * chunk_tiles),)](*gemm_args, **gemm_meta)
         _rs_reduce_kernel[(min(ctx.num_programs, chunk_tiles),)](*reduce_args, **reduce_meta)
     return out
+
+
+def _gemm_rs_decomposed(ctx: GemmRSContext, a, b, out, m_loc: int, epoch: torch.Tensor) -> None:
+    """One torch.matmul per destination's rows on the current stream, in the order rank+1, ..., rank; each peer's
+    partial is copied into its receive buffer by DMA on a copy stream while the next matmul runs; then the
+    reduction."""
+    rank, world = ctx.world.rank, ctx.world.world_size
+    send = ctx.send_buffer()
+    with ctx.forked():
+        for i in range(1, world):
+            dst = (rank + i) % world
+            torch.matmul(a[dst * m_loc:(dst + 1) * m_loc], b, out=send[dst, :m_loc])
+            ctx.chunk_done(dst)
+            with ctx.copy_stream(i - 1, after_chunk=dst):
+                _dec_signal_kernel[(1,)](ctx.signals, epoch, dst, PHASE=0, num_warps=1)
+                ctx.peer_recv[dst][rank, :m_loc].copy_(send[dst, :m_loc])
+                _dec_signal_kernel[(1,)](ctx.signals, epoch, dst, PHASE=1, num_warps=1)
+        torch.matmul(a[rank * m_loc:(rank + 1) * m_loc], b, out=send[rank, :m_loc])
+    block = 1024 if ctx.world.interpreted else 8192
+    programs = min(ctx.num_programs, triton.cdiv(m_loc * ctx.n, block))
+    _dec_reduce_kernel[(programs,)](send[rank], ctx.recv, out, ctx.signals, epoch, m_loc * ctx.n,
+                                    ctx.max_m_loc * ctx.n, BLOCK=block, num_warps=8)
 
 
 def gemm_rs_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
