@@ -128,12 +128,10 @@ for phase in (0, 1):
           options=dict(num_warps=1))
 check(AGG._ag_pull_kernel, {"a_ptr": "*bf16", "gathered_ptr": "*bf16", "sig_ptr": "*i32", "pad_ptr": "*i32",
                             "epoch_ptr": "*i32", "chunk_numel": "i32"}, {"BLOCK": 8192}, options=dict(num_warps=8))
-for phase in (0, 1):
-    check(AGG._ce_begin_kernel, {"sig_ptr": "*i32", "pad_ptr": "*i32", "epoch_ptr": "*i32"}, {"PHASE": phase},
-          options=dict(num_warps=1))
-for flag in (True, False):
-    check(AGG._ce_end_kernel, {"sig_ptr": "*i32", "epoch_ptr": "*i32", "chunk": "i32"}, {"FLAG": flag},
-          options=dict(num_warps=1))
+check(AGG._ce_begin_kernel, {"sig_ptr": "*i32", "epoch_ptr": "*i32"}, options=dict(num_warps=1))
+for publish in (True, False):
+    check(AGG._ce_step_kernel, {"sig_ptr": "*i32", "pad_ptr": "*i32", "epoch_ptr": "*i32", "arrived": "i32",
+                                "next_src": "i32"}, {"PUBLISH": publish}, options=dict(num_warps=1))
 for flavour in P.FLAVOURS:
     check(P._pingpong_kernel, {"sig_ptr": "*i32", "base": "i32", "iters": "i32"}, {"FLAVOUR": flavour})
 for push in (True, False):

@@ -253,8 +253,8 @@ def test_smoke_with_stand_in_ops_times_ours_and_reports_failures(tmp_path):
     out, rows = _bench(["wrong", "--ops", "ag_gemm"], tmp_path / "wrong", script=script)
     assert out.returncode == 1
     assert "triton_dist:sm: not timed (rank 0: MISMATCH" in out.stderr  # the ranks see different values
-    assert {r["provider"] for r in rows} == {"triton_dist:copy_engine", "triton_dist:decomposed", "triton_dist:sequential",
-                                             "gloo+torch", "gemm_alone"}
+    assert {r["provider"] for r in rows} == {"triton_dist:copy_engine", "triton_dist:sequential", "gloo+torch",
+                                             "gemm_alone"}
     out, rows = _bench(["raises", "--ops", "gemm_rs"], tmp_path / "raises", script=script)
     assert out.returncode == 1
     assert "triton_dist:fused: not timed (all ranks: ERROR RuntimeError: stand-in failure)" in out.stderr

@@ -29,7 +29,7 @@ gemm_rs), is skipped with a note.
 
 Providers, all in the same run on the same inputs:
 
-* ``triton_dist:<method>``: ``ops.ag_gemm`` (copy_engine, sm, decomposed, sequential), ``ops.gemm_rs`` (fused,
+* ``triton_dist:<method>``: ``ops.ag_gemm`` (copy_engine, sm, sequential), ``ops.gemm_rs`` (fused,
   sequential_reduce, decomposed, sequential),
   ``ops.gemm_ar`` (fused, sequential); skipped with a note while ``triton_dist.ops`` lacks the op;
 * ``nccl+cublas``: one after the other, ``all_gather_into_tensor`` then ``torch.matmul``; ``torch.matmul`` then
@@ -80,7 +80,7 @@ MODELS = {"llama3-8b": (4096, 14336), "llama3-70b": (8192, 28672), "qwen2-72b": 
 GOAL_SHAPES = {"ag_gemm": ((8192, 7168, 8192), (4096, 2048, 8192)), "gemm_rs": ((8192, 8192, 7168),)}  # (M, N, K)
 FAMILIES = (*MODELS, "goal")
 SMOKE_H, SMOKE_I_PER_RANK = 64, 48
-OUR_METHODS = {"ag_gemm": ("copy_engine", "sm", "decomposed", "sequential"),
+OUR_METHODS = {"ag_gemm": ("copy_engine", "sm", "sequential"),
                "gemm_rs": ("fused", "sequential_reduce", "decomposed", "sequential"),
                "gemm_ar": ("fused", "sequential")}
 DEFAULT_M = (1024, 2048, 4096, 8192)

@@ -21,14 +21,10 @@ Signals (``signals``, int32, on the symmetric heap; ``e`` is the call's epoch, b
 
 Methods (the comm part runs on a side stream, forked from and joined back into the current stream):
 
-* ``copy_engine``: a 1-program kernel waits ``done[*] >= e-1``; ``copy_`` of my shard into my rows; a 1-program
-  kernel raises ``flag[rank]``, announces ``ready`` and waits for every rank's; then one ``copy_`` per peer ``s``
-  from ``s``'s buffer (CUDA IPC view: the copy engine over NVLink), one after another on a copy stream, each
-  followed by a 1-program kernel raising ``flag[s]``; a last one announces ``done``. The GEMM uses all SMs but one
-  (the tiny kernels need one).
-* ``decomposed``: the same copies, each on its own copy stream (side by side), and the GEMM is one
-  ``torch.matmul`` (cuBLAS) per chunk on the current stream: my chunk first (straight from ``a``), then each peer
-  chunk after the event its copy recorded (stream waits, no flags, no SM spent on waiting).
+* ``copy_engine``: a 1-program kernel waits ``done[*] >= e-1``; ``copy_`` of my shard into my rows; a step kernel
+  raises ``flag[rank]``, announces ``ready`` and waits for the next peer's; then per peer ``s``: ``copy_`` from
+  ``s``'s buffer (CUDA IPC view: the copy engine over NVLink), then a step kernel raises ``flag[s]`` and waits for
+  the next peer; the last one announces ``done``. The GEMM uses all SMs but one (the tiny kernels need one).
 * ``sm``: a pull kernel of a few programs: each waits ``done[*] >= e-1``, copies its tiles of my shard into my rows,
   announces ``ready`` (program p to program p of every rank), waits for the peers' program p, pulls its tiles of
   every peer's chunk (NVLink loads; 16-byte vectors when a chunk holds a multiple of 16 elements). The last program
@@ -52,16 +48,19 @@ from ._common import REGIONS, announce, await_all, copy_blocks
 from .gemm import (OverlapContext, check_method, check_operands, check_out, chunk_tile,
                    dot_precision, fence_async_proxy, num_sms, operands, store_tile, tile_dot)
 
-METHODS = ("copy_engine", "sm", "decomposed", "sequential")
+METHODS = ("copy_engine", "sm", "sequential")
 # auto, from the 4x H100 run of 2026-11-28 (docs/perf/NOTES.md): "sm" won for M < 8192 on 5 of 6 model shapes,
 # "copy_engine" at M = 8192 on 2 of 3; with N <= 2048 per rank neither beat NCCL + cuBLAS (542 / 702 vs 411 us at
 # M=4096 K=8192 N=2048), so auto takes the sequential path there.
 AUTO_METHOD = "sm"
 COPY_ENGINE_MIN_M = 8192
-# auto: up to this many rows of C, gather then torch.matmul. At M=1024 the overlapped methods were 0.88-1.01x
-# NCCL + cuBLAS (2026-11-28); our gather is on par with NCCL's there, so sequential is predicted ~1.0x (unmeasured).
+# auto: up to this many rows of C with fewer than SEQUENTIAL_WIDE_N columns per rank, or up to SEQUENTIAL_MAX_N
+# columns at any M, gather then torch.matmul. Measured (4x H100, run 2d40f2306694): M=1024 N=3584 K=4096: sequential
+# 146 us, sm 153, NCCL + cuBLAS 144; M=1024 N=7168 K=8192: sm 285, sequential 302, NCCL + cuBLAS 299; M=4096 N=2048
+# K=8192: sequential 409, sm 410, NCCL + cuBLAS 403.
 SEQUENTIAL_MAX_M = 1024
-SEQUENTIAL_MAX_N = 2048  # auto: up to this many output columns per rank, likewise
+SEQUENTIAL_WIDE_N = 4096
+SEQUENTIAL_MAX_N = 2048
 SM_COMM_PROGRAMS = 20  # programs of the pull kernel next to the GEMM (method "sm") on GPUs
 
 
@@ -110,32 +109,27 @@ def _ag_pull_kernel(a_ptr, gathered_ptr, sig_ptr, pad_ptr, epoch_ptr, chunk_nume
 
 
 @triton.jit
-def _ce_begin_kernel(sig_ptr, pad_ptr, epoch_ptr, PHASE: tl.constexpr):
-    """The copy-engine gather's signals, one program. ``PHASE`` 0, before my shard goes into my buffer: every rank
-    finished reading it (call e-1). 1, after: raise ``flag[rank]``, tell every rank that my chunk is ready and wait
-    until every rank's is (the copies read them next)."""
-    rank = dl.rank()
-    world = dl.num_ranks()
-    e = tl.load(epoch_ptr)
-    if PHASE == 0:
-        dl.wait(sig_ptr, world, "sys", "acquire", e - 1, cmp="ge")
-    else:
-        dl.notify(sig_ptr + world + rank, rank, e, "set", "intra_node")
-        for peer in range(world):
-            dl.notify(pad_ptr + rank, peer, e, "set", "intra_node")
-        dl.wait(pad_ptr, world, "sys", "acquire", e, cmp="ge")
+def _ce_begin_kernel(sig_ptr, epoch_ptr):
+    """Method ``copy_engine``, before my shard goes into my buffer: every rank finished reading it (call e-1)."""
+    dl.wait(sig_ptr, dl.num_ranks(), "sys", "acquire", tl.load(epoch_ptr) - 1, cmp="ge")
 
 
 @triton.jit
-def _ce_end_kernel(sig_ptr, epoch_ptr, chunk, FLAG: tl.constexpr):
-    """After a copy: with ``FLAG``, raise ``flag[chunk]`` (chunk ``chunk`` is in my buffer); else (after every
-    copy) tell every rank that I finished reading its buffer (``done``)."""
+def _ce_step_kernel(sig_ptr, pad_ptr, epoch_ptr, arrived, next_src, PUBLISH: tl.constexpr):
+    """Method ``copy_engine``, after chunk ``arrived`` was copied into my buffer: raise its flag; with ``PUBLISH``
+    (``arrived`` is my own shard) tell every rank that my chunk is ready. Then wait until rank ``next_src``'s chunk
+    is ready (the next copy reads it), or, with ``next_src < 0``, announce that I finished reading every peer."""
     rank = dl.rank()
+    world = dl.num_ranks()
     e = tl.load(epoch_ptr)
-    if FLAG:
-        dl.notify(sig_ptr + dl.num_ranks() + chunk, rank, e, "set", "intra_node")
+    dl.notify(sig_ptr + world + arrived, rank, e, "set", "intra_node")
+    if PUBLISH:
+        for peer in range(world):
+            dl.notify(pad_ptr + rank, peer, e, "set", "intra_node")
+    if next_src >= 0:
+        dl.wait(pad_ptr + next_src, 1, "sys", "acquire", e, cmp="ge")
     else:
-        for peer in range(dl.num_ranks()):
+        for peer in range(world):
             dl.notify(sig_ptr + rank, peer, e, "set", "intra_node")
 
 
@@ -193,30 +187,23 @@ class AGGemmContext(OverlapContext):
 
 def pick_method(m: int, n: int = 1 << 30) -> str:
     """The automatic choice by the rows and columns of C."""
-    if m <= SEQUENTIAL_MAX_M or n <= SEQUENTIAL_MAX_N:
+    if (m <= SEQUENTIAL_MAX_M and n < SEQUENTIAL_WIDE_N) or n <= SEQUENTIAL_MAX_N:
         return "sequential"
     return "copy_engine" if m >= COPY_ENGINE_MIN_M else AUTO_METHOD
 
 
-def _gather_copy_engine(ctx: AGGemmContext, a: torch.Tensor, m_loc: int, epoch: torch.Tensor, flags: bool) -> None:
-    """Gather A into ``ctx.gathered`` by DMA, on the side stream: my shard into my rows, a ready round, then one copy
-    per peer chunk, recording the chunk's event and, with ``flags``, raising its flag for the Triton GEMM; finally
-    ``done``. With ``flags`` (method ``copy_engine``) the copies run one after another on one copy stream: side by
-    side they slowed the persistent GEMM (1730 vs 1366 us at M=8192 K=8192 N=7168, 4x H100, 2026-11-28); without
-    (method ``decomposed``) each has its own copy stream."""
+def _gather_copy_engine(ctx: AGGemmContext, a: torch.Tensor, m_loc: int, epoch: torch.Tensor) -> None:
     rank, world = ctx.world.rank, ctx.world.world_size
-    _ce_begin_kernel[(1,)](ctx.signals, ctx.pad, epoch, PHASE=0, num_warps=1)
+    _ce_begin_kernel[(1,)](ctx.signals, epoch, num_warps=1)
     ctx.gathered[rank * m_loc:(rank + 1) * m_loc].copy_(a)
-    _ce_begin_kernel[(1,)](ctx.signals, ctx.pad, epoch, PHASE=1, num_warps=1)
-    for i in range(1, world):
-        src = (rank + i) % world
-        with ctx.copy_stream(0 if flags else i - 1):
+    arrived, publish = rank, True
+    for i in range(1, world + 1):
+        src = (rank + i) % world if i < world else -1
+        _ce_step_kernel[(1,)](ctx.signals, ctx.pad, epoch, arrived, src, PUBLISH=publish, num_warps=1)
+        if src >= 0:
             rows = slice(src * m_loc, (src + 1) * m_loc)
             ctx.gathered[rows].copy_(ctx.peer_gathered[src][rows])
-            if flags:
-                _ce_end_kernel[(1,)](ctx.signals, epoch, src, FLAG=True, num_warps=1)
-            ctx.chunk_done(src)
-    _ce_end_kernel[(1,)](ctx.signals, epoch, 0, FLAG=False, num_warps=1)
+        arrived, publish = src, False
 
 
 def ag_gemm(a: torch.Tensor, b: torch.Tensor, *, ctx: AGGemmContext, method: str = "auto",
@@ -227,7 +214,7 @@ def ag_gemm(a: torch.Tensor, b: torch.Tensor, *, ctx: AGGemmContext, method: str
     the next call on this context."""
     check_operands("ag_gemm", a, b)
     check_method("ag_gemm", method, METHODS)
-    world, rank = ctx.world.world_size, ctx.world.rank
+    world = ctx.world.world_size
     m_loc, k = a.shape
     n = b.shape[1]
     m = world * m_loc
@@ -238,17 +225,6 @@ def ag_gemm(a: torch.Tensor, b: torch.Tensor, *, ctx: AGGemmContext, method: str
         return (out, gathered) if return_gathered else out
     method = pick_method(m, n) if method == "auto" else method
     epoch = ctx.next_epoch()
-    if method == "decomposed":
-        with ctx.forked():
-            with ctx.side_stream():
-                _gather_copy_engine(ctx, a, m_loc, epoch, flags=False)
-            torch.matmul(a, b, out=out[rank * m_loc:(rank + 1) * m_loc])  # my chunk needs no wait
-            for i in range(1, world):
-                src = (rank + i) % world
-                rows = slice(src * m_loc, (src + 1) * m_loc)
-                ctx.wait_chunk(src)
-                torch.matmul(gathered[rows], b, out=out[rows])
-        return (out, gathered) if return_gathered else out
     if method == "sequential":
         _ag_pull_kernel[(ctx.num_programs,)](a, ctx.gathered, ctx.signals, ctx.pad, epoch, m_loc * k,
                                              BLOCK=ctx.block, num_warps=8)
@@ -262,7 +238,7 @@ def ag_gemm(a: torch.Tensor, b: torch.Tensor, *, ctx: AGGemmContext, method: str
                 _ag_pull_kernel[(ctx.comm_programs,)](a, ctx.gathered, ctx.signals, ctx.pad, epoch, m_loc * k,
                                                       BLOCK=ctx.block, num_warps=8)
             else:
-                _gather_copy_engine(ctx, a, m_loc, epoch, flags=True)
+                _gather_copy_engine(ctx, a, m_loc, epoch)
         budget = ctx.num_programs - (ctx.comm_programs if method == "sm" else 1)
         tiles = world * triton.cdiv(m_loc, cfg.block_m) * triton.cdiv(n, cfg.block_n)
         _ag_gemm_kernel[(min(budget, tiles),)](

@@ -303,32 +303,24 @@ class OverlapContext:
         return contextlib.nullcontext() if self.side is None else torch.cuda.stream(self.side)
 
     @contextlib.contextmanager
-    def copy_stream(self, i: int, after_chunk: int | None = None):
-        """Launches inside go to copy stream ``i`` (inside :meth:`forked` only). The stream first waits for the side
-        stream's work so far, or, with ``after_chunk``, for the last :meth:`chunk_done` of that chunk; on exit the
-        side stream waits for it (so :meth:`forked` joins it too). Copy streams run side by side: one DMA per
-        peer at a time instead of one after another. CPU world: launches run in program order."""
+    def copy_stream(self, i: int, after_chunk: int):
+        """Launches inside go to copy stream ``i`` (inside :meth:`forked` only), after the last :meth:`chunk_done`
+        of ``after_chunk``; on exit the side stream waits for the copy stream (so :meth:`forked` joins it too). Copy
+        streams run side by side: one DMA per peer at a time instead of one after another. CPU world: launches run
+        in program order."""
         if self.side is None:
             yield
             return
         st = self.copy_streams[i]
-        if after_chunk is None:
-            st.wait_stream(self.side)
-        else:
-            st.wait_event(self.chunk_events[after_chunk])
+        st.wait_event(self.chunk_events[after_chunk])
         with torch.cuda.stream(st):
             yield
         self.side.wait_stream(st)
 
     def chunk_done(self, chunk: int) -> None:
-        """Record on the current stream that ``chunk`` is done (for :meth:`wait_chunk` / :meth:`copy_stream`)."""
+        """Record on the current stream that ``chunk`` is done (for :meth:`copy_stream`)."""
         if self.chunk_events:
             self.chunk_events[chunk].record()
-
-    def wait_chunk(self, chunk: int) -> None:
-        """The current stream waits for the last :meth:`chunk_done` of ``chunk`` (no host sync; capturable)."""
-        if self.chunk_events:
-            torch.cuda.current_stream(self.world.device).wait_event(self.chunk_events[chunk])
 
     def check_call(self, a: torch.Tensor, b: torch.Tensor, m: int, k: int, n: int) -> None:
         """Shapes and dtype of a call against this context."""

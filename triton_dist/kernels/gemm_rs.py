@@ -47,13 +47,14 @@ from .gemm import (DTYPES, OverlapContext, check_method, check_operands, check_o
                    dot_precision, grouped_tile, num_sms, operands, store_tile, tile_dot)
 
 METHODS = ("fused", "sequential_reduce", "decomposed", "sequential")
-# auto, from the 4x H100 run of 2026-11-28: "fused" (reduction next to the GEMM) lost to "sequential_reduce" on every
-# shape (e.g. 2175 vs 1578 us at M=8192 K=7168 N=8192): the spinning reduction programs take SMs from the GEMM.
+# auto, from the 4x H100 runs of 2026-11-28 (docs/perf/NOTES.md, bench run 2d40f2306694): "decomposed" (one cuBLAS
+# matmul per destination, DMA copies behind the next matmul) won where the per-rank GEMM is large: 1344 us vs
+# sequential_reduce 1591 at M=8192 K=7168 N=8192 (M*N*K 4.8e11), a tie at 2.4e11 (824 vs 809 us), far behind below
+# (780 vs 277 us at M=1024 K=7168 N=8192). Below that, "sequential_reduce" (our GEMM, scatter in the epilogue, local
+# sum) was the best or within 3% of the best everywhere; "fused" lost on every large shape (the spinning reduction
+# takes SMs from the GEMM), "sequential" (torch.matmul + our reduce-scatter) was 0.93-0.97x NCCL + cuBLAS at M=1024.
+DECOMPOSED_MIN_MNK = 4 * 10**11
 AUTO_METHOD = "sequential_reduce"
-# auto: up to this many rows of A, torch.matmul then our reduce-scatter. sequential_reduce was 0.85-0.98x NCCL +
-# cuBLAS at M <= 2048 (2026-11-28) while our push reduce-scatter beat NCCL at 1 MiB (1.32x): predicted >= 1.0x there,
-# not measured yet.
-SEQUENTIAL_MAX_M = 2048
 REDUCE_PROGRAMS = 16  # programs of the reduction next to the GEMM (method "fused") on GPUs
 REDUCE_ROWS = 32  # rows of a tile the reduction sums at a time on GPUs (registers)
 
@@ -207,9 +208,12 @@ class GemmRSContext(OverlapContext):
         super().close()
 
 
-def pick_method(m: int) -> str:
-    """The automatic choice by the rows of A."""
-    return "sequential" if m <= SEQUENTIAL_MAX_M else AUTO_METHOD
+def pick_method(m: int, n: int = 1, k: int = 1, partial_dtype=None, dtype=None) -> str:
+    """The automatic choice by the per-rank GEMM size (``m x k @ k x n``); ``decomposed`` only when the partials
+    travel in the input dtype."""
+    if m * n * k >= DECOMPOSED_MIN_MNK and partial_dtype == dtype:
+        return "decomposed"
+    return AUTO_METHOD
 
 
 def gemm_rs(a: torch.Tensor, b: torch.Tensor, *, ctx: GemmRSContext, method: str = "auto",
@@ -227,7 +231,7 @@ def gemm_rs(a: torch.Tensor, b: torch.Tensor, *, ctx: GemmRSContext, method: str
     out = check_out("gemm_rs", out, (m_loc, n), a.dtype, a.device)
     if m_loc == 0 or n == 0:
         return out
-    method = pick_method(m) if method == "auto" else method
+    method = pick_method(m, n, k, ctx.partial_dtype, a.dtype) if method == "auto" else method
     if method == "sequential":
         return _rs.reduce_scatter(torch.matmul(a, b), ctx=ctx.reduce_scatter_context(), out=out)
     epoch = ctx.next_epoch()
