@@ -161,6 +161,16 @@ _spec.loader.exec_module(T5)
 check(T5.ll_all_reduce_kernel, {"x_ptr": "*fp32", "ll_ptr": "*i64", "out_ptr": "*fp32", "n": "i32", "epoch": "i32"},
       {"BLOCK": 1024})
 
+_spec = importlib.util.spec_from_file_location("tutorial_06", os.path.join(ROOT, "tutorials",
+                                                                           "06_gemm_rs_decomposed.py"))
+T6 = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(T6)
+check(T6.before_copy, {"done_ptr": "*i32", "dst": "i32", "call": "i32"}, options=dict(num_warps=1))
+check(T6.after_copy, {"arrived_ptr": "*i32", "dst": "i32", "call": "i32"}, options=dict(num_warps=1))
+check(T6.reduce_kernel, {"own_ptr": "*bf16", "recv_ptr": "*bf16", "out_ptr": "*bf16", "arrived_ptr": "*i32",
+                         "n": "i32", "call": "i32"}, {"BLOCK": 8192}, options=dict(num_warps=8))
+check(T6.finish, {"done_ptr": "*i32", "call": "i32"}, options=dict(num_warps=1))
+
 
 def check_vectorised(fn, sig, const, min_v4):
     """Loads made through dl.consume_token / dl.symm_at must stay 16-byte vectors (integer arguments specialised

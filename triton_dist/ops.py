@@ -17,7 +17,8 @@ op                         shards                        methods
 ``all_to_all_v(x, i, o)``  rows split by i -> rows by o   variable splits
 ``ag_gemm(a, b)``          a: (m, K), b: (K, N)           ``copy_engine``, ``sm``, ``sequential``
                            -> all_gather(a) @ b: (world*m, N)
-``gemm_rs(a, b)``          a: (M, K_loc), b: (K_loc, N)   ``fused``, ``sequential_reduce``, ``sequential``
+``gemm_rs(a, b)``          a: (M, K_loc), b: (K_loc, N)   ``fused``, ``sequential_reduce``, ``decomposed``,
+                                                          ``sequential``
                            -> rows of rank of sum(a@b): (M/world, N)
 ``gemm_ar(a, b)``          a: (M, K_loc), b: (K_loc, N)   ``fused``, ``sequential`` (M <= a few hundred)
                            -> sum(a@b): (M, N)

@@ -263,7 +263,7 @@ class OverlapContext:
         self._symmetric: list[torch.Tensor] = []
         self.side = None
         self.copy_streams: list = []  # world - 1 streams for DMA copies running side by side (GPUs)
-        self.chunk_events: list = []  # one per row chunk: "the chunk's copy (or GEMM) is done" (GPUs)
+        self.chunk_events: list = []  # one per row chunk: "the chunk's partial is computed" (GPUs)
         if not self.world.interpreted:
             world = self.world.world_size
             self.side = torch.cuda.Stream(self.world.device)
