@@ -55,7 +55,6 @@ counter moves) and ``wait`` an acquire at system scope. In the CPU world scopes 
 one at a time, so it tests the protocol, not the memory model.
 """
 import argparse
-import statistics
 
 import torch
 import torch.distributed as dist
@@ -64,6 +63,7 @@ import triton.language as tl
 
 import triton_dist
 import triton_dist.language as dl
+from triton_dist.bench.harness import median_ms
 
 
 @triton.jit
@@ -158,24 +158,6 @@ def all_gather_reference(x: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
-def _median_ms(fn, world, iters: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        world.barrier()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    # the slowest rank's median is the collective's time
-    t = torch.tensor([statistics.median(times)], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=world.group)
-    return t.item()
-
-
 def main() -> None:
     world = triton_dist.init()
     gpu = world.device.type == "cuda"
@@ -215,9 +197,10 @@ def main() -> None:
     failures, timing = check(3, seed=0), None
     if gpu and not failures:
         x = torch.randn((args.rows, args.cols), device=world.device).to(dtype)
-        ours = _median_ms(lambda: ag(x), world, args.iters, warmup=5)
+        ours = median_ms(lambda: ag(x), iters=args.iters, group=world.group)
         out = torch.empty_like(ag.out)
-        nccl = _median_ms(lambda: _all_gather_into_tensor(out, x, group=world.group), world, args.iters, warmup=5)
+        nccl = median_ms(lambda: _all_gather_into_tensor(out, x, group=world.group), iters=args.iters,
+                         group=world.group)
         timing = ours, nccl
         failures = check(3, seed=100)  # still exact after the timed calls reused the buffers
     rows = [("world size", W), ("backend", world.backend), ("shape per rank", f"({args.rows}, {args.cols})"),

@@ -39,7 +39,6 @@ barrier on GPUs): no rank pushes call ``k+1``'s shard into a peer whose GEMM sti
 moves past ``k * PIECES`` while a call-``k`` tile waits for it. (Tutorial 2 does without the barrier.)
 """
 import argparse
-import statistics
 
 import torch
 import torch.distributed as dist
@@ -48,6 +47,7 @@ import triton.language as tl
 
 import triton_dist
 import triton_dist.language as dl
+from triton_dist.bench.harness import median_ms
 
 
 @triton.jit(do_not_specialize=["call"])
@@ -121,24 +121,6 @@ class AGGemm:
         return c
 
 
-def median_ms(fn, world, iters: int) -> float:
-    """The slowest rank's median of ``iters`` timed calls (after 3 warm-up calls and a barrier before each)."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        world.barrier()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    t = torch.tensor([statistics.median(times)], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=world.group)
-    return t.item()
-
-
 def main() -> None:
     world = triton_dist.init()
     gpu = world.device.type == "cuda"
@@ -180,9 +162,9 @@ def main() -> None:
             ("match", "no" if failures.item() else "yes")]
     if gpu and not failures.item():
         gathered = torch.empty((args.m, args.k), dtype=dtype, device=world.device)
-        t_ours = median_ms(lambda: op(a, b), world, args.iters)
-        t_nccl = median_ms(lambda: nccl_then_matmul(a, b, gathered), world, args.iters)
-        t_mm = median_ms(lambda: gathered @ b, world, args.iters)
+        t_ours = median_ms(lambda: op(a, b), iters=args.iters, group=world.group)
+        t_nccl = median_ms(lambda: nccl_then_matmul(a, b, gathered), iters=args.iters, group=world.group)
+        t_mm = median_ms(lambda: gathered @ b, iters=args.iters, group=world.group)
         rows += [("triton-dist median", f"{t_ours:.3f} ms"), ("NCCL all-gather + cuBLAS median", f"{t_nccl:.3f} ms"),
                  ("cuBLAS GEMM alone median", f"{t_mm:.3f} ms"), ("NCCL+cuBLAS time / ours", f"{t_nccl / t_ours:.2f}"),
                  ("card", torch.cuda.get_device_name(world.device))]

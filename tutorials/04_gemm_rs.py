@@ -42,7 +42,6 @@ and a ``k-1`` left over does not satisfy it. Each call starts with ``triton_dist
 barrier on GPUs), so nobody overwrites an owner's ``recv`` while the owner is still reducing the previous call.
 """
 import argparse
-import statistics
 
 import torch
 import torch.distributed as dist
@@ -51,6 +50,7 @@ import triton.language as tl
 
 import triton_dist
 import triton_dist.language as dl
+from triton_dist.bench.harness import median_ms
 
 
 @triton.jit(do_not_specialize=["call"])
@@ -123,24 +123,6 @@ class GemmRS:
         return out
 
 
-def median_ms(fn, world, iters: int) -> float:
-    """The slowest rank's median of ``iters`` timed calls (after 3 warm-up calls and a barrier before each)."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        world.barrier()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    t = torch.tensor([statistics.median(times)], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=world.group)
-    return t.item()
-
-
 def main() -> None:
     world = triton_dist.init()
     gpu = world.device.type == "cuda"
@@ -182,9 +164,9 @@ def main() -> None:
             ("dtype", str(dtype).replace("torch.", "")), ("calls on the same buffers", op.call),
             ("match", "no" if failures.item() else "yes")]
     if gpu and not failures.item():
-        t_ours = median_ms(lambda: op(a, b), world, args.iters)
-        t_nccl = median_ms(lambda: matmul_then_nccl(a, b, res), world, args.iters)
-        t_mm = median_ms(lambda: a @ b, world, args.iters)
+        t_ours = median_ms(lambda: op(a, b), iters=args.iters, group=world.group)
+        t_nccl = median_ms(lambda: matmul_then_nccl(a, b, res), iters=args.iters, group=world.group)
+        t_mm = median_ms(lambda: a @ b, iters=args.iters, group=world.group)
         rows += [("triton-dist median", f"{t_ours:.3f} ms"),
                  ("cuBLAS + NCCL reduce-scatter median", f"{t_nccl:.3f} ms"),
                  ("cuBLAS GEMM alone median", f"{t_mm:.3f} ms"), ("cuBLAS+NCCL time / ours", f"{t_nccl / t_ours:.2f}"),

@@ -40,7 +40,6 @@ fused kernel, or the library's ``sequential_reduce``, is the better tool there.
 """
 import argparse
 import contextlib
-import statistics
 
 import torch
 import torch.distributed as dist
@@ -49,6 +48,7 @@ import triton.language as tl
 
 import triton_dist
 import triton_dist.language as dl
+from triton_dist.bench.harness import median_ms
 
 
 @triton.jit(do_not_specialize=["call"])
@@ -151,24 +151,6 @@ class DecomposedGemmRS:
         return out
 
 
-def median_ms(fn, world, iters: int) -> float:
-    """The slowest rank's median of ``iters`` timed calls (after 3 warm-up calls and a barrier before each)."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        world.barrier()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    t = torch.tensor([statistics.median(times)], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=world.group)
-    return t.item()
-
-
 def main() -> None:
     world = triton_dist.init()
     gpu = world.device.type == "cuda"
@@ -210,9 +192,9 @@ def main() -> None:
             ("match", "no" if failures.item() else "yes")]
     if gpu and not failures.item():
         res = torch.empty((m, args.n), dtype=dtype, device=world.device)
-        t_ours = median_ms(lambda: op(a, b), world, args.iters)
-        t_nccl = median_ms(lambda: matmul_then_nccl(a, b, res), world, args.iters)
-        t_mm = median_ms(lambda: a @ b, world, args.iters)
+        t_ours = median_ms(lambda: op(a, b), iters=args.iters, group=world.group)
+        t_nccl = median_ms(lambda: matmul_then_nccl(a, b, res), iters=args.iters, group=world.group)
+        t_mm = median_ms(lambda: a @ b, iters=args.iters, group=world.group)
         rows += [("triton-dist median", f"{t_ours:.3f} ms"),
                  ("cuBLAS + NCCL reduce-scatter median", f"{t_nccl:.3f} ms"),
                  ("cuBLAS GEMM alone median", f"{t_mm:.3f} ms"), ("cuBLAS+NCCL time / ours", f"{t_nccl / t_ours:.2f}"),

@@ -59,7 +59,7 @@ from .harness import Skip as _Skip
 from .harness import agree as _agree
 from .harness import first_line, group_errors, time_call
 from .report import (DEFAULT_PLOT, OPS, OURS, Progress, add_render_args, default_plot_path, fmt_bytes, format_tables,
-                     load_rows, plot_rows, render_recorded)
+                     load_rows, plot_rows, render_recorded, report_run)
 
 OUR_METHODS = {"all_reduce": ("ll", "one_shot", "two_shot", "push_one_shot", "push_two_shot"),
                "all_gather": ("ll", "pull", "push", "ring", "copy_engine"),
@@ -453,18 +453,11 @@ def main(argv=None) -> None:
     path = None if args.smoke else rec.write()
     if world.rank == 0:
         notes = list(bench.notes)
-        if world.interpreted:
-            notes.append("CPU world (--smoke): wall-clock times of interpreted kernels, not a benchmark")
-        elif args.graph_below:
+        if args.graph_below and not world.interpreted:
             notes.append(f"sizes below {fmt_bytes(args.graph_below)}: CUDA-graph replay of {args.graph_calls} "
                          "calls; larger: one call per sample")
-        print(format_tables(rows, notes))
-        if path:
-            print(f"rows appended to {path} (run {rec.common['run_id']})")
-        if rows and not args.no_plot and (not args.smoke or args.plot):
-            plot = plot_rows(rows, args.plot or default_plot_path(rec.common["card"]))
-            if plot:
-                print(f"plot written to {plot}")
+        report_run(rows, notes, world, args, path, rec.common["run_id"], rec.common["card"], format_tables, plot_rows,
+                   default_plot_path)
     triton_dist.finalize()
 
 

@@ -74,7 +74,7 @@ from dataclasses import asdict, dataclass
 
 from .harness import Skip, agree, first_line, time_call
 from .report import (GEMM_ALONE, GEMM_OPS, OURS, Progress, add_render_args, default_gemm_plot_path,
-                     format_gemm_tables, gemm_shape, load_gemm_rows, plot_gemm_rows, render_recorded)
+                     format_gemm_tables, gemm_shape, load_gemm_rows, plot_gemm_rows, render_recorded, report_run)
 
 MODELS = {"llama3-8b": (4096, 14336), "llama3-70b": (8192, 28672), "qwen2-72b": (8192, 29568)}  # (H, I)
 GOAL_SHAPES = {"ag_gemm": ((8192, 7168, 8192), (4096, 2048, 8192)), "gemm_rs": ((8192, 8192, 7168),)}  # (M, N, K)
@@ -491,18 +491,11 @@ def main(argv=None) -> None:
     path = rec.write() if (args.out or not args.smoke) else None
     if world.rank == 0:
         notes = list(bench.notes)
-        if world.interpreted:
-            notes.append("CPU world (--smoke): wall-clock times of interpreted kernels, not a benchmark")
-        elif args.graph_max_m:
+        if args.graph_max_m and not world.interpreted:
             notes.append(f"gemm_ar with M <= {args.graph_max_m}: CUDA-graph replay of {args.graph_calls} calls; "
                          "the rest one call per sample")
-        print(format_gemm_tables(rows, notes))
-        if path:
-            print(f"rows appended to {path} (run {rec.common['run_id']})")
-        if rows and not args.no_plot and (not args.smoke or args.plot):
-            plot = plot_gemm_rows(rows, args.plot or default_gemm_plot_path(rec.common["card"]))
-            if plot:
-                print(f"plot written to {plot}")
+        report_run(rows, notes, world, args, path, rec.common["run_id"], rec.common["card"], format_gemm_tables,
+                   plot_gemm_rows, default_gemm_plot_path)
         if bench.failures:
             print("FAILED: our result differs from the reference or our op raised:\n  "
                   + "\n  ".join(bench.failures), file=sys.stderr)

@@ -6,8 +6,9 @@ median over the samples, p20/p80 for the spread. Rows are appended to ``<out>/<c
 run_id, tflops``. GB means 1e9 bytes; ``gbps`` is what the bench says it is (busbw for collectives), ``tflops`` the
 per-rank FLOP rate of compute ops (1e12 FLOP/s), None where it does not apply.
 
-Also here, shared by the benches: :func:`time_call` (CUDA-graph replay or direct timing, wall clock in the CPU
-world), :func:`agree` (every rank learns which ranks failed a step) and :class:`Skip`.
+Also here, shared by the benches: :func:`median_ms` (one number, for the tutorials), :func:`time_call` (CUDA-graph
+replay or direct timing, wall clock in the CPU world), :func:`agree` (every rank learns which ranks failed a step)
+and :class:`Skip`.
 """
 from __future__ import annotations
 
@@ -103,6 +104,12 @@ def time_op(fn, *, iters: int = 30, warmup: int = 5, group=None, inner: int = 1,
     t = torch.tensor(times, dtype=torch.float64, device="cuda")
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return t.tolist()
+
+
+def median_ms(fn, *, iters: int = 20, group=None) -> float:
+    """The slowest rank's median time of ``fn`` in milliseconds (:func:`time_op`'s protocol); GPUs only. What the
+    tutorials print next to the baselines."""
+    return _quantile(time_op(fn, iters=iters, group=group), 0.5) / 1000.0
 
 
 class Recorder:

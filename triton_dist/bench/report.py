@@ -470,3 +470,18 @@ def render_recorded(args, load, fmt, plot, default_path) -> None:
         path = plot(rows, args.plot or default_path(rows[0]["card"]))
         if path:
             print(f"plot written to {path}")
+
+
+def report_run(rows, notes, world, args, path, run_id, card, fmt, plot, default_path) -> None:
+    """Rank 0's end of a benchmark run: the tables with their notes (plus the CPU-world caveat), where the rows went
+    (``path``, None when not written) and, unless ``--no-plot`` (or a smoke run without ``--plot``), the plot."""
+    notes = list(notes)
+    if world.interpreted:
+        notes.append("CPU world (--smoke): wall-clock times of interpreted kernels, not a benchmark")
+    print(fmt(rows, notes))
+    if path:
+        print(f"rows appended to {path} (run {run_id})")
+    if rows and not args.no_plot and (not args.smoke or args.plot):
+        written = plot(rows, args.plot or default_path(card))
+        if written:
+            print(f"plot written to {written}")

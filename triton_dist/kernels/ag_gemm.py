@@ -45,7 +45,7 @@ import triton_dist
 import triton_dist.language as dl
 
 from ._common import REGIONS, announce, await_all, copy_blocks
-from .gemm import (OverlapContext, check_method, check_operands, check_out, chunk_tile,
+from .gemm import (OverlapContext, announce_done, check_method, check_operands, check_out, chunk_tile,
                    dot_precision, fence_async_proxy, num_sms, operands, store_tile, tile_dot)
 
 METHODS = ("copy_engine", "sm", "sequential")
@@ -76,18 +76,6 @@ def _chunk_copied(sig_ptr, chunk, e, nprog):
 
 
 @triton.jit
-def _finished_reading(sig_ptr, e, nprog):
-    """Count this program as done with the peers' buffers; the last of ``nprog`` announces ``done = e``."""
-    world = dl.num_ranks()
-    count = sig_ptr + 3 * world
-    tl.debug_barrier()
-    if dl.atomic_add(count, 1, "gpu", "acq_rel") == nprog - 1:
-        dl.st(count, 0, "gpu", "relaxed")
-        for peer in range(world):
-            dl.notify(sig_ptr + dl.rank(), peer, e, "set", "intra_node")
-
-
-@triton.jit
 def _ag_pull_kernel(a_ptr, gathered_ptr, sig_ptr, pad_ptr, epoch_ptr, chunk_numel, BLOCK: tl.constexpr):
     """Method ``sm`` (and ``sequential``): gather A into ``gathered``, raising each chunk's flag when complete.
     Buffer tiles of BLOCK elements belong to program ``tile % nprog`` on every rank (see ``_common.tile_span``)."""
@@ -105,7 +93,7 @@ def _ag_pull_kernel(a_ptr, gathered_ptr, sig_ptr, pad_ptr, epoch_ptr, chunk_nume
         rows = base + src * chunk_numel
         copy_blocks(dl.symm_at(rows, src), rows, 0, chunk_numel, nprog, BLOCK, src * chunk_numel)
         _chunk_copied(sig_ptr, src, e, nprog)
-    _finished_reading(sig_ptr, e, nprog)
+    announce_done(sig_ptr, sig_ptr + 3 * world, e, nprog)
 
 
 @triton.jit

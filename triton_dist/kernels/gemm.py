@@ -9,6 +9,7 @@ Device helpers (``@triton.jit``):
 * :func:`tile_dot`: the K-loop of one output tile, fp32 accumulation, operands either TMA tensor descriptors
   (``USE_TMA``) or plain pointers with any strides;
 * :func:`store_tile`: the masked epilogue store;
+* :func:`announce_done`: the last program of a kernel tells every rank that its buffers may be overwritten;
 * :func:`fence_async_proxy`: orders an acquire (generic proxy) before later TMA loads (async proxy) on GPUs;
 
 A persistent kernel loops ``for t in range(tl.program_id(0), num_tiles, tl.num_programs(0))`` and calls these.
@@ -33,6 +34,7 @@ from triton import knobs
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 import triton_dist
+import triton_dist.language as dl
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -110,6 +112,17 @@ def store_tile(ptr, acc, off_m, off_n, rows_end, cols_end, stride_m, stride_n,
     ptrs = ptr + rm.to(tl.int64)[:, None] * stride_m + rn[None, :] * stride_n
     mask = (rm[:, None] < rows_end) & (rn[None, :] < cols_end)
     tl.store(ptrs, acc.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def announce_done(done_ptr, count_ptr, e, nprog):
+    """Count this program as finished with the buffers the peers write (a local counter at ``count_ptr``); the last
+    of ``nprog`` programs resets the counter and sets ``done[rank] = e`` (``done_ptr``, symmetric) on every rank."""
+    tl.debug_barrier()  # every thread's loads of the buffers come before the count (release)
+    if dl.atomic_add(count_ptr, 1, "gpu", "acq_rel") == nprog - 1:
+        dl.st(count_ptr, 0, "gpu", "relaxed")  # the next call's kernel starts after this one ends
+        for peer in range(dl.num_ranks()):
+            dl.notify(done_ptr + dl.rank(), peer, e, "set", "intra_node")
 
 
 if knobs.runtime.interpret:
@@ -241,7 +254,7 @@ def check_method(what: str, method: str, methods) -> None:
 # ---------------------------------------------------------------------------------------------- context base
 class OverlapContext:
     """Base of the overlapped GEMM contexts: symmetric buffers, a device epoch counter and, on GPUs, a side stream
-    with fork/join events, ``world - 1`` copy streams and one event per row chunk (all capturable in CUDA graphs).
+    with fork/join events (capturable in CUDA graphs).
 
     ``max_m`` bounds the rows of A of a call, ``k`` and ``n`` are fixed. Creating a context is collective (symmetric
     allocations and a barrier): every rank creates the same contexts in the same order and closes them alike.
@@ -262,14 +275,9 @@ class OverlapContext:
         self.epoch = torch.zeros(1, dtype=torch.int32, device=self.world.device)
         self._symmetric: list[torch.Tensor] = []
         self.side = None
-        self.copy_streams: list = []  # world - 1 streams for DMA copies running side by side (GPUs)
-        self.chunk_events: list = []  # one per row chunk: "the chunk's partial is computed" (GPUs)
         if not self.world.interpreted:
-            world = self.world.world_size
             self.side = torch.cuda.Stream(self.world.device)
             self._fork, self._join = torch.cuda.Event(), torch.cuda.Event()
-            self.copy_streams = [torch.cuda.Stream(self.world.device) for _ in range(world - 1)]
-            self.chunk_events = [torch.cuda.Event() for _ in range(world)]
 
     def _alloc(self, shape, dtype, zero: bool = False) -> torch.Tensor:
         t = triton_dist.zeros(shape, dtype) if zero else triton_dist.empty(shape, dtype)
@@ -301,26 +309,6 @@ class OverlapContext:
     def side_stream(self):
         """Context manager: launches inside go to the side stream (inside :meth:`forked` only)."""
         return contextlib.nullcontext() if self.side is None else torch.cuda.stream(self.side)
-
-    @contextlib.contextmanager
-    def copy_stream(self, i: int, after_chunk: int):
-        """Launches inside go to copy stream ``i`` (inside :meth:`forked` only), after the last :meth:`chunk_done`
-        of ``after_chunk``; on exit the side stream waits for the copy stream (so :meth:`forked` joins it too). Copy
-        streams run side by side: one DMA per peer at a time instead of one after another. CPU world: launches run
-        in program order."""
-        if self.side is None:
-            yield
-            return
-        st = self.copy_streams[i]
-        st.wait_event(self.chunk_events[after_chunk])
-        with torch.cuda.stream(st):
-            yield
-        self.side.wait_stream(st)
-
-    def chunk_done(self, chunk: int) -> None:
-        """Record on the current stream that ``chunk`` is done (for :meth:`copy_stream`)."""
-        if self.chunk_events:
-            self.chunk_events[chunk].record()
 
     def check_call(self, a: torch.Tensor, b: torch.Tensor, m: int, k: int, n: int) -> None:
         """Shapes and dtype of a call against this context."""

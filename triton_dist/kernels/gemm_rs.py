@@ -33,6 +33,8 @@ No program waits for a later launch on its own rank, so both orders run in the C
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 import triton
@@ -43,7 +45,7 @@ import triton_dist.language as dl
 
 from . import reduce_scatter as _rs
 from ._common import reduce_slots
-from .gemm import (DTYPES, OverlapContext, check_method, check_operands, check_out, chunk_tile,
+from .gemm import (DTYPES, OverlapContext, announce_done, check_method, check_operands, check_out, chunk_tile,
                    dot_precision, grouped_tile, num_sms, operands, store_tile, tile_dot)
 
 METHODS = ("fused", "sequential_reduce", "decomposed", "sequential")
@@ -89,7 +91,6 @@ def _rs_reduce_kernel(recv_ptr, out_ptr, flags_ptr, sig_ptr, epoch_ptr, m_loc, N
     """Sum every tile of my chunk over the ``world`` slots in rank order (fp32) once all of its partials arrived,
     ``SUB_M`` rows at a time (registers); the last program to finish tells every rank that my receive buffer may be
     overwritten."""
-    rank = dl.rank()
     world = dl.num_ranks()
     nprog = tl.num_programs(0)
     e = tl.load(epoch_ptr)
@@ -108,21 +109,7 @@ def _rs_reduce_kernel(recv_ptr, out_ptr, flags_ptr, sig_ptr, epoch_ptr, m_loc, N
             for src in range(world):
                 acc += tl.load(base + src * slot_stride + offs, mask=mask).to(tl.float32)
             tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    _finished_reducing(sig_ptr, e, nprog)
-
-
-@triton.jit
-def _finished_reducing(sig_ptr, e, nprog):
-    """Count this program as done with my receive buffer; the last of ``nprog`` announces ``done = e`` to every
-    rank (a local counter at ``signals[world]``)."""
-    rank = dl.rank()
-    world = dl.num_ranks()
-    count = sig_ptr + world
-    tl.debug_barrier()  # every thread's loads of the buffer come before the count (release)
-    if dl.atomic_add(count, 1, "gpu", "acq_rel") == nprog - 1:
-        dl.st(count, 0, "gpu", "relaxed")  # the next call's reduction starts after this one ends
-        for peer in range(world):
-            dl.notify(sig_ptr + rank, peer, e, "set", "intra_node")
+    announce_done(sig_ptr, sig_ptr + world, e, nprog)
 
 
 @triton.jit
@@ -150,7 +137,7 @@ def _dec_reduce_kernel(own_ptr, recv_ptr, out_ptr, sig_ptr, epoch_ptr, n, slot, 
         src = (rank + i) % world
         slots = dl.consume_token(slots, dl.wait(sig_ptr + world + 1 + src, 1, "sys", "acquire", e, cmp="ge"))
     reduce_slots(own_ptr, slots, slot, n, out_ptr, out_ptr, rank, world, nprog, BLOCK, False)
-    _finished_reducing(sig_ptr, e, nprog)
+    announce_done(sig_ptr, sig_ptr + world, e, nprog)
 
 
 class GemmRSContext(OverlapContext):
@@ -186,7 +173,30 @@ class GemmRSContext(OverlapContext):
         self.peer_recv = [triton_dist.peer_view(self.recv, p) for p in range(world)]
         self._send = None
         self._rs_ctx = None
+        # method "decomposed" on GPUs: world - 1 copy streams (the DMAs run side by side), one event per chunk
+        self.copy_streams = [torch.cuda.Stream(self.world.device) for _ in range(world - 1)] if self.side else []
+        self.chunk_events = [torch.cuda.Event() for _ in range(world)] if self.side else []
         self.world.barrier()  # every rank's signals are zero before anyone raises one
+
+    @contextlib.contextmanager
+    def copy_stream(self, i: int, after_chunk: int):
+        """Launches inside go to copy stream ``i`` (inside :meth:`forked` only), after the last :meth:`chunk_done`
+        of ``after_chunk``; on exit the side stream waits for the copy stream (so :meth:`forked` joins it too). Copy
+        streams run side by side: one DMA per peer at a time instead of one after another. CPU world: launches run
+        in program order."""
+        if self.side is None:
+            yield
+            return
+        st = self.copy_streams[i]
+        st.wait_event(self.chunk_events[after_chunk])
+        with torch.cuda.stream(st):
+            yield
+        self.side.wait_stream(st)
+
+    def chunk_done(self, chunk: int) -> None:
+        """Record on the current stream that ``chunk`` is done (for :meth:`copy_stream`)."""
+        if self.chunk_events:
+            self.chunk_events[chunk].record()
 
     def send_buffer(self) -> torch.Tensor:
         """Local ``world x ceil(max_m/world) x n`` buffer of the partials of method ``decomposed`` (made on its first
