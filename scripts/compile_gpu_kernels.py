@@ -2,9 +2,12 @@
 machine without GPUs (``python scripts/compile_gpu_kernels.py``; run by tests/test_gpu_compile.py in a process without TRITON_INTERPRET). Catches what the
 interpreter accepts but the compiler does not (non-constexpr globals, type errors in PTX builtins, ...).
 Prints one line per kernel; exits non-zero if any kernel fails. NVSHMEM kernels are compiled down to ptxas, where
-only the unresolved NVSHMEM symbols may fail (libnvshmem_device.bc is not on CPU machines)."""
+only the unresolved NVSHMEM symbols may fail (libnvshmem_device.bc is not on CPU machines). A second pass compiles the
+libshmem_device kernels again with the cuda backend's flavour (``_compile.install(shmem="triton_dist")``: our
+triton_dist_shmem.ll) all the way to a cubin, and checks that every libshmem_device name was linked that way."""
 import importlib.util
 import os
+import re
 import sys
 
 assert os.environ.get("TRITON_INTERPRET") != "1", "compile check needs the compiler, not the interpreter"
@@ -13,12 +16,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+import triton_dist.language as dl  # noqa: E402
 from triton_dist.language import _compile  # noqa: E402
+from triton_dist.language import _shmem_names  # noqa: E402
+from triton_dist.language import libshmem_device as shmem  # noqa: E402
 
-_compile.install()
+_compile.install(shmem="nvshmem")  # first pass: libshmem_device kernels link NVSHMEM (backend "nvshmem")
 
 import test_gpu_stress as S  # noqa: E402
 import test_language as T  # noqa: E402
@@ -33,6 +40,7 @@ from triton_dist.kernels import gemm as GEMM  # noqa: E402
 from triton_dist.kernels import gemm_ar as GAR  # noqa: E402
 from triton_dist.kernels import gemm_rs as GRS  # noqa: E402
 from triton_dist.kernels import reduce_scatter as RS  # noqa: E402
+from triton_dist.kernels import stream_barrier as SB  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 failures = []
@@ -67,6 +75,7 @@ check(AG._ll_kernel, {"x_ptr": "*i32", "out_ptr": "*i32", "buf_ptr": "*i64", "ep
                       "slot_words": "i32"}, {"BLOCK": 1024})
 for phase in (0, 1, 2):
     check(C.copy_engine_signal_kernel, {"pad_ptr": "*i32", "epoch_ptr": "*i32", "wait_all": "i32"}, {"PHASE": phase})
+check(SB._stream_barrier_kernel, {"slots_ptr": "*i64", "counter_ptr": "*i64"}, options=dict(num_warps=1))
 check(AR._push_two_shot_kernel, dict(coll, n="i32", chunk="i32", slot="i32", wait_all="i32"), {"BLOCK": 8192})
 check(RS._push_kernel, dict(coll, chunk="i32", slot="i32", wait_all="i32"), {"BLOCK": 8192})
 check(RS._full_mesh_kernel, dict(coll, chunk="i32", wait_all="i32"), {"BLOCK": 2048})
@@ -190,6 +199,133 @@ def check_vectorised(fn, sig, const, min_v4):
 check_vectorised(AG._pull_kernel, dict(words, m="i32", wait_all="i32"), {"BLOCK": 4096}, 16)
 check_vectorised(AR._two_shot_kernel, dict(coll, n="i32", chunk="i32", wait_all="i32"), {"BLOCK": 8192}, 16)
 check_vectorised(RS._push_kernel, dict(coll, chunk="i32", slot="i32", wait_all="i32"), {"BLOCK": 8192}, 16)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Second pass: libshmem_device on the cuda backend. Same kernel sources, linked against triton_dist_shmem.ll (which
+# defines NVSHMEM's symbols), compiled through ptxas to a cubin; no NVSHMEM symbol may remain in the PTX.
+@triton.jit
+def _every_shmem_name_kernel(dst_ptr, src_ptr, sig_ptr, out_ptr, nbytes, pe, sig_op, cmp):
+    """Calls every libshmem_device name once (constant and run-time sig_op/cmp), so each is linked and compiled."""
+    me = shmem.my_pe()
+    npes = shmem.n_pes()
+    shmem.putmem(dst_ptr, src_ptr, nbytes, pe)
+    shmem.putmem_nbi(dst_ptr, src_ptr, nbytes, pe)
+    shmem.putmem_block(dst_ptr, src_ptr, nbytes, pe)
+    shmem.putmem_warp(dst_ptr, src_ptr, nbytes, pe)
+    shmem.putmem_nbi_block(dst_ptr, src_ptr, nbytes, pe)
+    shmem.putmem_nbi_warp(dst_ptr, src_ptr, nbytes, pe)
+    shmem.getmem(dst_ptr, src_ptr, nbytes, pe)
+    shmem.getmem_nbi(dst_ptr, src_ptr, nbytes, pe)
+    shmem.getmem_block(dst_ptr, src_ptr, nbytes, pe)
+    shmem.getmem_warp(dst_ptr, src_ptr, nbytes, pe)
+    shmem.getmem_nbi_block(dst_ptr, src_ptr, nbytes, pe)
+    shmem.getmem_nbi_warp(dst_ptr, src_ptr, nbytes, pe)
+    shmem.putmem_signal(dst_ptr, src_ptr, nbytes, sig_ptr, 1, shmem.NVSHMEM_SIGNAL_SET, pe)
+    shmem.putmem_signal_nbi(dst_ptr, src_ptr, nbytes, sig_ptr, 1, shmem.NVSHMEM_SIGNAL_ADD, pe)
+    shmem.putmem_signal_block(dst_ptr, src_ptr, nbytes, sig_ptr, 1, shmem.NVSHMEM_SIGNAL_ADD, pe)
+    shmem.putmem_signal_warp(dst_ptr, src_ptr, nbytes, sig_ptr, 1, shmem.NVSHMEM_SIGNAL_SET, pe)
+    shmem.putmem_signal_nbi_block(dst_ptr, src_ptr, nbytes, sig_ptr, 1, sig_op, pe)
+    shmem.putmem_signal_nbi_warp(dst_ptr, src_ptr, nbytes, sig_ptr, 1, sig_op, pe)
+    shmem.signal_op(sig_ptr, 2, shmem.NVSHMEM_SIGNAL_ADD, pe)
+    shmem.signal_op(sig_ptr, 2, sig_op, pe)
+    shmem.fence()
+    shmem.quiet()
+    shmem.barrier_all()
+    shmem.barrier_all_block()
+    shmem.barrier_all_warp()
+    shmem.sync_all()
+    shmem.sync_all_block()
+    shmem.sync_all_warp()
+    seen = shmem.signal_wait_until(sig_ptr, shmem.NVSHMEM_CMP_GE, 1)
+    seen += shmem.signal_wait_until(sig_ptr, cmp, 1)
+    tl.store(shmem.remote_ptr(out_ptr, pe), seen.to(tl.int64) + me + npes)
+
+
+@triton.jit
+def _dl_and_shmem_kernel(sig_ptr, out_ptr):
+    """dl.rank links only part of triton_dist_device.ll; triton_dist_shmem.ll needs more of it (check_wait): the
+    device module must be linked after the shmem one."""
+    seen = shmem.signal_wait_until(sig_ptr, shmem.NVSHMEM_CMP_EQ, 1)
+    tl.store(out_ptr, seen.to(tl.int64) + dl.rank())
+
+
+@triton.jit
+def _bad_sig_op_kernel(sig_ptr, WHERE: tl.constexpr, OP: tl.constexpr):
+    if WHERE == 0:
+        shmem.signal_op(sig_ptr, 1, OP, 0)
+    elif WHERE == 1:
+        shmem.putmem_signal_block(sig_ptr, sig_ptr, 8, sig_ptr, 1, OP, 0)
+    else:
+        shmem.putmem_signal_warp(sig_ptr, sig_ptr, 8, sig_ptr, 1, OP, 0)
+
+
+@triton.jit
+def _bad_cmp_kernel(sig_ptr, CMP: tl.constexpr):
+    shmem.signal_wait_until(sig_ptr, CMP, 1)
+
+
+_compile.install(shmem="triton_dist")  # what triton_dist.init() does for backend "cuda"
+shmem_symbols_seen = set()
+_COMMENT = re.compile(r"//[^\n]*")
+
+
+def check_shmem_ll(fn, sig, const=None, options=None):
+    """Compile with triton_dist_shmem.ll to a cubin: every error fails, and no NVSHMEM symbol may be left."""
+    const = dict(const or {})
+    full = dict(sig, **{k: "constexpr" for k in const})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (k, v) in enumerate(full.items()) if v.startswith("*")}
+    name = f"{fn.__name__}{const or ''}{options or ''} (triton_dist_shmem.ll)"
+    try:
+        kernel = triton.compile(ASTSource(fn, full, constexprs=const, attrs=attrs), target=TARGET, options=options)
+        code = _COMMENT.sub("", kernel.asm["ptx"])  # LLVM names basic blocks after inlined functions in comments
+        left = sorted(set(re.findall(r"\bnvshmemx?_\w+", code)))
+        if left:
+            raise RuntimeError(f"PTX still refers to {left}")
+        if not kernel.asm.get("cubin"):
+            raise RuntimeError("no cubin")
+        shmem_symbols_seen.update(re.findall(r'symbol = "(nvshmemx?_\w+)"', kernel.asm["ttgir"]))
+        print("ok  ", name)
+    except Exception as e:  # report every kernel, then fail
+        failures.append(name)
+        print("FAIL", name, str(e)[-1500:])
+
+
+def check_rejected(fn, sig, const, needle):
+    """A constant argument that NVSHMEM does not define must fail at compile time, naming the valid ones."""
+    full = dict(sig, **{k: "constexpr" for k in const})
+    name = f"{fn.__name__}{const} rejected"
+    try:
+        triton.compile(ASTSource(fn, full, constexprs=const), target=TARGET)
+        msg = "compiled"
+    except Exception as e:
+        msg = f"{e!r} {e.__cause__!r}"
+        if needle in msg:
+            print("ok  ", name)
+            return
+    failures.append(name)
+    print("FAIL", name, "expected a compile error mentioning", needle, "got:", msg[-1500:])
+
+
+check_shmem_ll(L._put_signal_ring_kernel, {"dst_ptr": "*u8", "src_ptr": "*u8", "sig_ptr": "*u64", "out_ptr": "*i64",
+                                           "nbytes": "i32", "epoch": "i32"}, {"NBLOCKS": 4})
+check_shmem_ll(L._get_kernel, {"dst_ptr": "*fp16", "src_ptr": "*fp16", "nbytes": "i32"})
+check_shmem_ll(L._barrier_kernel, {"buf_ptr": "*i32", "out_ptr": "*i32"})
+check_shmem_ll(L._signal_add_kernel, {"sig_ptr": "*u64", "out_ptr": "*i64"})
+every = {"dst_ptr": "*u8", "src_ptr": "*u8", "sig_ptr": "*u64", "out_ptr": "*i64", "nbytes": "i64", "pe": "i32",
+         "sig_op": "i32", "cmp": "i32"}
+check_shmem_ll(_every_shmem_name_kernel, every)
+check_shmem_ll(_every_shmem_name_kernel, every, options=dict(num_warps=1))
+check_shmem_ll(_dl_and_shmem_kernel, {"sig_ptr": "*u64", "out_ptr": "*i64"})
+missing = sorted({_shmem_names.nvshmem_symbol(n) for n in _shmem_names.ALL} - shmem_symbols_seen)
+print("ok  " if not missing else "FAIL", f"libshmem_device names linked with triton_dist_shmem.ll: "
+      f"{len(_shmem_names.ALL) - len(missing)} of {len(_shmem_names.ALL)}", *missing)
+if missing:
+    failures.append("libshmem_device coverage")
+for where in (0, 1, 2):
+    check_rejected(_bad_sig_op_kernel, {"sig_ptr": "*u64"}, {"WHERE": where, "OP": 11}, "NVSHMEM_SIGNAL_SET")
+check_rejected(_bad_cmp_kernel, {"sig_ptr": "*u64"}, {"CMP": 6}, "NVSHMEM_CMP_EQ")
+_compile.install(shmem="nvshmem")  # back to the default flavour
 
 print(f"{len(failures)} failed")
 sys.exit(1 if failures else 0)

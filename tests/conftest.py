@@ -11,15 +11,30 @@ os.environ.setdefault("TRITON_DIST_WAIT_TIMEOUT_S", "30")
 from triton_dist.testing import ProcessWorld  # noqa: E402  (after TRITON_INTERPRET)
 
 BACKEND = os.environ.get("TRITON_DIST_TEST_BACKEND", "cpu")
+# On a machine with fewer GPUs than a world size, TRITON_DIST_TEST_SHARE_GPUS=1 runs that world with ranks sharing
+# GPUs (scripts/gpu_suite.sh sets it there); without it such a world is skipped.
+SHARE_GPUS = BACKEND != "cpu" and os.environ.get("TRITON_DIST_TEST_SHARE_GPUS", "0") == "1"
 
 
-def gpus_or_skip(n):
-    """On GPUs, a world of n ranks needs n GPUs: skip (with the reason) on a smaller machine."""
-    if BACKEND != "cpu":
-        import torch
-        have = torch.cuda.device_count()
-        if have < n:
-            pytest.skip(f"needs {n} GPUs, this machine has {have}")
+def world_options(n, backend=BACKEND):
+    """ProcessWorld keyword arguments of an n-rank world here: one GPU per rank where there are enough, a shared-GPU
+    world where not (with TRITON_DIST_TEST_SHARE_GPUS=1); otherwise the test is skipped, with the reason."""
+    if backend == "cpu":
+        return dict(backend="cpu")
+    import torch
+    have = torch.cuda.device_count()
+    if have >= n:
+        return dict(backend=backend)
+    if backend == "nvshmem":
+        pytest.skip(f"backend nvshmem needs one GPU per rank: {n} ranks, this machine has {have} GPU(s)")
+    if not SHARE_GPUS:
+        pytest.skip(f"needs {n} GPUs, this machine has {have} (TRITON_DIST_TEST_SHARE_GPUS=1 shares them)")
+    return dict(backend=backend, share_gpus=True)
+
+
+def new_world(n, backend=BACKEND, **kwargs):
+    """A fresh ProcessWorld of n ranks on this machine (see world_options), for tests that need their own."""
+    return ProcessWorld(n, **world_options(n, backend), **kwargs)
 
 
 # World sizes of the `world` fixture: "2,4" by default; e.g. TRITON_DIST_TEST_WORLD_SIZES=8 on an 8-GPU machine.
@@ -36,10 +51,9 @@ def worlds():
 
 
 def get_world(cache, n, backend=BACKEND):
-    gpus_or_skip(n)
     key = (n, backend)
     if key not in cache:
-        cache[key] = ProcessWorld(n, backend=backend)
+        cache[key] = new_world(n, backend)
         cache[key].start()
     return cache[key]
 

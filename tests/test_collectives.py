@@ -194,34 +194,39 @@ def _stress(calls, seed):
     w = this_world()
     g = torch.Generator().manual_seed(seed)
     for i in range(calls):
-        n = int(torch.randint(1, 1 << 16, (1,), generator=g))
-        op = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")[i % 4]
-        x = torch.randn(w.world_size * n, device=w.device, dtype=torch.bfloat16)
-        if op == "all_reduce":
-            method = ("one_shot", "two_shot", "push_one_shot", "ll", "push_two_shot")[
-                int(torch.randint(0, 5, (1,), generator=g))]
-            if method == "ll" and x.numel() * x.element_size() > LL_MAX_BYTES:
-                method = "auto"
-            got, ref = ops.all_reduce(x, method=method), ar.all_reduce_reference(x)
-            torch.testing.assert_close(got, ref, rtol=1.6e-2, atol=1e-2)
-        elif op == "all_gather":
-            method = ("pull", "push", "ring", "ll", "copy_engine")[int(torch.randint(0, 5, (1,), generator=g))]
-            if method == "ll" and (n % 2 or 2 * n > LL_MAX_BYTES):
-                method = "auto"
-            assert torch.equal(ops.all_gather(x[:n], method=method), ag.all_gather_reference(x[:n])), f"call {i}"
-        elif op == "reduce_scatter":
-            method = ("full_mesh", "push", "ring")[int(torch.randint(0, 3, (1,), generator=g))]
-            torch.testing.assert_close(ops.reduce_scatter(x, method=method), rs.reduce_scatter_reference(x),
-                                       rtol=1.6e-2, atol=1e-2)
-        elif i % 8 == 3:  # equal splits
-            method = ("kernel", "copy_engine")[int(torch.randint(0, 2, (1,), generator=g))]
-            assert torch.equal(ops.all_to_all(x, method=method), a2a.all_to_all_reference(x)), f"call {i}"
-        else:  # variable splits: counts[r][j] rows from rank r to rank j, the same table on every rank
-            counts = torch.randint(0, 1 + n // w.world_size, (w.world_size, w.world_size), generator=g).tolist()
-            ins, outs = counts[w.rank], [counts[r][w.rank] for r in range(w.world_size)]
-            xv = x[:sum(ins)].view(-1, 1)
-            assert torch.equal(ops.all_to_all_v(xv, ins, outs), a2a.all_to_all_v_reference(xv, ins, outs)), \
-                f"call {i}"
+        method = "v"
+        try:
+            n = int(torch.randint(1, 1 << 16, (1,), generator=g))
+            op = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")[i % 4]
+            x = torch.randn(w.world_size * n, device=w.device, dtype=torch.bfloat16)
+            if op == "all_reduce":
+                method = ("one_shot", "two_shot", "push_one_shot", "ll", "push_two_shot")[
+                    int(torch.randint(0, 5, (1,), generator=g))]
+                if method == "ll" and x.numel() * x.element_size() > LL_MAX_BYTES:
+                    method = "auto"
+                got, ref = ops.all_reduce(x, method=method), ar.all_reduce_reference(x)
+                torch.testing.assert_close(got, ref, rtol=1.6e-2, atol=1e-2)
+            elif op == "all_gather":
+                method = ("pull", "push", "ring", "ll", "copy_engine")[int(torch.randint(0, 5, (1,), generator=g))]
+                if method == "ll" and (n % 2 or 2 * n > LL_MAX_BYTES):
+                    method = "auto"
+                assert torch.equal(ops.all_gather(x[:n], method=method), ag.all_gather_reference(x[:n])), f"call {i}"
+            elif op == "reduce_scatter":
+                method = ("full_mesh", "push", "ring")[int(torch.randint(0, 3, (1,), generator=g))]
+                torch.testing.assert_close(ops.reduce_scatter(x, method=method), rs.reduce_scatter_reference(x),
+                                           rtol=1.6e-2, atol=1e-2)
+            elif i % 8 == 3:  # equal splits
+                method = ("kernel", "copy_engine")[int(torch.randint(0, 2, (1,), generator=g))]
+                assert torch.equal(ops.all_to_all(x, method=method), a2a.all_to_all_reference(x)), f"call {i}"
+            else:  # variable splits: counts[r][j] rows from rank r to rank j, the same table on every rank
+                counts = torch.randint(0, 1 + n // w.world_size, (w.world_size, w.world_size), generator=g).tolist()
+                ins, outs = counts[w.rank], [counts[r][w.rank] for r in range(w.world_size)]
+                xv = x[:sum(ins)].view(-1, 1)
+                assert torch.equal(ops.all_to_all_v(xv, ins, outs), a2a.all_to_all_v_reference(xv, ins, outs)), \
+                    f"call {i}"
+        except Exception as err:  # name the call: the sequence is reproducible from the seed
+            raise RuntimeError(f"stress call {i} of {calls} ({op} {method}, n={n}) failed on rank {w.rank}: {err}") \
+                from err
     ops.release_contexts()
     return True
 

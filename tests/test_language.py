@@ -1,5 +1,4 @@
 """Device primitives of triton_dist.language, in the CPU world (and on GPUs with TRITON_DIST_TEST_BACKEND=cuda)."""
-import os
 
 import pytest
 import torch
@@ -8,11 +7,10 @@ import triton.language as tl
 
 import triton_dist
 import triton_dist.language as dl
-from triton_dist.testing import ProcessWorld, RankError
+from triton_dist.testing import RankError
 
 from _util import poison, rand, sync, this_world
-
-BACKEND = os.environ.get("TRITON_DIST_TEST_BACKEND", "cpu")
+from conftest import new_world
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -278,7 +276,9 @@ def _never_signalled():
 
 
 def test_wait_that_never_gets_its_signal_fails_cleanly():
-    with ProcessWorld(2, backend=BACKEND, env={"TRITON_DIST_WAIT_TIMEOUT_S": "1"}) as w:
+    # mps=False: on a shared GPU under MPS the watchdog's trap would reach every MPS client on the GPU (the other
+    # worlds of this session too); time-sliced ranks keep it to this world.
+    with new_world(2, env={"TRITON_DIST_WAIT_TIMEOUT_S": "1"}, mps=False) as w:
         with pytest.raises(RankError, match=r"waited 1 s on the signal at rank \d's heap offset \d+ for value 1, "
                                             r"last saw 0"):
             w.run(_never_signalled, timeout=60)

@@ -1,4 +1,6 @@
-"""NVSHMEM-style device API. CPU world: interpreter bodies; GPUs: NVSHMEM (backend "nvshmem")."""
+"""NVSHMEM-style device API, one kernel source everywhere: the CPU world (interpreter bodies); on GPUs backend "nvshmem"
+(NVSHMEM's libnvshmem_device.bc, one GPU per rank) and backend "cuda" (triton_dist_shmem.ll over CUDA IPC, also with
+ranks sharing a GPU)."""
 import os
 
 import pytest
@@ -15,10 +17,15 @@ from conftest import WORLD_SIZES, get_world
 BACKEND = os.environ.get("TRITON_DIST_TEST_BACKEND", "cpu")
 
 
-@pytest.fixture(params=WORLD_SIZES, ids=lambda n: f"{n}pes")
+SHMEM_BACKENDS = ["cpu"] if BACKEND == "cpu" else ["nvshmem", "cuda"]
+
+
+@pytest.fixture(params=[(n, b) for n in WORLD_SIZES for b in SHMEM_BACKENDS],
+                ids=lambda p: f"{p[0]}pes" + ("" if p[1] == "cpu" else f"-{p[1]}"))
 def pes(request, worlds):
-    """A world whose heap NVSHMEM can use: the CPU world, or backend 'nvshmem' on GPUs."""
-    return get_world(worlds, request.param, backend="cpu" if BACKEND == "cpu" else "nvshmem")
+    """A world of every backend that runs libshmem_device kernels here."""
+    n, backend = request.param
+    return get_world(worlds, n, backend=backend)
 
 
 @triton.jit

@@ -1,14 +1,14 @@
 """Host runtime: symmetric heap allocation, peer views, barriers, bad input, the process world itself."""
-import os
 import time
 
 import pytest
 import torch
 
 import triton_dist
-from triton_dist.testing import ProcessWorld, RankError, WorldTimeout
+from triton_dist.testing import RankError, WorldTimeout
 
 from _util import rand, this_world
+from conftest import new_world
 
 
 def _alloc_offsets():
@@ -100,8 +100,7 @@ def _mismatched_allocation():
 
 
 def test_debug_mode_detects_different_allocation_sequences():
-    with ProcessWorld(2, backend=os.environ.get("TRITON_DIST_TEST_BACKEND", "cpu"),
-                      env={"TRITON_DIST_DEBUG": "1"}) as w:
+    with new_world(2, env={"TRITON_DIST_DEBUG": "1"}) as w:
         with pytest.raises(RankError, match="differs across ranks"):
             w.run(_mismatched_allocation, timeout=60)
 

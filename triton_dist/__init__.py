@@ -31,7 +31,10 @@ def init(backend: str = "auto", *, heap_size: int | None = None) -> World:
     world = _world.init(backend, heap_size=heap_size)
     if not world.interpreted:
         from .language import _compile
-        _compile.install()
+        _compile.install(shmem="nvshmem" if world.backend == "nvshmem" else "triton_dist")
+        if world.shared_gpu:
+            from .kernels.stream_barrier import stream_barrier as device_barrier
+            world._device_barrier = device_barrier
     return world
 
 

@@ -3,10 +3,12 @@
 ::
 
     triton-dist run -n 4 script.py [args...]        # 4 ranks: GPUs if present, else a CPU world
+    triton-dist run -n 4 --share-gpus script.py     # 4 ranks on the GPUs there are (rank r on GPU r % G)
     triton-dist run -n 2 --mode cpu -m pkg.mod      # a module, on the CPU world
     triton-dist bench primitives [-n N] [args...]   # a benchmark of triton_dist.bench (primitives,
                                                     # collectives, gemm)
     triton-dist demo [-n N]                         # the intra-node all-gather tutorial
+    triton-dist mps start | stop DIR                # a private MPS daemon for shared-GPU worlds (prints exports)
 
 The exit code is the world's: 0 when every rank succeeded, the failing rank's code, 124 on a timeout,
 130 when interrupted, 2 for a usage error.
@@ -54,6 +56,12 @@ def _world_options() -> argparse.ArgumentParser:
     common.add_argument("--timeout", type=_seconds, default=None,
                         help="seconds the world may run before it is stopped with exit code 124 "
                              "[default: TRITON_DIST_RUN_TIMEOUT or 1800]")
+    common.add_argument("--share-gpus", action="store_true",
+                        help="GPU mode: allow more ranks than GPUs, rank r on GPU r %% G (a shared-GPU world for "
+                             "development and tests; its timings are not performance)")
+    common.add_argument("--no-mps", action="store_true",
+                        help="with --share-gpus: start no MPS daemon and keep the ranks off any; they time-slice "
+                             "the GPU (correct, slow)")
     return common
 
 
@@ -61,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``triton-dist``."""
     common = _world_options()
     parser = argparse.ArgumentParser(prog="triton-dist", description="Launch and try triton-dist worlds.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,bench,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,bench,demo,mps}")
 
     run = sub.add_parser("run", parents=[common], allow_abbrev=False,
                          help="run a script or module on every rank",
@@ -79,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("demo", parents=[common], allow_abbrev=False,
                    help=f"run {DEMO_SCRIPT} (the intra-node all-gather tutorial)")
+
+    daemon = sub.add_parser("mps", allow_abbrev=False, help="start or stop a private MPS daemon",
+                            description="start: start an MPS control daemon with its own pipe and log directories "
+                                        "and print shell export lines for its clients (eval them); stop DIR: stop "
+                                        "the daemon whose directory start printed as TRITON_DIST_MPS_ROOT.")
+    daemon.add_argument("action", choices=("start", "stop"))
+    daemon.add_argument("root", nargs="?", help="stop: the TRITON_DIST_MPS_ROOT that start printed")
     return parser
 
 
@@ -96,6 +111,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     extra = [a for a in extra if a != "--"]  # '--' only separates; argparse may leave it anywhere in extra
 
+    if opts.command == "mps":
+        from .runtime import mps
+        if (opts.root is None) != (opts.action == "start"):
+            parser.error("usage: triton-dist mps start | triton-dist mps stop DIR")
+        try:
+            return mps.main([opts.action] + ([opts.root] if opts.root else []))
+        except RuntimeError as err:
+            print(f"triton-dist: error: {err}", file=sys.stderr)
+            return 1
+
     module = False
     if opts.command == "run":
         target, args, module = opts.target, opts.args, opts.module
@@ -111,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from .runtime.launcher import EXIT_INTERRUPTED, launch
     try:
-        return launch(opts.nprocs, target, args, module=module, mode=opts.mode, timeout=opts.timeout)
+        return launch(opts.nprocs, target, args, module=module, mode=opts.mode, timeout=opts.timeout,
+                      share_gpus=opts.share_gpus, mps=not opts.no_mps)
     except ValueError as err:
         print(f"triton-dist: error: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -160,7 +160,9 @@ def main() -> None:
             ("b per rank (K, N)", f"({args.k}, {args.n})"), ("C per rank (M, N)", f"({args.m}, {args.n})"),
             ("dtype", str(dtype).replace("torch.", "")), ("calls on the same buffers", op.call),
             ("match", "no" if failures.item() else "yes")]
-    if gpu and not failures.item():
+    if gpu and world.shared_gpu:
+        rows.append(("timing", "skipped: ranks share a GPU, so times are not performance"))
+    elif gpu and not failures.item():
         gathered = torch.empty((args.m, args.k), dtype=dtype, device=world.device)
         t_ours = median_ms(lambda: op(a, b), iters=args.iters, group=world.group)
         t_nccl = median_ms(lambda: nccl_then_matmul(a, b, gathered), iters=args.iters, group=world.group)

@@ -163,7 +163,9 @@ def main() -> None:
             ("b per rank (k, N)", f"({args.k}, {args.n})"), ("result per rank (M/world, N)", f"({m}, {args.n})"),
             ("dtype", str(dtype).replace("torch.", "")), ("calls on the same buffers", op.call),
             ("match", "no" if failures.item() else "yes")]
-    if gpu and not failures.item():
+    if gpu and world.shared_gpu:
+        rows.append(("timing", "skipped: ranks share a GPU, so times are not performance"))
+    elif gpu and not failures.item():
         t_ours = median_ms(lambda: op(a, b), iters=args.iters, group=world.group)
         t_nccl = median_ms(lambda: matmul_then_nccl(a, b, res), iters=args.iters, group=world.group)
         t_mm = median_ms(lambda: a @ b, iters=args.iters, group=world.group)

@@ -262,10 +262,11 @@ def reduce_slots(x_ptr, slots_ptr, slot, n, out_ptr, copy_ptr, rank, world, npro
 
 
 def default_programs(world) -> int:
-    """Programs per collective launch: one per SM on GPUs, 2 in the CPU world (the interpreter is slow)."""
+    """Programs per collective launch: one per SM of this rank's share of the GPU (:attr:`World.num_sms`, so the
+    programs of every rank on a shared GPU are resident at once), 2 in the CPU world (the interpreter is slow)."""
     if world.interpreted:
         return 2
-    return torch.cuda.get_device_properties(world.device).multi_processor_count
+    return world.num_sms
 
 
 class CollectiveContext:

@@ -184,10 +184,11 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def num_sms(world) -> int:
-    """SMs of this rank's GPU; 4 'SMs' in the CPU world (programs there run one after another, so few)."""
+    """SMs this rank may fill (its share of the GPU: :attr:`World.num_sms`); 4 'SMs' in the CPU world (programs there
+    run one after another, so few)."""
     if world.interpreted:
         return 4
-    return torch.cuda.get_device_properties(world.device).multi_processor_count
+    return world.num_sms
 
 
 # ---------------------------------------------------------------------------------------------- operands

@@ -1,7 +1,13 @@
-"""GPU bodies of ``libshmem_device``: extern calls into NVSHMEM's ``libnvshmem_device.bc``.
+"""GPU bodies of ``libshmem_device``: extern calls to NVSHMEM's device symbols (``nvshmem_putmem``, ...).
+
+Which library defines them is chosen per process by ``_compile.install(shmem=...)``: on the ``nvshmem`` backend
+NVSHMEM's ``libnvshmem_device.bc``; on the ``cuda`` backend (intra-node peers over CUDA IPC, including ranks that
+share a GPU) triton-dist's own ``triton_dist_shmem.ll``, with the same signatures and semantics. The kernel source
+is the same either way.
 
 Pointers travel as int64 addresses (what the C functions take as ``void*``); functions returning ``void`` are
-declared as returning int32, whose value is never used.
+declared as returning int32, whose value is never used. Constant ``sig_op`` and ``cmp`` arguments are checked at
+compile time.
 """
 import triton
 from triton.language import core
@@ -9,10 +15,33 @@ from triton.language import core
 from . import _ptx
 from ._shmem_names import ALL, BARRIERS, GETMEM, PUTMEM, PUTMEM_SIGNAL, PER_THREAD, PER_WARP, nvshmem_symbol
 
+_SIGNAL_SET, _SIGNAL_ADD = 9, 10  # NVSHMEM_SIGNAL_SET / NVSHMEM_SIGNAL_ADD
+_CMP_RANGE = range(6)  # NVSHMEM_CMP_EQ .. NVSHMEM_CMP_GE
+
 LIB = "libnvshmem_device"
 i32, i64, u64 = core.int32, core.int64, core.uint64
 
 __all__ = list(ALL)
+
+
+def _const_int(x):
+    """The Python int of a compile-time constant argument, else None (a run-time value is the library's to handle:
+    triton_dist_shmem.ll traps on an invalid one)."""
+    x = core._unwrap_if_constexpr(x)
+    return x if isinstance(x, int) and not isinstance(x, bool) else None
+
+
+def _check_sig_op(sig_op):
+    op = _const_int(sig_op)
+    if op is not None and op not in (_SIGNAL_SET, _SIGNAL_ADD):
+        raise ValueError(f"sig_op must be NVSHMEM_SIGNAL_SET ({_SIGNAL_SET}) or NVSHMEM_SIGNAL_ADD ({_SIGNAL_ADD}), "
+                         f"got {op}")
+
+
+def _check_cmp(cmp):
+    c = _const_int(cmp)
+    if c is not None and c not in _CMP_RANGE:
+        raise ValueError(f"cmp must be one of NVSHMEM_CMP_EQ..GE (0..5), got {c}")
 
 
 def _call(name, args, types, ret, _semantic, pure=False):
@@ -32,6 +61,7 @@ def _rma(name):
 
 def _put_signal(name):
     def fn(dest, source, nbytes, sig_addr, signal, sig_op, pe, _semantic=None):
+        _check_sig_op(sig_op)
         return _call(name, [dest, source, nbytes, sig_addr, signal, sig_op, pe], [i64, i64, i64, i64, u64, i32, i32],
                      i32, _semantic)
     fn.__name__ = fn.__qualname__ = name
@@ -83,12 +113,14 @@ def remote_ptr(ptr, pe, _semantic=None):
 @core.extern
 def _raw_signal_op(sig_addr, signal, sig_op, pe, _semantic=None):
     """``nvshmemx_signal_op``: set or add ``signal`` to the uint64 signal ``sig_addr`` on ``pe``."""
+    _check_sig_op(sig_op)
     return _call("signal_op", [sig_addr, signal, sig_op, pe], [i64, u64, i32, i32], i32, _semantic)
 
 
 @core.extern
 def signal_wait_until(sig_addr, cmp, cmp_value, _semantic=None):
     """``nvshmem_signal_wait_until``: spin until ``*sig_addr <cmp> cmp_value``; returns the signal's value."""
+    _check_cmp(cmp)
     return _call("signal_wait_until", [sig_addr, cmp, cmp_value], [i64, i32, u64], u64, _semantic)
 
 

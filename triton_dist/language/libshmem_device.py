@@ -1,8 +1,16 @@
 """NVSHMEM-style device API: ``from triton_dist.language import libshmem_device``.
 
-The names are NVSHMEM's device functions. On the GPU they are extern calls into NVSHMEM's
-``libnvshmem_device.bc`` (linked automatically; the heap must come from ``backend="nvshmem"``); in the CPU world
-they are interpreter implementations over the shared-memory heaps, with the same results.
+The names are NVSHMEM's device functions, and one kernel source works on every backend. On the GPU they are extern
+calls to NVSHMEM's device symbols, linked automatically (``_compile.install``, run by ``triton_dist.init()``):
+
+* ``backend="nvshmem"``: NVSHMEM's own ``libnvshmem_device.bc``, over NVSHMEM's heap;
+* ``backend="cuda"``: ``triton_dist_shmem.ll``, triton-dist's implementation of the same symbols over the intra-node
+  symmetric heap (peers mapped through CUDA IPC, including ranks that share one GPU): loads, stores and system-scope
+  atomics on translated addresses, waits with the ``dl.wait`` timeout.
+
+In the CPU world they are interpreter implementations over the shared-memory heaps, with the same results.
+Constant ``sig_op`` (``NVSHMEM_SIGNAL_SET``/``ADD``) and ``cmp`` (``NVSHMEM_CMP_*``) arguments are checked when the
+kernel compiles.
 
 =============================================  ========================================================
 ``my_pe()``, ``n_pes()``                        this PE (rank) and the number of PEs
@@ -17,8 +25,10 @@ nbytes, sig, signal, sig_op, pe)``
 ``barrier_all[_block]()``, ``sync_all[_block]()``  barrier over all PEs
 =============================================  ========================================================
 
-``_block`` variants must be called by every thread of a program (in Triton, any call is), ``_warp`` by a warp;
-the plain ones are per thread, so in Triton every thread of the program repeats them: prefer ``_block``.
+``_block`` variants run on every thread of the program (in Triton, any call does); the plain (thread-level) ones run
+on one thread of the program and the ``_warp`` ones on its first warp, between two barriers of the program, so the
+program's earlier writes are complete before them: prefer ``_block`` for large copies. As in NVSHMEM, one program per
+PE at a time should be in a ``barrier_all``/``sync_all``.
 """
 from triton import knobs as _knobs
 

@@ -10,6 +10,8 @@ variable                       meaning
 ``TRITON_DIST_DEBUG``          ``1``: check that every rank allocates the same sequence
 ``TRITON_DIST_WAIT_TIMEOUT_S`` seconds a device-side wait spins before it fails
 ``TRITON_DIST_RUN_ID``         names the CPU world's shared-memory segments (launcher)
+``TRITON_DIST_SHARE_GPUS``     ``1``: ranks may share GPUs (rank ``r`` on GPU ``local_rank % G``;
+                               ``triton-dist run --share-gpus`` sets it)
 =============================  ======================================================
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 BACKENDS = ("auto", "cuda", "nvshmem", "cpu")
 DEFAULT_HEAP_BYTES = {"cpu": 64 << 20, "cuda": 2 << 30, "nvshmem": 1 << 30}
 DEFAULT_WAIT_TIMEOUT_S = 60.0
+SHARE_GPUS_ENV = "TRITON_DIST_SHARE_GPUS"
 # Variables that keep NVLink multicast off; the launcher forces them on GPU machines.
 MULTICAST_OFF_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 

@@ -11,7 +11,19 @@ Backends provide the arenas:
 
 * ``cpu``: a file in ``/dev/shm`` per rank, mapped by every process (the interpreter world);
 * ``cuda``: one PyTorch symmetric-memory tensor (CUDA IPC) per rank;
+* ``cuda`` with ranks sharing a GPU: :class:`SharedGPUArena`, one ``cuMemAlloc`` per rank opened by the others
+  through CUDA IPC handles (PyTorch's symmetric memory refuses ranks on one device);
 * ``nvshmem``: the same from PyTorch's NVSHMEM backend, so ``libshmem_device`` calls work on it.
+
+The first ``RESERVED_BYTES`` of every arena are never handed out; the runtime's own signals live there
+(zeroed by ``init``, offsets in bytes):
+
+=========================  ====================================================================
+``SHMEM_BARRIER_SLOTS``    int64 per PE: the epoch of PE ``p``'s last ``libshmem_device.barrier_all``
+``SHMEM_BARRIER_COUNTER``  int64: this rank's own barrier_all epoch (GPU bodies; the CPU world counts on the host)
+``STREAM_BARRIER_SLOTS``   int64 per rank: the epoch of rank ``r``'s last device ``stream_barrier``
+``STREAM_BARRIER_COUNTER`` int64: this rank's own stream_barrier epoch
+=========================  ====================================================================
 """
 from __future__ import annotations
 
@@ -23,6 +35,11 @@ import torch
 
 ALIGN = 256  # bytes; every allocation starts on this boundary (TMA and 16-byte vectors need <= 128)
 RESERVED_BYTES = 64 << 10  # start of every arena: runtime signal pads (barriers), never handed out
+RESERVED_PAD_BYTES = 4096  # the part of it that init() zeroes (the layout below)
+SHMEM_BARRIER_SLOTS = 0
+SHMEM_BARRIER_COUNTER = 512
+STREAM_BARRIER_SLOTS = 1024
+STREAM_BARRIER_COUNTER = 1536
 
 SUPPORTED_DTYPES = (
     torch.float16, torch.bfloat16, torch.float32, torch.float64,
@@ -50,7 +67,8 @@ class _Block:
     nbytes: int
 
 
-def _fmt_bytes(n: int) -> str:
+def fmt_bytes(n: int) -> str:
+    """``n`` bytes in the largest binary unit that fits, e.g. ``1.5 GiB``."""
     for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= size:
             return f"{n / size:.1f} {unit}"
@@ -110,9 +128,9 @@ class SymmetricHeap:
                 return out
         largest = max((b.nbytes for b in self._free), default=0)
         raise HeapExhausted(
-            f"symmetric heap exhausted on rank {self.rank}: asked for {_fmt_bytes(padded)} "
-            f"(shape {tuple(shape)}, {dtype}); heap is {_fmt_bytes(self.nbytes)}, "
-            f"{_fmt_bytes(self.bytes_in_use)} in use, largest free range {_fmt_bytes(largest)}. "
+            f"symmetric heap exhausted on rank {self.rank}: asked for {fmt_bytes(padded)} "
+            f"(shape {tuple(shape)}, {dtype}); heap is {fmt_bytes(self.nbytes)}, "
+            f"{fmt_bytes(self.bytes_in_use)} in use, largest free range {fmt_bytes(largest)}. "
             f"Free tensors with triton_dist.free(t) or grow the heap: TRITON_DIST_HEAP_SIZE=4G "
             f"(or triton_dist.init(heap_size=...)).")
 
@@ -240,3 +258,73 @@ class CUDAArena:
     def close(self) -> None:
         self.buffer = None
         self.handle = None
+
+
+class SharedGPUArena:
+    """Heaps of ranks that share GPUs: each rank ``cuMemAlloc``s its arena, exports a CUDA IPC handle, and opens
+    every peer's (all-gathered over ``group``, gloo). Driver calls, not PyTorch's caching allocator, so the arena is
+    one plain allocation whatever ``PYTORCH_CUDA_ALLOC_CONF`` says, and teardown is ours: close the peers' mappings,
+    wait until every rank did, then free."""
+
+    def __init__(self, nbytes: int, device: torch.device, group):
+        import torch.distributed as dist
+
+        from . import _cuda_driver as drv
+        self.nbytes = nbytes
+        self.device = device
+        self.group = group
+        self.rank = dist.get_rank(group)
+        torch.cuda.synchronize(device)  # the primary context is current on this thread
+        self._own = drv.mem_alloc(nbytes)
+        self._opened: list[int] = []
+        try:
+            handle = drv.ipc_get_mem_handle(self._own)
+            every = [None] * dist.get_world_size(group)
+            dist.all_gather_object(every, handle, group=group)
+            self.bases = []
+            for r, h in enumerate(every):
+                if r == self.rank:
+                    self.bases.append(self._own)
+                else:
+                    self.bases.append(drv.ipc_open_mem_handle(h))
+                    self._opened.append(self.bases[-1])
+        except BaseException:
+            self._release()
+            raise
+        self._tensors = [_device_bytes(b, nbytes, device) for b in self.bases]
+
+    def peer_bytes(self, r: int) -> torch.Tensor:
+        return self._tensors[r]
+
+    def _release(self) -> None:
+        from . import _cuda_driver as drv
+        for ptr in self._opened:
+            drv.ipc_close_mem_handle(ptr)
+        self._opened = []
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        from . import _cuda_driver as drv
+        if self._own is None:
+            return
+        self._tensors = []
+        torch.cuda.synchronize(self.device)
+        self._release()
+        dist.barrier(group=self.group)  # no peer maps my arena any more
+        drv.mem_free(self._own)
+        self._own = None
+
+
+class _CudaBytes:
+    """A raw device allocation as ``__cuda_array_interface__``, so ``torch.as_tensor`` wraps it without a copy."""
+
+    def __init__(self, ptr: int, nbytes: int):
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 3,
+                                         "strides": None, "stream": None}
+
+
+def _device_bytes(ptr: int, nbytes: int, device: torch.device) -> torch.Tensor:
+    t = torch.as_tensor(_CudaBytes(ptr, nbytes), device=device)
+    assert t.data_ptr() == ptr and t.dtype == torch.uint8 and t.numel() == nbytes
+    return t

@@ -2,7 +2,9 @@
 
 Two modes share one supervisor:
 
-* ``gpu``: one ``torchrun --standalone --nproc-per-node N`` child, which starts one rank per GPU;
+* ``gpu``: one ``torchrun --standalone --nproc-per-node N`` child, which starts one rank per GPU; with
+  ``share_gpus=True`` (``--share-gpus``) N may exceed the GPU count G and rank ``r`` runs on GPU ``r % G``
+  (a shared-GPU world; a private MPS daemon is started for it unless ``mps=False`` or one already runs);
 * ``cpu``: ``N`` Python children, one per emulated rank, each with the torchrun variables (``RANK``,
   ``WORLD_SIZE``, ...) plus ``TRITON_INTERPRET=1`` and ``TRITON_DIST_BACKEND=cpu``, so that
   ``triton_dist.init()`` joins the CPU world under Triton's interpreter.
@@ -34,8 +36,9 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from . import mps as _mps
 from ._trampoline import ENV as TARGET_ENV
-from .config import MULTICAST_OFF_ENV
+from .config import MULTICAST_OFF_ENV, SHARE_GPUS_ENV
 
 MODES = ("auto", "gpu", "cpu")
 DEFAULT_RUN_TIMEOUT_S = 1800.0
@@ -66,8 +69,9 @@ def resolve_mode(mode: str = "auto") -> str:
     return mode
 
 
-def resolve_nprocs(nprocs: int | str, mode: str) -> int:
-    """Number of ranks for ``nprocs`` (an int, or ``"auto"``: local GPUs in GPU mode, else 4) in ``mode``."""
+def resolve_nprocs(nprocs: int | str, mode: str, share_gpus: bool = False) -> int:
+    """Number of ranks for ``nprocs`` (an int, or ``"auto"``: local GPUs in GPU mode, else 4) in ``mode``; more
+    ranks than GPUs only with ``share_gpus``."""
     if nprocs == "auto":
         n = _cuda_device_count() if mode == "gpu" else DEFAULT_CPU_NPROCS
         if n < 1:
@@ -82,10 +86,21 @@ def resolve_nprocs(nprocs: int | str, mode: str) -> int:
         raise ValueError(f"nprocs must be a positive integer or 'auto', got {nprocs!r}")
     if mode == "gpu":
         gpus = _cuda_device_count()
-        if n > gpus:
+        if n > gpus and not share_gpus:
             raise ValueError(f"asked for {n} ranks in GPU mode, but only {gpus} CUDA GPU(s) are visible; "
-                             f"use -n {gpus} or fewer (or --mode cpu for a CPU world of {n} ranks)")
+                             f"use -n {gpus} or fewer, --share-gpus to put several ranks on one GPU, or --mode cpu "
+                             f"for a CPU world of {n} ranks")
     return n
+
+
+def check_share_gpus(mode: str) -> None:
+    """``--share-gpus`` places ranks on GPUs: refuse it, saying what to do, where there are none."""
+    if _cuda_device_count() < 1:
+        raise ValueError("--share-gpus puts several ranks on each GPU, but no CUDA GPU is visible; drop it and use "
+                         "--mode cpu for a CPU world of emulated ranks")
+    if mode == "cpu":
+        raise ValueError("--share-gpus places ranks on GPUs, but --mode cpu (or TRITON_DIST_LAUNCH_MODE=cpu) asks for "
+                         "a CPU world; drop one of the two")
 
 
 def _seconds(value, name: str, env_name: str, default: float) -> float:
@@ -128,13 +143,18 @@ def _with_package_path(env: dict) -> dict:
     return env
 
 
-def gpu_env(base: dict, target: str = "", args=(), *, module: bool = False) -> dict:
-    """Environment of the ``torchrun`` child: multicast forced off, ``OMP_NUM_THREADS=1`` unless set, and the
-    target for the trampoline."""
+def gpu_env(base: dict, target: str = "", args=(), *, module: bool = False, share_gpus: bool = False,
+            mps_env: dict | None = None) -> dict:
+    """Environment of the ``torchrun`` child: multicast forced off, ``OMP_NUM_THREADS=1`` unless set, the target for
+    the trampoline, and for a shared-GPU world ``TRITON_DIST_SHARE_GPUS=1`` plus the MPS daemon's pipe directories
+    (``mps_env``; ``{}`` when MPS is off)."""
     env = _with_package_path(dict(base))
     env.update(MULTICAST_OFF_ENV)
     env.setdefault("OMP_NUM_THREADS", "1")
     env[TARGET_ENV] = json.dumps({"target": target, "args": list(args), "module": module})
+    if share_gpus:
+        env[SHARE_GPUS_ENV] = "1"
+        env.update(mps_env or {})
     return env
 
 
@@ -313,11 +333,12 @@ def _stop_uninterrupted(children: list[_Child], grace: float, in_main: bool) -> 
             signal.signal(sig, handler)
 
 
-def _start(children: list[_Child], mode: str, n: int, target: str, args: list, module: bool, run_id: str) -> None:
+def _start(children: list[_Child], mode: str, n: int, target: str, args: list, module: bool, run_id: str,
+           share_gpus: bool = False, mps_env: dict | None = None) -> None:
     """Start the world's children, appending each to ``children`` as soon as it runs."""
     if mode == "gpu":
-        proc = subprocess.Popen(gpu_command(n), env=gpu_env(os.environ, target, args, module=module),
-                                start_new_session=True)
+        env = gpu_env(os.environ, target, args, module=module, share_gpus=share_gpus, mps_env=mps_env)
+        proc = subprocess.Popen(gpu_command(n), env=env, start_new_session=True)
         children.append(_Child("torchrun", list(range(n)), proc))
         return
     port = free_port()
@@ -329,7 +350,8 @@ def _start(children: list[_Child], mode: str, n: int, target: str, args: list, m
 
 # ---------------------------------------------------------------------------- entry point
 def launch(nprocs: int | str, target: str, args=(), *, module: bool = False, mode: str = "auto",
-           timeout: float | None = None, grace: float = 10.0, straggler_timeout: float | None = None) -> int:
+           timeout: float | None = None, grace: float = 10.0, straggler_timeout: float | None = None,
+           share_gpus: bool = False, mps: bool = True) -> int:
     """Run ``target`` (a script path, or a module name with ``module=True``) on ``nprocs`` ranks.
 
     Args:
@@ -341,6 +363,10 @@ def launch(nprocs: int | str, target: str, args=(), *, module: bool = False, mod
         grace: seconds between SIGTERM and SIGKILL when ranks are stopped.
         straggler_timeout: seconds the remaining ranks may run once one rank exited 0 (default
             ``TRITON_DIST_STRAGGLER_TIMEOUT`` or 300).
+        share_gpus: GPU mode only: allow more ranks than GPUs, rank ``r`` on GPU ``r % G`` (a shared-GPU world).
+        mps: with ``share_gpus``, start a private MPS daemon for the world (when ``nvidia-cuda-mps-control``
+            exists and no daemon serves this process already), stopped when the world ends; ``False``: the ranks
+            time-slice the GPU.
 
     Returns the exit code for the launcher: 0 when every rank exited 0, the first failing rank's code
     (128 + signal number for a rank killed by a signal), or 124 when a deadline passed. On
@@ -349,7 +375,9 @@ def launch(nprocs: int | str, target: str, args=(), *, module: bool = False, mod
     stays ignored). Raises ``ValueError`` for bad arguments (before starting anything).
     """
     mode = resolve_mode(mode)
-    n = resolve_nprocs(nprocs, mode)
+    if share_gpus:
+        check_share_gpus(mode)
+    n = resolve_nprocs(nprocs, mode, share_gpus)
     if not target:
         raise ValueError("launch: target must name a script or (with module=True) a module")
     if not module and not os.path.isfile(target):
@@ -364,13 +392,15 @@ def launch(nprocs: int | str, target: str, args=(), *, module: bool = False, mod
     in_main = threading.current_thread() is threading.main_thread()
     children: list[_Child] = []
     run_id = uuid.uuid4().hex[:12]
+    gpus = _cuda_device_count() if share_gpus else 0
+    daemon = _mps.for_shared_world(mps, -(-n // gpus)) if share_gpus and n > gpus else _mps.NoMPS()
     pending: list[int] = []  # signals that arrived while ranks were starting
     saved = {}
     if in_main:  # hold SIGINT/SIGTERM until every started child is on the list, so none can be missed
         saved = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
                  for sig in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
-        _start(children, mode, n, target, args, module, run_id)
+        _start(children, mode, n, target, args, module, run_id, share_gpus, daemon.env)
         if saved:
             if signal.SIGINT in saved:
                 signal.signal(signal.SIGINT, saved[signal.SIGINT])
@@ -393,6 +423,7 @@ def launch(nprocs: int | str, target: str, args=(), *, module: bool = False, mod
                                 in_main)
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+        daemon.stop()
         if mode == "cpu":  # a rank killed before it unlinked its heap file would leak it
             for path in glob.glob(f"/dev/shm/triton_dist_{run_id}_*"):
                 try:

@@ -2,18 +2,27 @@
 
 ``triton_dist.init()`` turns a process started by ``triton-dist run`` (or ``torchrun``) into a rank of a
 world; ``triton_dist.finalize()`` tears it down. Nothing happens at import time.
+
+A **shared-GPU world** is one where several ranks of a node sit on one GPU (``triton-dist run --share-gpus``
+sets ``TRITON_DIST_SHARE_GPUS=1``; rank ``r`` then takes GPU ``local_rank % G``). NCCL refuses two ranks on one GPU and
+PyTorch's symmetric memory refuses overlapping devices, so there the host collectives run on gloo and the heaps are
+shared by CUDA IPC (:class:`~triton_dist.runtime.heap.SharedGPUArena`). Kernels see the same device API; each rank
+sizes its persistent grids by its share of the SMs (:attr:`World.num_sms`), so the programs of all ranks can be
+resident at once. Timings there are not performance.
 """
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from .config import DEFAULT_HEAP_BYTES, Config
-from .heap import CPUArena, CUDAArena, SymmetricHeap
+from . import mps
+from .config import DEFAULT_HEAP_BYTES, SHARE_GPUS_ENV, Config
+from .heap import RESERVED_PAD_BYTES, CPUArena, CUDAArena, SharedGPUArena, SymmetricHeap, fmt_bytes
 
 _REQUIRED_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _current: "World | None" = None
@@ -21,22 +30,45 @@ _current: "World | None" = None
 
 @dataclass
 class World:
-    """What ``triton_dist.init()`` returns. ``backend`` is ``cpu``, ``cuda`` or ``nvshmem``."""
+    """What ``triton_dist.init()`` returns. ``backend`` is ``cpu``, ``cuda`` or ``nvshmem``; ``host_backend`` the
+    process group's (``gloo`` in the CPU world and in a shared-GPU world, else ``cpu:gloo,cuda:nccl``);
+    ``ranks_per_device`` how many ranks of this node share this rank's GPU (1 unless ``shared_gpu``); ``mps``
+    whether this process is a client of an MPS daemon (ranks on a shared GPU then run concurrently)."""
 
     rank: int
     world_size: int
     local_rank: int
     local_world_size: int
     device: torch.device
-    group: object
+    group: object = field(repr=False)
     backend: str
-    config: Config
+    config: Config = field(repr=False)
+    host_backend: str = "gloo"
+    shared_gpu: bool = False
+    ranks_per_device: int = 1
+    mps: bool = False
     heap: SymmetricHeap = field(repr=False, default=None)
+    _device_barrier: object = field(repr=False, default=None)
 
     @property
     def interpreted(self) -> bool:
         """True in the CPU world, where kernels run under Triton's interpreter."""
         return self.backend == "cpu"
+
+    @property
+    def num_sms(self) -> int:
+        """SMs this rank may fill with a persistent grid: the GPU's, or on a shared GPU this rank's share, so that the
+        programs of every rank are resident at once (kernels whose programs wait for their peers' need that). Under
+        MPS with a cap (``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``, set by the launcher) the device reports the capped
+        count itself (seen on an H200: 66 / 42 / 32 SMs at 50 / 33 / 25 %); otherwise it is what a cap of
+        ``100 // ranks_per_device`` percent gives, in whole TPCs of 2 SMs. 1 in the CPU world."""
+        if self.device.type != "cuda":
+            return 1
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        if self.ranks_per_device == 1 or (self.mps and os.environ.get(mps.ACTIVE_THREADS_ENV)):
+            return sms
+        share = sms * (100 // self.ranks_per_device) // 100
+        return max(1, share - share % 2)
 
     def synchronize(self) -> None:
         """Wait for this rank's queued GPU work. If a kernel was stopped by the hang watchdog, raise
@@ -58,6 +90,11 @@ class World:
         """Device barrier on the current stream (no host sync on GPU); a host barrier in the CPU world."""
         if self.backend == "cpu":
             dist.barrier(group=self.group)
+        elif self.shared_gpu:
+            if self._device_barrier is None:
+                raise RuntimeError("stream_barrier in a shared-GPU world needs triton_dist.init() (not "
+                                   "triton_dist.runtime.world.init()), which installs its device barrier kernel")
+            self._device_barrier(self)
         else:
             self.heap.arena.handle.barrier(channel=0)
 
@@ -137,16 +174,38 @@ def init(backend: str = "auto", *, heap_size: int | None = None) -> World:
         run_id = os.environ.get("TRITON_DIST_RUN_ID") or f"{os.environ['MASTER_PORT']}_{os.getppid()}"
         arena = CPUArena(nbytes, rank, world_size, run_id, lambda: dist.barrier(group=group))
     else:
-        if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPUs are visible")
-        device = torch.device("cuda", local_rank)
+        ngpu = torch.cuda.device_count()
+        share = os.environ.get(SHARE_GPUS_ENV, "0") not in ("", "0")
+        if local_rank >= ngpu and not share:
+            raise RuntimeError(
+                f"LOCAL_RANK={local_rank} but only {ngpu} GPU(s) are visible; to run {local_world} ranks on {ngpu} "
+                f"GPU(s) start them with `triton-dist run -n {local_world} --share-gpus` (or set {SHARE_GPUS_ENV}=1)")
+        device = torch.device("cuda", local_rank % ngpu)
         torch.cuda.set_device(device)
+        ranks_per_device = len(range(local_rank % ngpu, local_world, ngpu))
+        shared = share and local_world > ngpu
+        if shared and kind == "nvshmem":
+            raise RuntimeError(
+                f"backend 'nvshmem' cannot run {local_world} ranks on {ngpu} GPU(s): PyTorch's NVSHMEM backend needs "
+                "one GPU per rank. Use TRITON_DIST_BACKEND=cuda, where libshmem_device calls run over CUDA IPC too.")
         if not dist.is_initialized():
-            dist.init_process_group("cpu:gloo,cuda:nccl", rank=rank, world_size=world_size, device_id=device)
+            if shared:  # NCCL refuses two ranks on one GPU
+                dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
+            else:
+                dist.init_process_group("cpu:gloo,cuda:nccl", rank=rank, world_size=world_size, device_id=device)
         group = dist.group.WORLD
-        arena = CUDAArena(nbytes, device, group, nvshmem=(kind == "nvshmem"))
+        host_backend = str(dist.get_backend(group))
+        if shared:
+            _check_heap_fits(nbytes, device, ranks_per_device, group)
+            arena = SharedGPUArena(nbytes, device, group)
+        else:
+            ranks_per_device = 1
+            arena = CUDAArena(nbytes, device, group, nvshmem=(kind == "nvshmem"))
 
-    world = World(rank, world_size, local_rank, local_world, device, group, kind, cfg)
+    if kind == "cpu":
+        host_backend, shared, ranks_per_device = "gloo", False, 1
+    world = World(rank, world_size, local_rank, local_world, device, group, kind, cfg, host_backend=host_backend,
+                  shared_gpu=shared, ranks_per_device=ranks_per_device, mps=shared and mps.client_env_active())
     world.heap = SymmetricHeap(arena, rank, world_size, group, debug=cfg.debug)
     _current = world
     if kind != "cpu":
@@ -154,10 +213,29 @@ def init(backend: str = "auto", *, heap_size: int | None = None) -> World:
         device_state.install(world)
     world.heap.local[:RESERVED_PAD_BYTES].zero_()
     world.barrier()
+    if shared and local_rank == 0:
+        print(f"triton-dist: shared-GPU world: {world_size} ranks on {min(ngpu, local_world)} GPU(s), up to "
+              f"{ranks_per_device} per GPU; heaps over CUDA IPC, host collectives on gloo, MPS "
+              f"{'on: ranks run concurrently' if world.mps else 'off: ranks time-slice'}; "
+              f"each rank fills {world.num_sms} SMs. Timings here are not performance.", file=sys.stderr, flush=True)
     return world
 
 
-RESERVED_PAD_BYTES = 4096  # runtime barrier slots at the start of the reserved region
+def _check_heap_fits(nbytes: int, device: torch.device, ranks_per_device: int, group) -> None:
+    """Every rank sharing ``device`` takes ``nbytes`` of it: fail on every rank, before anyone allocates, if that
+    does not fit in the free memory (measured after every rank made its CUDA context)."""
+    torch.cuda.init()
+    dist.barrier(group=group)
+    free, total = torch.cuda.mem_get_info(device)
+    need = nbytes * ranks_per_device
+    ok = torch.tensor([1 if need <= 0.9 * free else 0], dtype=torch.int32)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
+    if not int(ok):
+        each = max(1, int(0.9 * free) // ranks_per_device >> 20)
+        raise RuntimeError(
+            f"shared-GPU world: {ranks_per_device} ranks on {device} need {ranks_per_device} x {fmt_bytes(nbytes)} = "
+            f"{fmt_bytes(need)} of symmetric heap, but {device} has {fmt_bytes(free)} free (of {fmt_bytes(total)}) on "
+            f"at least one rank. Shrink the heap, e.g. TRITON_DIST_HEAP_SIZE={each}M, or run fewer ranks per GPU.")
 
 
 def finalize() -> None:
