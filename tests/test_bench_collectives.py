@@ -2,7 +2,11 @@
 import importlib.util
 import io
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,7 +14,9 @@ import torch
 from triton_dist import cli
 from triton_dist.bench import collectives as C
 from triton_dist.bench import report as R
-from triton_dist.bench.harness import Recorder
+from triton_dist.bench.harness import Recorder, Row
+
+ROOT = Path(__file__).resolve().parents[1]
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -273,3 +279,168 @@ def test_progress_bar_streams():
     bar.note("n")
     bar.finish()
     assert quiet.getvalue() == ""
+
+
+# ---------------------------------------------------------------- shared-GPU worlds and world size 1
+
+def _shared_rows():
+    """A shared-GPU run: our rows only (no baseline runs there), marked shared_gpu."""
+    return [dict(_row("all_reduce", s, p, us), shared_gpu=True)
+            for s in (4 * KiB, MiB) for p, us in (("triton_dist:one_shot", 8.0), ("triton_dist:two_shot", 12.0))]
+
+
+def test_row_round_trips_with_shared_gpu_and_old_rows_still_load(tmp_path):
+    rec = Recorder(str(tmp_path), 4, 0, shared_gpu=True)
+    row = rec.add("all_reduce", "nbytes=4096", "bfloat16", "triton_dist:one_shot", [8.0] * 3,
+                  nbytes=C.bus_bytes("all_reduce", 4 * KiB, 4))
+    assert row.shared_gpu is True
+    rec.write()
+    (path,) = tmp_path.glob("*.jsonl")
+    (line,) = path.read_text().splitlines()
+    d = json.loads(line)
+    assert d["shared_gpu"] is True
+    assert Row.from_dict(d) == row
+    assert Recorder(str(tmp_path), 4, 0).shared_gpu is False  # no world in this process: not shared
+    old = _row("all_reduce", 4 * KiB, "nccl", 20.0, run_id="old")  # written before tflops and shared_gpu existed
+    assert "shared_gpu" not in old and "tflops" not in old
+    loaded = Row.from_dict(dict(old, some_future_key=1))
+    assert loaded.shared_gpu is False and loaded.tflops is None and loaded.median_us == 20.0
+    path.write_text("".join(json.dumps(r) + "\n" for r in [old, d]))
+    assert [r["provider"] for r in R.load_rows(str(path), "old")] == ["nccl"]
+    text = R.format_tables(R.load_rows(str(path), "old"))
+    assert text.startswith("all_reduce  (4 ranks") and R.SHARED_GPU_MARK not in text
+
+
+def test_tables_and_plot_title_of_shared_rows_carry_the_mark():
+    text = R.format_tables(_shared_rows(), notes=["nccl not run"])
+    table, notes = text.split("\n\n")
+    lines = table.splitlines()
+    assert lines[0].startswith("all_reduce  (4 ranks") and lines[0].endswith(R.SHARED_GPU_MARK)
+    assert "/ours" not in lines[2] and "best" in lines[1]  # no baseline rows: no ratio columns, nothing missing
+    assert [c.strip() for c in lines[-1].split("|")][-1] == "one_shot"
+    assert len({len(line) for line in lines[1:]}) == 1
+    assert R.SHARED_GPU_MARK not in R.format_tables(_fake_rows())
+    assert R.summarize(_shared_rows())["all_reduce"]["shared_gpu"] is True
+    assert R.summarize(_fake_rows())["all_reduce"]["shared_gpu"] is False
+    assert R.ratios(R.summarize(_shared_rows())["all_reduce"], 4 * KiB) == ("triton_dist:one_shot", {})
+    title, style = R.plot_title(_shared_rows(), "H100: collectives")
+    assert title == f"H100: collectives  {R.SHARED_GPU_MARK}" and style == {"color": "red"}
+    assert R.plot_title(_fake_rows(), "H100: collectives") == ("H100: collectives", {})
+    assert R.plot_title(_shared_rows(), title)[0] == title  # marked once
+
+
+def test_primitives_table_of_shared_rows_carries_the_mark(tmp_path):
+    rec = Recorder(str(tmp_path), 2, 0, shared_gpu=True)
+    rec.add("signal_rtt", "iters=5000", "int32", "triton_dist:release_relaxed_fence", [2.0] * 3)
+    lines = rec.table(notes=["a note"]).splitlines()
+    assert lines[0] == f"2 ranks {R.SHARED_GPU_MARK}" and lines[-1] == "  - a note"
+    assert lines[2].split()[2] == "triton_dist:release_relaxed_fence" and len(lines[1]) == len(lines[2])
+    plain = Recorder(str(tmp_path), 2, 0, shared_gpu=False)
+    plain.add("peer_put", "nbytes=4096", "int32", "copy_engine", [2.0] * 3, nbytes=4096)
+    assert R.SHARED_GPU_MARK not in plain.table() and plain.table().startswith("op ")
+
+
+def test_provider_plan_leaves_nccl_and_symmetric_memory_out_of_a_shared_world():
+    plan, notes = C.provider_plan(C.OPS, gpu=True, shared_gpu=True, host_backend="gloo")
+    assert list(plan) == list(C.OPS)
+    for op, names in plan.items():
+        assert names == [f"triton_dist:{m}" for m in C.OUR_METHODS[op]], op
+    assert len(notes) == 2
+    assert notes[0].startswith("nccl not run (all_reduce, all_gather, reduce_scatter, all_to_all)")
+    assert "gloo on one GPU is no baseline" in notes[0]
+    assert notes[1].startswith("torch_symm_mem not run (all_reduce torch_symm_mem:one_shot, torch_symm_mem:two_shot)")
+    assert R.SHARED_GPU_NO_SYMM_MEM in notes[1]
+    gpus, notes = C.provider_plan(["all_reduce", "all_gather"], gpu=True, host_backend="cpu:gloo,cuda:nccl")
+    assert gpus["all_reduce"][-3:] == ["nccl", "torch_symm_mem:one_shot", "torch_symm_mem:two_shot"]
+    assert gpus["all_gather"][-1] == "nccl" and notes == []
+    cpu, notes = C.provider_plan(["all_reduce"], gpu=False)
+    assert cpu["all_reduce"][-1] == "gloo" and not any("torch_symm_mem" in p for p in cpu["all_reduce"])
+    assert len(notes) == 1 and "needs CUDA" in notes[0]
+
+
+def test_shared_gpu_banner_and_caveats(capsys):
+    text = R.shared_gpu_banner(4, 4, mps=False, num_sms=32)
+    lines = text.splitlines()
+    assert lines[0] == lines[-1] == "=" * 100
+    assert lines[1] == ("SHARED-GPU WORLD: 4 ranks on one GPU (no MPS: the ranks time-slice the GPU; persistent grids "
+                        "of 32 SMs per rank).")
+    body = " ".join(lines[1:-1])
+    for words in ("Timings here are not performance", "NCCL and torch symmetric-memory baselines are skipped",
+                  '"shared_gpu": true', "`-n 1` is the no-communication reference"):
+        assert words in body
+    assert "8 ranks sharing GPUs, 4 per GPU (MPS on: the ranks run concurrently)" in R.shared_gpu_banner(8, 4, mps=True)
+    stream = io.StringIO()
+    world = SimpleNamespace(shared_gpu=True, rank=0, world_size=4, ranks_per_device=4, mps=False, num_sms=32)
+    assert R.announce_shared_gpu(world, stream) == text and stream.getvalue() == text + "\n\n"
+    other = io.StringIO()
+    assert R.announce_shared_gpu(SimpleNamespace(**dict(vars(world), rank=1)), other) == text
+    assert other.getvalue() == ""  # rank 0 prints it
+    assert R.announce_shared_gpu(SimpleNamespace(**dict(vars(world), shared_gpu=False)), other) is None
+    assert other.getvalue() == "" and capsys.readouterr().out == ""
+    caveats = R.world_caveats(SimpleNamespace(interpreted=False, shared_gpu=True, world_size=4, ranks_per_device=4))
+    assert caveats == ["SHARED-GPU WORLD: 4 ranks, 4 per GPU: these times are not performance (every row is marked "
+                       "shared_gpu)"]
+    single = R.world_caveats(SimpleNamespace(interpreted=False, shared_gpu=False, world_size=1))
+    assert single == ["world size 1: nothing is communicated; these are the no-communication reference times"]
+
+
+FAKE_SHARED = '''"""A CPU world that calls itself shared-GPU, to run a bench's shared-world path; argv[1]: the bench."""
+import importlib
+import sys
+
+from triton_dist.runtime import world as W
+
+_init = W.init
+
+
+def init(*args, **kwargs):
+    w = _init(*args, **kwargs)
+    w.shared_gpu, w.ranks_per_device = True, w.world_size
+    return w
+
+
+W.init = init
+importlib.import_module(sys.argv[1]).main(sys.argv[2:])
+'''
+
+
+def run_fake_shared(module, args, tmp_path, n=2, timeout=600):
+    """``module``'s main on an n-rank CPU world whose World says ``shared_gpu`` (tests of both benches use it)."""
+    script = tmp_path / "fake_shared.py"
+    script.write_text(FAKE_SHARED)
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RANK", "WORLD_SIZE")}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run([sys.executable, "-m", "triton_dist", "run", "-n", str(n), "--mode", "cpu", str(script),
+                           module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_bench_in_a_faked_shared_world_runs_ours_only_under_the_banner(tmp_path):
+    out = run_fake_shared("triton_dist.bench.collectives", ["--smoke", "--ops", "all_reduce,all_gather", "--min-bytes",
+                                                            "4K", "--max-bytes", "4K", "--samples", "1"], tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.stdout.startswith("=" * 100 + "\nSHARED-GPU WORLD: 2 ranks on one GPU")
+    assert out.stdout.count("SHARED-GPU WORLD: 2 ranks on one GPU") == 1  # rank 0, once
+    tables = [b for b in out.stdout.split("\n\n") if b.startswith(("all_reduce  (", "all_gather  ("))]
+    assert len(tables) == 2 and all(t.splitlines()[0].endswith(R.SHARED_GPU_MARK) for t in tables)
+    providers = tables[0].splitlines()[1]
+    assert "triton_dist:one_shot" in providers and "gloo" not in providers and "nccl" not in providers
+    assert "torch_symm_mem" not in providers and "/ours" not in tables[0].splitlines()[2]
+    assert "nccl not run (all_reduce, all_gather): " in out.stdout
+    assert "torch_symm_mem not run (all_reduce torch_symm_mem:one_shot" in out.stdout
+    assert "SHARED-GPU WORLD: 2 ranks, 2 per GPU: these times are not performance" in out.stdout
+
+
+def test_primitives_plan_and_a_faked_shared_world(tmp_path):
+    from triton_dist.bench import primitives as P
+    assert P.plan_notes(2) == (True, [])
+    rtt, notes = P.plan_notes(1)
+    assert not rtt and notes[0].startswith("signal_rtt not run") and "own heap" in notes[1]
+    assert P.plan_notes(3) == (True, ["signal_rtt: rank 2 has no partner and idles"])
+    out = run_fake_shared("triton_dist.bench.primitives", ["--smoke", "--sizes", "4096", "--out", str(tmp_path / "r")],
+                          tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    banner, table = out.stdout.split("\n\n", 1)
+    assert banner.splitlines()[1].startswith("SHARED-GPU WORLD: 2 ranks on one GPU")
+    assert table.startswith(f"2 ranks {R.SHARED_GPU_MARK}\nop ")
+    rows = [json.loads(line) for line in (tmp_path / "r" / "cpu.jsonl").read_text().splitlines()]
+    assert {r["op"] for r in rows} == {"signal_rtt", "peer_put", "peer_get"} and all(r["shared_gpu"] for r in rows)

@@ -14,7 +14,8 @@ import triton_dist.ops
 from triton_dist import cli
 from triton_dist.bench import gemm as G
 from triton_dist.bench import report as R
-from triton_dist.bench.harness import Recorder
+from triton_dist.bench.harness import Recorder, Row
+from test_bench_collectives import run_fake_shared  # tests/ is on sys.path, as for _util
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -259,3 +260,70 @@ def test_smoke_with_stand_in_ops_times_ours_and_reports_failures(tmp_path):
     assert out.returncode == 1
     assert "triton_dist:fused: not timed (all ranks: ERROR RuntimeError: stand-in failure)" in out.stderr
     assert "triton_dist:sequential_reduce" in {r["provider"] for r in rows}
+
+
+# ---------------------------------------------------------------- shared-GPU worlds
+
+def _shared_rows():
+    """A shared-GPU run: ours and the GEMM alone (no NCCL or symmetric-memory baseline runs there), marked."""
+    return [dict(_row("gemm_ar", "llama3-8b", m, 4096, 3584, p, us), shared_gpu=True)
+            for m in (1, 64) for p, us in (("triton_dist:fused", 40.0), ("triton_dist:sequential", 50.0),
+                                           ("gemm_alone", 20.0))]
+
+
+def test_gemm_row_round_trips_with_shared_gpu_and_old_rows_still_load(tmp_path):
+    rec = Recorder(str(tmp_path), 4, 0, shared_gpu=True)
+    row = rec.add("gemm_ar", R.gemm_shape("llama3-8b", 16, 4096, 3584), "bfloat16", "gemm_alone", [20.0] * 3,
+                  flops=2 * 16 * 4096 * 3584)
+    rec.write()
+    (path,) = tmp_path.glob("*.jsonl")
+    d = json.loads(path.read_text())
+    assert d["shared_gpu"] is True and Row.from_dict(d) == row
+    old = {k: v for k, v in _row("ag_gemm", "goal", 8192, 7168, 8192, "nccl+cublas", 1700.0, run_id="old").items()
+           if k != "tflops"}  # a row from before tflops and shared_gpu
+    assert Row.from_dict(old).shared_gpu is False and Row.from_dict(old).tflops is None
+    path.write_text(json.dumps(old) + "\n" + json.dumps(d) + "\n")
+    rows = R.load_gemm_rows(str(path), "old")
+    text = R.format_gemm_tables(rows)
+    assert text.startswith("ag_gemm goal: N=7168 K=8192") and R.SHARED_GPU_MARK not in text
+    assert text.splitlines()[-1].split("|")[1].split() == ["1700", "-"]  # no tflops: a "-" cell
+
+
+def test_gemm_tables_of_shared_rows_carry_the_mark_and_lack_only_the_baseline_ratios():
+    (table,) = R.format_gemm_tables(_shared_rows()).split("\n\n")
+    lines = table.splitlines()
+    assert lines[0].startswith("gemm_ar llama3-8b") and lines[0].endswith(R.SHARED_GPU_MARK)
+    assert "nccl" not in lines[1] and "/ours" not in lines[2] and "/gemm" in lines[2]
+    assert [c.strip() for c in lines[-1].split("|")[-2:]] == ["fused", f"{40 / 20:.2f}"]
+    assert len({len(line) for line in lines[1:]}) == 1
+    d = R.summarize_gemm(_shared_rows())[("gemm_ar", "llama3-8b")]
+    assert d["shared_gpu"] is True and R.gemm_ratios(d, 64) == ("triton_dist:fused", {}, 2.0)
+    assert R.SHARED_GPU_MARK not in R.format_gemm_tables(_fake_rows())
+    assert R.plot_title(_shared_rows(), "gemm")[0] == f"gemm  {R.SHARED_GPU_MARK}"
+
+
+def test_gemm_provider_plan_keeps_only_the_gemm_alone_in_a_shared_world():
+    plan, notes = G.provider_plan(R.GEMM_OPS, gpu=True, shared_gpu=True, host_backend="gloo")
+    assert plan == {op: ["gemm_alone"] for op in R.GEMM_OPS}
+    assert notes == [f"nccl+cublas baselines not run: {R.SHARED_GPU_NO_NCCL}",
+                     f"torch_symm_mem baselines not run: {R.SHARED_GPU_NO_SYMM_MEM}"]
+    gpus, notes = G.provider_plan(R.GEMM_OPS, gpu=True, host_backend="cpu:gloo,cuda:nccl")
+    assert gpus == {"ag_gemm": ["nccl+cublas", "torch_symm_mem", "gemm_alone"],
+                    "gemm_rs": ["nccl+cublas", "torch_symm_mem", "gemm_alone"],
+                    "gemm_ar": ["nccl+cublas", "torch_symm_mem:one_shot", "gemm_alone"]} and notes == []
+    cpu, notes = G.provider_plan(["gemm_rs"], gpu=False, host_backend="gloo")
+    assert cpu == {"gemm_rs": ["gloo+torch", "gemm_alone"]} and len(notes) == 1 and "need CUDA" in notes[0]
+
+
+def test_smoke_in_a_faked_shared_world_runs_ours_and_the_gemm_alone_only(tmp_path):
+    out = run_fake_shared("triton_dist.bench.gemm", ["--smoke", "--ops", "gemm_ar", "--out", str(tmp_path / "res")],
+                          tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.stdout.startswith("=" * 100 + "\nSHARED-GPU WORLD: 2 ranks on one GPU")
+    rows = [json.loads(line) for line in (tmp_path / "res" / "cpu.jsonl").read_text().splitlines()]
+    ours = {f"triton_dist:{m}" for m in G.OUR_METHODS["gemm_ar"]} if hasattr(triton_dist.ops, "gemm_ar") else set()
+    assert {r["provider"] for r in rows} == ours | {"gemm_alone"}
+    assert rows and all(r["shared_gpu"] is True for r in rows)
+    tables = [b for b in out.stdout.split("\n\n") if b.startswith("gemm_ar smoke")]
+    assert len(tables) == 1 and tables[0].splitlines()[0].endswith(R.SHARED_GPU_MARK)
+    assert "nccl+cublas baselines not run" in out.stdout and "torch_symm_mem baselines not run" in out.stdout

@@ -44,6 +44,9 @@ zeros (a sum of zeros stays finite over many calls; the check used random data).
 Rows go to ``<out>/<card>.jsonl`` (one ``run_id`` for the whole sweep); rank 0 prints one table per op (median us and
 busbw per provider, baseline time / our best time) and plots ``docs/perf/collectives_<card>.png`` when matplotlib
 is importable. ``--smoke`` runs the loop in the CPU world with wall-clock timing (plumbing check; writes nothing).
+In a shared-GPU world (``triton-dist run --share-gpus``: several ranks on one GPU) only our providers run (NCCL and
+symmetric memory cannot; :func:`provider_plan`), a banner says the times are not performance, and every row is marked
+``shared_gpu``. ``-n 1`` runs our ops with nothing to communicate (the no-communication reference; busbw is 0 there).
 Unless ``TRITON_DIST_HEAP_SIZE`` is set, the symmetric heap is sized for ``--max-bytes`` (:func:`heap_bytes_for`);
 the ops' cached contexts are released after each op.
 """
@@ -58,8 +61,9 @@ from dataclasses import asdict
 from .harness import Skip as _Skip
 from .harness import agree as _agree
 from .harness import first_line, group_errors, time_call
-from .report import (DEFAULT_PLOT, OPS, OURS, Progress, add_render_args, default_plot_path, fmt_bytes, format_tables,
-                     load_rows, plot_rows, render_recorded, report_run)
+from .report import (DEFAULT_PLOT, OPS, OURS, SHARED_GPU_NO_NCCL, SHARED_GPU_NO_SYMM_MEM, Progress, add_render_args,
+                     announce_shared_gpu, default_plot_path, fmt_bytes, format_tables, load_rows, plot_rows,
+                     render_recorded, report_run)
 
 OUR_METHODS = {"all_reduce": ("ll", "one_shot", "two_shot", "push_one_shot", "push_two_shot"),
                "all_gather": ("ll", "pull", "push", "ring", "copy_engine"),
@@ -132,6 +136,37 @@ def busbw_gbps(op: str, nbytes: int, world: int, us: float) -> float:
     return bus_bytes(op, nbytes, world) / (us * 1e-6) / 1e9
 
 
+def provider_plan(ops, *, gpu: bool, shared_gpu: bool = False,
+                  host_backend: str = "gloo") -> tuple[dict[str, list[str]], list[str]]:
+    """The providers each op runs (ours first, then the baselines) and notes for the baselines left out.
+
+    The process-group baseline is ``nccl`` on GPUs and ``host_backend`` (gloo) in the CPU world, a plumbing check
+    there; PyTorch's symmetric memory runs on GPUs only. A shared-GPU world (``shared_gpu``: several ranks on one
+    GPU) runs neither baseline, only ours: NCCL cannot (its process group is gloo there, and gloo on one GPU is no
+    baseline), nor can symmetric memory. The notes say what was left out and why.
+    """
+    plan, no_nccl, no_symm = {}, [], []
+    for op in ops:
+        names = [f"{OURS}:{m}" for m in OUR_METHODS[op]]
+        if shared_gpu:
+            no_nccl.append(op)
+        else:
+            names.append("nccl" if gpu else host_backend)
+        symm = [f"torch_symm_mem:{m}" for m in SYMM_MEM_METHODS.get(op, ())]
+        if symm and (shared_gpu or not gpu):
+            no_symm.append(f"{op} {', '.join(symm)}")
+        else:
+            names += symm
+        plan[op] = names
+    notes = []
+    if no_nccl:
+        notes.append(f"nccl not run ({', '.join(no_nccl)}): {SHARED_GPU_NO_NCCL}")
+    if no_symm:
+        why = SHARED_GPU_NO_SYMM_MEM if shared_gpu else "PyTorch's symmetric memory needs CUDA (the CPU world)"
+        notes.append(f"torch_symm_mem not run ({'; '.join(no_symm)}): {why}")
+    return plan, notes
+
+
 def heap_bytes_for(world: int, max_bytes: int) -> int:
     """Symmetric heap for the sweep: one op's contexts at a time (released between ops), each replaced as sizes grow
     (so up to ~4/3 of the largest staging, up to ``world * max_bytes``, with the smaller ones' holes) with
@@ -179,9 +214,10 @@ def compare(got, ref, *, exact: bool, dtype, world: int, fp32_accumulation: bool
 
 
 class _Bench:
-    def __init__(self, world, rec, args, dtype, progress: Progress):
+    def __init__(self, world, rec, args, dtype, progress: Progress, plan: dict[str, list[str]]):
         import torch
         self.world, self.rec, self.args, self.dtype, self.progress = world, rec, args, dtype, progress
+        self.plan = plan  # provider_plan's: the providers of each op
         self.group = world.group
         self.n = world.world_size
         self.notes: list[str] = []
@@ -257,8 +293,8 @@ class _Bench:
         return xs, ref, exact, rot
 
     def providers(self, op: str, xs, numel: int):
-        """``[(provider, ours, setup)]``; ``setup()`` returns ``call(i)`` (runs the op on input i, returns the result
-        to check) and may raise :class:`_Skip`."""
+        """``[(provider, ours, setup)]`` for the providers of ``self.plan[op]``; ``setup()`` returns ``call(i)`` (runs
+        the op on input i, returns the result to check) and may raise :class:`_Skip`."""
         import torch
         import torch.distributed as dist
         from triton_dist import ops
@@ -277,8 +313,6 @@ class _Bench:
                 kw = {} if method is None else {"method": method}
                 return lambda i: fn(xs[i], **kw)
             out.append((name, True, setup))
-
-        base = "nccl" if self.gpu else dist.get_backend(group)
 
         def nccl_setup():
             if op == "all_reduce":
@@ -302,7 +336,8 @@ class _Bench:
                 return lambda i: (dist.reduce_scatter_tensor(o, xs[i], group=group), o)[1]
             o = torch.empty_like(xs[0])
             return lambda i: (dist.all_to_all_single(o, xs[i], group=group), o)[1]
-        out.append((base, False, nccl_setup))
+        base = [p for p in self.plan[op] if p.split(":", 1)[0] not in (OURS, "torch_symm_mem")]
+        out += [(p, False, nccl_setup) for p in base]  # nccl (GPUs) or gloo (CPU world); none in a shared world
 
         for method in SYMM_MEM_METHODS.get(op, ()):
             def symm_setup(method=method):
@@ -331,7 +366,8 @@ class _Bench:
                 call.first = True
                 return call
             out.append((f"torch_symm_mem:{method}", False, symm_setup))
-        return out
+        planned = set(self.plan[op])
+        return [p for p in out if p[0] in planned]
 
     def run_op(self, op: str, sizes: list[int]) -> None:
         from triton_dist import ops
@@ -381,7 +417,7 @@ class _Bench:
 
 
 __all__ = ["alg_bytes", "build_parser", "bus_bytes", "bus_factor", "busbw_gbps", "compare", "group_errors",
-           "heap_bytes_for", "main", "parse_bytes", "parse_ops", "reduction_tolerance", "size_sweep"]
+           "heap_bytes_for", "main", "parse_bytes", "parse_ops", "provider_plan", "reduction_tolerance", "size_sweep"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -439,10 +475,16 @@ def main(argv=None) -> None:
     if world.interpreted and not args.smoke:
         raise SystemExit("triton-dist bench collectives needs GPUs (the CPU world has no meaningful timings; "
                          "--smoke runs the loop there as a plumbing check)")
-    rec = Recorder(args.out, world.world_size, world.rank)
-    n_prov = {op: len(OUR_METHODS[op]) + 1 + len(SYMM_MEM_METHODS.get(op, ())) for op in args.ops}
-    progress = Progress(sum(n_prov[op] for op in args.ops) * len(sizes), enabled=world.rank == 0)
-    bench = _Bench(world, rec, args, dtype, progress)
+    announce_shared_gpu(world)
+    rec = Recorder(args.out, world.world_size, world.rank, shared_gpu=world.shared_gpu)
+    plan, plan_notes = provider_plan(args.ops, gpu=not world.interpreted, shared_gpu=world.shared_gpu,
+                                     host_backend=world.host_backend)
+    progress = Progress(sum(len(plan[op]) for op in args.ops) * len(sizes), enabled=world.rank == 0)
+    bench = _Bench(world, rec, args, dtype, progress, plan)
+    for msg in plan_notes:
+        bench.note(msg)
+    if world.world_size == 1:
+        bench.note("world size 1: busbw is 0 by nccl-tests' convention (factor (n-1)/n); compare the times")
     if heap and world.rank == 0:
         progress.note(f"symmetric heap {heap / 2**30:.2f} GiB per rank for sizes up to {fmt_bytes(max(sizes))} "
                       "(TRITON_DIST_HEAP_SIZE overrides)")

@@ -39,6 +39,11 @@ Providers, all in the same run on the same inputs:
   ``torch.matmul`` into a symmetric buffer then ``torch.ops.symm_mem.one_shot_all_reduce``;
 * ``gemm_alone``: ``torch.matmul`` of the per-rank GEMM without communication (ag_gemm: the gathered M x K @ B).
 
+In a shared-GPU world (``triton-dist run --share-gpus``: several ranks on one GPU) neither ``nccl+cublas`` (NCCL
+refuses two ranks on one GPU; the process group is gloo there) nor ``torch_symm_mem`` runs (:func:`provider_plan`
+notes why); ours and ``gemm_alone`` do, a banner says the times are not performance and every row is marked
+``shared_gpu``. ``-n 1`` is the no-communication reference.
+
 Tables, one per (op, family): median us and TFLOP/s per rank (2 M N K / time) per provider; ``<baseline>/ours`` =
 the baseline's time over our best time (> 1: ours faster); ``ours/gemm`` = our best time over the GEMM alone (1: the
 communication costs nothing).
@@ -73,8 +78,9 @@ import zlib
 from dataclasses import asdict, dataclass
 
 from .harness import Skip, agree, first_line, time_call
-from .report import (GEMM_ALONE, GEMM_OPS, OURS, Progress, add_render_args, default_gemm_plot_path,
-                     format_gemm_tables, gemm_shape, load_gemm_rows, plot_gemm_rows, render_recorded, report_run)
+from .report import (GEMM_ALONE, GEMM_OPS, OURS, SHARED_GPU_NO_NCCL, SHARED_GPU_NO_SYMM_MEM, Progress, add_render_args,
+                     announce_shared_gpu, default_gemm_plot_path, format_gemm_tables, gemm_shape, load_gemm_rows,
+                     plot_gemm_rows, render_recorded, report_run)
 
 MODELS = {"llama3-8b": (4096, 14336), "llama3-70b": (8192, 28672), "qwen2-72b": (8192, 29568)}  # (H, I)
 GOAL_SHAPES = {"ag_gemm": ((8192, 7168, 8192), (4096, 2048, 8192)), "gemm_rs": ((8192, 8192, 7168),)}  # (M, N, K)
@@ -196,6 +202,40 @@ def heap_bytes_for(cases: list[Case], world: int, elem: int) -> int:
     return max(4 << 30, 4 * need + (256 << 20))
 
 
+def symm_mem_name(op: str) -> str:
+    """The PyTorch symmetric-memory provider of ``op``: fused for ag_gemm and gemm_rs, matmul + one_shot for
+    gemm_ar."""
+    return "torch_symm_mem:one_shot" if op == "gemm_ar" else "torch_symm_mem"
+
+
+def provider_plan(ops, *, gpu: bool, shared_gpu: bool = False,
+                  host_backend: str = "gloo") -> tuple[dict[str, list[str]], list[str]]:
+    """The baseline providers each op runs (ours, present or not in ``triton_dist.ops``, are not listed) and notes
+    for the baselines left out.
+
+    The sequence is ``nccl+cublas`` on GPUs and ``<host_backend>+torch`` in the CPU world (a plumbing check there);
+    PyTorch's symmetric memory runs on GPUs only; ``gemm_alone`` (single-rank compute) runs everywhere. A shared-GPU
+    world (``shared_gpu``: several ranks on one GPU) runs no NCCL (its process group is gloo there, and gloo on one
+    GPU is no baseline) and no symmetric memory; the GEMM alone still runs (its rows are marked shared_gpu).
+    """
+    plan = {}
+    for op in ops:
+        names = []
+        if not shared_gpu:
+            names.append("nccl+cublas" if gpu else f"{host_backend}+torch")
+            if gpu:
+                names.append(symm_mem_name(op))
+        names.append(GEMM_ALONE)
+        plan[op] = names
+    notes = []
+    if shared_gpu:
+        notes.append(f"nccl+cublas baselines not run: {SHARED_GPU_NO_NCCL}")
+        notes.append(f"torch_symm_mem baselines not run: {SHARED_GPU_NO_SYMM_MEM}")
+    elif not gpu:
+        notes.append("torch_symm_mem: PyTorch's symmetric-memory ops need CUDA; not run in the CPU world")
+    return plan, notes
+
+
 def _int_list(text: str) -> list[int]:
     try:
         vals = [int(v) for v in str(text).split(",") if v.strip()]
@@ -222,15 +262,15 @@ def _choices(allowed):
 
 
 class _GemmBench:
-    def __init__(self, world, rec, args, dtype, progress: Progress):
+    def __init__(self, world, rec, args, dtype, progress: Progress, plan: dict[str, list[str]]):
         import torch
         import torch.distributed as dist
         self.world, self.rec, self.args, self.dtype, self.progress = world, rec, args, dtype, progress
+        self.plan = plan  # provider_plan's: the baselines of each op
         self.group, self.n = world.group, world.world_size
         self.gpu = not world.interpreted
         self.elem = torch.empty((), dtype=dtype).element_size()
         self.l2 = torch.cuda.get_device_properties(world.device).L2_cache_size if self.gpu else 0
-        self.seq_name = "nccl+cublas" if self.gpu else f"{dist.get_backend(self.group)}+torch"
         self.notes: list[str] = []
         self.failures: list[str] = []
         self.step = 0
@@ -249,7 +289,7 @@ class _GemmBench:
 
     def n_providers(self, op: str) -> int:
         from triton_dist import ops
-        return len(OUR_METHODS[op]) * hasattr(ops, op) + 2 + (1 if self.gpu else 0)
+        return len(OUR_METHODS[op]) * hasattr(ops, op) + len(self.plan[op])
 
     def rand(self, shape, seed: int, scale: float = 1.0):
         import torch
@@ -283,8 +323,8 @@ class _GemmBench:
         return acc, part, a
 
     def providers(self, case: Case, sets, alone_a0):
-        """``[(provider, ours, setup)]``; ``setup()`` returns ``call(i)`` (runs on input set i, returns the result)
-        and may raise :class:`Skip`."""
+        """``[(provider, ours, setup)]``: ours, then the baselines of ``self.plan``; ``setup()`` returns ``call(i)``
+        (runs on input set i, returns the result) and may raise :class:`Skip`."""
         import torch
         import torch.distributed as dist
 
@@ -321,9 +361,9 @@ class _GemmBench:
                 dist.all_reduce(c, group=group)
                 return c
             return call
-        out.append((self.seq_name, False, sequence))
+        out += [(p, False, sequence) for p in self.plan[op] if p.endswith(("+cublas", "+torch"))]
 
-        if self.gpu:
+        if symm_mem_name(op) in self.plan[op]:
             def symm():
                 import torch.distributed._symmetric_memory as symm_mem
                 gname = group.group_name
@@ -342,7 +382,7 @@ class _GemmBench:
                     torch.matmul(sets[i][0], sets[i][1], out=buf)
                     return torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", gname)
                 return call
-            out.append(("torch_symm_mem:one_shot" if op == "gemm_ar" else "torch_symm_mem", False, symm))
+            out.append((symm_mem_name(op), False, symm))
 
         def alone():
             c = torch.empty((case.m, case.n), dtype=dtype, device=dev)
@@ -351,7 +391,8 @@ class _GemmBench:
             else:
                 lhs = [s[0] for s in sets]
             return lambda i: torch.matmul(lhs[i], sets[i][1], out=c)
-        out.append((GEMM_ALONE, False, alone))
+        if GEMM_ALONE in self.plan[op]:
+            out.append((GEMM_ALONE, False, alone))
         return out
 
     def run_case(self, case: Case) -> None:
@@ -465,9 +506,13 @@ def main(argv=None) -> None:
     if world.interpreted and dtype == torch.bfloat16:
         raise SystemExit("--dtype bf16 in the CPU world: Triton's interpreter computes bf16 tl.dot wrongly; use fp16 "
                          "or fp32")
-    rec = Recorder(args.out or os.path.join("bench", "results"), world.world_size, world.rank)
+    announce_shared_gpu(world)
+    rec = Recorder(args.out or os.path.join("bench", "results"), world.world_size, world.rank,
+                   shared_gpu=world.shared_gpu)
+    plan, plan_notes = provider_plan(args.ops, gpu=not world.interpreted, shared_gpu=world.shared_gpu,
+                                     host_backend=world.host_backend)
     progress = Progress(0, enabled=world.rank == 0)
-    bench = _GemmBench(world, rec, args, dtype, progress)
+    bench = _GemmBench(world, rec, args, dtype, progress, plan)
     progress.total = sum(bench.n_providers(c.op) for c in cases)
     for msg in skipped:
         bench.note(msg)
@@ -475,8 +520,8 @@ def main(argv=None) -> None:
     for op in args.ops:
         if not hasattr(ops, op):
             bench.note(f"{op}: triton_dist.ops has no {op} yet; only the baselines run")
-    if not bench.gpu:
-        bench.note("torch_symm_mem: PyTorch's symmetric-memory ops need CUDA; not run in the CPU world")
+    for msg in plan_notes:
+        bench.note(msg)
     if heap and world.rank == 0:
         progress.note(f"symmetric heap {heap / 2**30:.2f} GiB per rank (TRITON_DIST_HEAP_SIZE overrides)")
 

@@ -3,8 +3,10 @@
 Protocol (DESIGN.md): barrier before each sample, CUDA events around the op on every rank, the *slowest rank's*
 median over the samples, p20/p80 for the spread. Rows are appended to ``<out>/<card>.jsonl`` with the keys
 ``op, shape, dtype, world_size, provider, median_us, p20_us, p80_us, gbps, card, torch, triton, commit, date,
-run_id, tflops``. GB means 1e9 bytes; ``gbps`` is what the bench says it is (busbw for collectives), ``tflops`` the
-per-rank FLOP rate of compute ops (1e12 FLOP/s), None where it does not apply.
+run_id, tflops, shared_gpu``. GB means 1e9 bytes; ``gbps`` is what the bench says it is (busbw for collectives),
+``tflops`` the per-rank FLOP rate of compute ops (1e12 FLOP/s), None where it does not apply. ``shared_gpu`` is True
+for rows timed in a shared-GPU world (several ranks on one GPU, ``triton-dist run --share-gpus``): those times are
+not performance. Rows written before a key existed load with its default (:meth:`Row.from_dict`).
 
 Also here, shared by the benches: :func:`median_ms` (one number, for the tutorials), :func:`time_call` (CUDA-graph
 replay or direct timing, wall clock in the CPU world), :func:`agree` (every rank learns which ranks failed a step)
@@ -18,7 +20,7 @@ import os
 import subprocess
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.distributed as dist
@@ -42,6 +44,20 @@ class Row:
     date: str
     run_id: str
     tflops: float | None = None
+    shared_gpu: bool = False  # timed in a shared-GPU world: not performance
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Row":
+        """A row from a ``<card>.jsonl`` line: keys added since the line was written take their defaults (an old row
+        has no ``tflops`` or ``shared_gpu``), keys this version does not know are dropped."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def world_is_shared_gpu() -> bool:
+    """True inside a shared-GPU world (several ranks on one GPU); False in any other world or before ``init``."""
+    import triton_dist
+    return triton_dist.is_initialized() and bool(getattr(triton_dist.current_world(), "shared_gpu", False))
 
 
 def card_name() -> str:
@@ -58,15 +74,20 @@ def card_slug(name: str | None = None) -> str:
 
 
 def git_commit() -> str:
-    """TRITON_DIST_COMMIT if set (a device checkout's .git may be stale), else git's short HEAD."""
+    """TRITON_DIST_COMMIT if set (a device checkout's .git may be stale), else git's short HEAD, with ``+dirty`` when
+    the checkout has uncommitted changes (the rows then did not come from that commit alone)."""
     if os.environ.get("TRITON_DIST_COMMIT"):
         return os.environ["TRITON_DIST_COMMIT"]
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or os.environ.get("TRITON_DIST_COMMIT", "unknown")
+        git = dict(cwd=root, capture_output=True, text=True, timeout=10)
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], **git).stdout.strip()
+        if not head:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **git).stdout.strip()
+        return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("TRITON_DIST_COMMIT", "unknown")
+        return "unknown"
 
 
 def _quantile(xs: list[float], q: float) -> float:
@@ -101,7 +122,7 @@ def time_op(fn, *, iters: int = 30, warmup: int = 5, group=None, inner: int = 1,
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1000.0 / inner)
-    t = torch.tensor(times, dtype=torch.float64, device="cuda")
+    t = torch.tensor(times, dtype=torch.float64)  # CPU: gloo's, in any world (a shared-GPU world has no NCCL)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return t.tolist()
 
@@ -113,17 +134,20 @@ def median_ms(fn, *, iters: int = 20, group=None) -> float:
 
 
 class Recorder:
-    """Collects rows of one run (same ``run_id``) and appends them to ``<out_dir>/<card>.jsonl`` on rank 0."""
+    """Collects rows of one run (same ``run_id``) and appends them to ``<out_dir>/<card>.jsonl`` on rank 0.
 
-    def __init__(self, out_dir: str, world_size: int, rank: int):
+    ``shared_gpu`` marks every row (default: whether the current world is a shared-GPU one)."""
+
+    def __init__(self, out_dir: str, world_size: int, rank: int, shared_gpu: bool | None = None):
         import triton
         self.out_dir = out_dir
         self.rank = rank
         self.world_size = world_size
         self.rows: list[Row] = []
+        self.shared_gpu = world_is_shared_gpu() if shared_gpu is None else bool(shared_gpu)
         self.common = dict(card=card_name(), torch=torch.__version__, triton=triton.__version__,
                            commit=git_commit(), date=datetime.date.today().isoformat(),
-                           run_id=uuid.uuid4().hex[:12])
+                           run_id=uuid.uuid4().hex[:12], shared_gpu=self.shared_gpu)
         ids = [self.common["run_id"]]
         if dist.is_initialized():
             dist.broadcast_object_list(ids, src=0)
@@ -152,12 +176,20 @@ class Recorder:
                 f.write(json.dumps(asdict(row)) + "\n")
         return path
 
-    def table(self) -> str:
-        lines = [f"{'op':<12} {'shape':<18} {'provider':<22} {'median_us':>10} {'p20':>9} {'p80':>9} {'GB/s':>8}"]
+    def table(self, notes: list[str] | None = None) -> str:
+        """The rows as text (the primitives bench's table); a shared-GPU run's header says its times are not
+        performance; ``notes`` follow the rows."""
+        from .report import SHARED_GPU_MARK
+        w = max([22] + [len(r.provider) for r in self.rows])
+        lines = [f"{'op':<12} {'shape':<18} {'provider':<{w}} {'median_us':>10} {'p20':>9} {'p80':>9} {'GB/s':>8}"]
         for r in self.rows:
             gb = "" if r.gbps is None else f"{r.gbps:.1f}"
-            lines.append(f"{r.op:<12} {r.shape:<18} {r.provider:<22} {r.median_us:>10.2f} {r.p20_us:>9.2f} "
+            lines.append(f"{r.op:<12} {r.shape:<18} {r.provider:<{w}} {r.median_us:>10.2f} {r.p20_us:>9.2f} "
                          f"{r.p80_us:>9.2f} {gb:>8}")
+        if any(r.shared_gpu for r in self.rows):
+            lines.insert(0, f"{self.world_size} ranks {SHARED_GPU_MARK}")
+        if notes:
+            lines.append("notes:\n" + "\n".join(f"  - {n}" for n in notes))
         return "\n".join(lines)
 
 

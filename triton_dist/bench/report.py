@@ -16,6 +16,62 @@ OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 OURS = "triton_dist"
 DEFAULT_PLOT = os.path.join("docs", "perf", "collectives_{card}.png")
 
+# ----------------------------------------------------------------------------------------------------------------
+# Shared-GPU worlds (several ranks on one GPU, `triton-dist run --share-gpus`): their times are not performance
+# ----------------------------------------------------------------------------------------------------------------
+
+SHARED_GPU_MARK = "(shared GPU: not performance)"
+# why the benches run no NCCL / PyTorch symmetric-memory baseline there (their skip notes say so)
+SHARED_GPU_NO_NCCL = ("NCCL refuses two ranks on one GPU, so a shared-GPU world's process group is gloo, and gloo on "
+                      "one GPU is no baseline")
+SHARED_GPU_NO_SYMM_MEM = "PyTorch's symmetric memory refuses ranks that share a GPU"
+
+
+def shared_gpu_banner(world_size: int, ranks_per_device: int, *, mps: bool = False,
+                      num_sms: int | None = None) -> str:
+    """What every bench prints first in a shared-GPU world (rank 0, once): its times are not performance."""
+    where = "on one GPU" if ranks_per_device >= world_size else f"sharing GPUs, {ranks_per_device} per GPU"
+    how = ["MPS on: the ranks run concurrently" if mps else "no MPS: the ranks time-slice the GPU"]
+    if num_sms:
+        how.append(f"persistent grids of {num_sms} SMs per rank")
+    rule = "=" * 100
+    return "\n".join([
+        rule,
+        f"SHARED-GPU WORLD: {world_size} ranks {where} ({'; '.join(how)}).",
+        "Timings here are not performance: the ranks compete for one GPU. NCCL and torch symmetric-memory baselines",
+        "are skipped; every row is marked \"shared_gpu\": true. For performance run one rank per GPU; `-n 1` is the",
+        "no-communication reference.",
+        rule])
+
+
+def announce_shared_gpu(world, stream=None) -> str | None:
+    """In a shared-GPU world, print :func:`shared_gpu_banner` on rank 0 (to ``stream``, default stdout) and return it
+    (on every rank); None in any other world."""
+    if not getattr(world, "shared_gpu", False):
+        return None
+    text = shared_gpu_banner(world.world_size, getattr(world, "ranks_per_device", world.world_size),
+                             mps=bool(getattr(world, "mps", False)), num_sms=getattr(world, "num_sms", None))
+    if world.rank == 0:
+        stream = stream if stream is not None else sys.stdout
+        stream.write(text + "\n\n")
+        stream.flush()
+    return text
+
+
+def _shared(rows) -> bool:
+    return any(r.get("shared_gpu") for r in rows)
+
+
+def _mark(title: str, shared: bool) -> str:
+    return f"{title}  {SHARED_GPU_MARK}" if shared and SHARED_GPU_MARK not in title else title
+
+
+def plot_title(rows: list[dict], title: str) -> tuple[str, dict]:
+    """A plot's title and its text style: with :data:`SHARED_GPU_MARK` (in red) when a row is from a shared-GPU
+    world."""
+    shared = _shared(rows)
+    return _mark(title, shared), ({"color": "red"} if shared else {})
+
 
 def fmt_bytes(n: int) -> str:
     """``4096`` -> ``4 KiB``; ``3 << 20`` -> ``3 MiB``; non-multiples keep bytes."""
@@ -84,12 +140,14 @@ def _family(provider: str) -> str:
 
 
 def summarize(rows: list[dict]) -> dict:
-    """``{op: {"sizes": [...], "providers": [...], "cells": {(size, provider): row}, "world": n, "dtype": str}}``;
-    ops in OPS order, providers ours first (in order of appearance), a later duplicate row replaces an earlier one."""
+    """``{op: {"sizes": [...], "providers": [...], "cells": {(size, provider): row}, "world": n, "dtype": str,
+    "shared_gpu": bool}}``; ops in OPS order, providers ours first (in order of appearance), a later duplicate row
+    replaces an earlier one; ``shared_gpu``: some row was timed in a shared-GPU world (rows without the key: not)."""
     out: dict = {}
     for r in rows:
         d = out.setdefault(r["op"], {"sizes": [], "providers": [], "cells": {}, "world": r["world_size"],
-                                     "dtype": r["dtype"]})
+                                     "dtype": r["dtype"], "shared_gpu": False})
+        d["shared_gpu"] = d["shared_gpu"] or bool(r.get("shared_gpu"))
         s = _size_of(r)
         if s not in d["sizes"]:
             d["sizes"].append(s)
@@ -169,7 +227,8 @@ def _layout(title: str, cols: list[tuple[str, str, list[str]]], nrows: int) -> s
 
 def format_tables(rows: list[dict], notes: list[str] | None = None) -> str:
     """One text table per op: size; median us and busbw GB/s per provider; our fastest method; each baseline
-    family's best time divided by ours."""
+    family's best time divided by ours (no such column without baseline rows). A table with shared-GPU rows says
+    in its title that its times are not performance (:data:`SHARED_GPU_MARK`)."""
     blocks = []
     for op, d in summarize(rows).items():
         fams = list(dict.fromkeys(_family(p) for p in d["providers"] if _family(p) != OURS))
@@ -189,6 +248,7 @@ def format_tables(rows: list[dict], notes: list[str] | None = None) -> str:
             cols.append((f"{f}", "/ours", ["-" if f not in rt else f"{rt[f]:.2f}" for _, rt in per_size]))
         title = (f"{op}  ({d['world']} ranks, {d['dtype']}; median us, busbw GB/s; <baseline>/ours = baseline "
                  f"time / our best time, > 1: ours faster)")
+        title = _mark(title, d["shared_gpu"])
         blocks.append(_layout(title, cols, len(d["sizes"])))
     if notes:
         blocks.append("notes:\n" + "\n".join(f"  - {n}" for n in notes))
@@ -250,7 +310,8 @@ def plot_rows(rows: list[dict], path: str, title: str | None = None) -> str | No
         r0 = rows[0]
         title = (f"{r0.get('card', '?')}: collectives, busbw by nccl-tests' conventions "
                  f"(commit {r0.get('commit', '?')}, {r0.get('date', '?')}, run {r0.get('run_id', '?')})")
-    fig.suptitle(title, fontsize=11)
+    title, style = plot_title(rows, title)
+    fig.suptitle(title, fontsize=11, **style)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     return path
@@ -318,13 +379,14 @@ def is_gemm_row(row: dict) -> bool:
 
 def summarize_gemm(rows: list[dict]) -> dict:
     """``{(op, family): {"ms": [...], "n": N, "k": K, "providers": [...], "cells": {(M, provider): row}, "world",
-    "dtype"}}``; ops in GEMM_OPS order, families in order of appearance, providers ours first, GEMM alone last; a
-    later duplicate row replaces an earlier one."""
+    "dtype", "shared_gpu"}}``; ops in GEMM_OPS order, families in order of appearance, providers ours first, GEMM
+    alone last; a later duplicate row replaces an earlier one."""
     out: dict = {}
     for r in rows:
         fam, m, n, k = parse_gemm_shape(r["shape"])
         d = out.setdefault((r["op"], fam), {"ms": [], "n": n, "k": k, "providers": [], "cells": {},
-                                            "world": r["world_size"], "dtype": r["dtype"]})
+                                            "world": r["world_size"], "dtype": r["dtype"], "shared_gpu": False})
+        d["shared_gpu"] = d["shared_gpu"] or bool(r.get("shared_gpu"))
         if m not in d["ms"]:
             d["ms"].append(m)
         if r["provider"] not in d["providers"]:
@@ -359,7 +421,8 @@ def gemm_ratios(d: dict, m: int) -> tuple[str | None, dict[str, float], float | 
 
 def format_gemm_tables(rows: list[dict], notes: list[str] | None = None) -> str:
     """One text table per (op, shape family): M; median us and per-rank TFLOP/s per provider; our fastest method;
-    each baseline family's best time / ours; ours / GEMM alone."""
+    each baseline family's best time / ours; ours / GEMM alone (columns without their rows are left out). A table
+    with shared-GPU rows says in its title that its times are not performance (:data:`SHARED_GPU_MARK`)."""
     blocks = []
     for (op, fam), d in summarize_gemm(rows).items():
         baselines = list(dict.fromkeys(_family(p) for p in d["providers"] if _family(p) != OURS and p != GEMM_ALONE))
@@ -382,6 +445,7 @@ def format_gemm_tables(rows: list[dict], notes: list[str] | None = None) -> str:
         title = (f"{op} {fam}: N={d['n']} K={d['k']}, {GEMM_LAYOUTS.get(op, '')}  ({d['world']} ranks, "
                  f"{d['dtype']}; median us, TFLOP/s per rank; <baseline>/ours > 1: ours faster; ours/gemm: our best "
                  "time over the GEMM alone)")
+        title = _mark(title, d["shared_gpu"])
         blocks.append(_layout(title, cols, len(d["ms"])))
     if notes:
         blocks.append("notes:\n" + "\n".join(f"  - {n}" for n in notes))
@@ -437,7 +501,8 @@ def plot_gemm_rows(rows: list[dict], path: str, title: str | None = None) -> str
         title = (f"{r0.get('card', '?')}: GEMM + communication, {r0.get('world_size', '?')} ranks, "
                  f"{r0.get('dtype', '?')} (commit {r0.get('commit', '?')}, {r0.get('date', '?')}, "
                  f"run {r0.get('run_id', '?')})")
-    fig.suptitle(title, fontsize=11)
+    title, style = plot_title(rows, title)
+    fig.suptitle(title, fontsize=11, **style)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     return path
@@ -472,12 +537,25 @@ def render_recorded(args, load, fmt, plot, default_path) -> None:
             print(f"plot written to {path}")
 
 
-def report_run(rows, notes, world, args, path, run_id, card, fmt, plot, default_path) -> None:
-    """Rank 0's end of a benchmark run: the tables with their notes (plus the CPU-world caveat), where the rows went
-    (``path``, None when not written) and, unless ``--no-plot`` (or a smoke run without ``--plot``), the plot."""
-    notes = list(notes)
+def world_caveats(world) -> list[str]:
+    """The notes every bench's report ends with about the world its times come from: the CPU world's, a shared-GPU
+    world's (not performance) and world size 1's (the no-communication reference)."""
+    notes = []
     if world.interpreted:
         notes.append("CPU world (--smoke): wall-clock times of interpreted kernels, not a benchmark")
+    if getattr(world, "shared_gpu", False):
+        notes.append(f"SHARED-GPU WORLD: {world.world_size} ranks, {getattr(world, 'ranks_per_device', '?')} per GPU: "
+                     "these times are not performance (every row is marked shared_gpu)")
+    if world.world_size == 1:
+        notes.append("world size 1: nothing is communicated; these are the no-communication reference times")
+    return notes
+
+
+def report_run(rows, notes, world, args, path, run_id, card, fmt, plot, default_path) -> None:
+    """Rank 0's end of a benchmark run: the tables with their notes (plus the CPU-world, shared-GPU and world-size-1
+    caveats), where the rows went (``path``, None when not written) and, unless ``--no-plot`` (or a smoke run without
+    ``--plot``), the plot."""
+    notes = list(notes) + world_caveats(world)
     print(fmt(rows, notes))
     if path:
         print(f"rows appended to {path} (run {run_id})")
