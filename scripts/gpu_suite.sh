@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# The GPU suite: every test on CUDA worlds of 2, 3 and 4 GPUs (and all GPUs when there are more), the GPU-only
+# The GPU suite: every test on CUDA worlds of 2, 3 and 4 ranks (and all GPUs when there are more), the GPU-only
 # tests, the tutorials (SKIP_TUTORIALS=1 skips them), then the primitive, collective and GEMM benchmarks on all
-# local GPUs. Run on a machine with GPUs from the repository root:
+# local GPUs. On a machine with fewer than 4 GPUs the worlds larger than the machine share GPUs (shared-GPU worlds,
+# TRITON_DIST_TEST_SHARE_GPUS=1) under one private MPS daemon started here (NO_MPS=1: none, the ranks time-slice);
+# the tutorials then run on 4 ranks sharing the GPUs, and the benchmarks at world size 1 are the no-communication
+# reference (SHARED_BENCH=1 adds a shared-world bench run, whose rows are marked shared_gpu: not performance).
+# Run on a machine with GPUs from the repository root:
 #     TRITON_DIST_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_suite.sh [OUT_DIR]
 # (TRITON_DIST_COMMIT names the commit in the benchmark rows where the checkout has no .git.)
 # Writes OUT_DIR/pytest.log, OUT_DIR/junit-<test file>.xml, OUT_DIR/<card>.jsonl (bench rows) and a summary table
@@ -22,6 +26,20 @@ if [ -z "${TRITON_DIST_TEST_WORLD_SIZES:-}" ]; then
     export TRITON_DIST_TEST_WORLD_SIZES=2,4
     [ "$NGPU" -gt 4 ] && export TRITON_DIST_TEST_WORLD_SIZES=2,4,$NGPU
 fi
+SHARE_ARGS=""
+TUT_N=$NGPU
+if [ "$NGPU" -lt 4 ]; then
+    export TRITON_DIST_TEST_SHARE_GPUS=1
+    [ "$NGPU" -lt 2 ] && { TUT_N=4; SHARE_ARGS="--share-gpus"; }
+    if [ "${NO_MPS:-0}" != 1 ] && command -v nvidia-cuda-mps-control > /dev/null; then
+        eval "$($PY -m triton_dist mps start)" || exit 1
+        trap '$PY -m triton_dist mps stop "$TRITON_DIST_MPS_ROOT"' EXIT
+        echo "shared-GPU worlds under a private MPS daemon ($CUDA_MPS_PIPE_DIRECTORY)"
+    else
+        export CUDA_MPS_PIPE_DIRECTORY=/nonexistent/triton_dist_no_mps  # off any daemon: the ranks time-slice
+        echo "shared-GPU worlds without MPS: ranks time-slice the GPU"
+    fi
+fi
 # One pytest per test file, each under its own deadline (FILE_TIMEOUT s) and a per-test timeout (TEST_TIMEOUT s), so
 # that a stalled test costs one file, not the rest of the suite. TEST_FILES picks files (default: all).
 TEST_RC=0
@@ -39,9 +57,10 @@ done
 TUT_RC=0
 if [ "${SKIP_TUTORIALS:-0}" != 1 ]; then
     for t in tutorials/0*.py; do
-        timeout "${TUTORIAL_TIMEOUT:-240}" $PY -m triton_dist run -n "$NGPU" "$t" > "$OUT_DIR/$(basename "$t" .py).log" 2>&1
+        timeout "${TUTORIAL_TIMEOUT:-240}" $PY -m triton_dist run -n "$TUT_N" $SHARE_ARGS "$t" \
+            > "$OUT_DIR/$(basename "$t" .py).log" 2>&1
         rc=$?
-        echo "tutorial $t on $NGPU GPUs: rc $rc; $(grep -i -m1 'match\|exactly' "$OUT_DIR/$(basename "$t" .py).log")" \
+        echo "tutorial $t on $TUT_N ranks, $NGPU GPU(s): rc $rc; $(grep -i -m1 'match\|exactly' "$OUT_DIR/$(basename "$t" .py).log")" \
             | tee -a "$OUT_DIR/tutorials.log"
         [ "$rc" -ne 0 ] && TUT_RC=1
     done
@@ -57,6 +76,11 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     $PY -m triton_dist bench gemm -n "$NGPU" --out "$OUT_DIR" --plot "$OUT_DIR/gemm.png" \
         ${GEMM_ARGS:-} 2>&1 | tee "$OUT_DIR/bench_gemm.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || BENCH_RC=1
+    if [ "${SHARED_BENCH:-0}" = 1 ] && [ -n "$SHARE_ARGS" ]; then  # plumbing of the benches in a shared world
+        $PY -m triton_dist bench collectives -n 2 $SHARE_ARGS --out "$OUT_DIR" ${SHARED_COLL_ARGS:-} 2>&1 \
+            | tee "$OUT_DIR/bench_shared.log"
+        [ "${PIPESTATUS[0]}" -eq 0 ] || BENCH_RC=1
+    fi
 fi
 
 $PY - "$OUT_DIR" "$TEST_RC" "$BENCH_RC" <<'PY'
