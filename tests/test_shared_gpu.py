@@ -227,3 +227,10 @@ def test_ipc_arena_maps_every_peer_and_frees_last(monkeypatch):
     assert order == ["close", "close", "barrier", "free"], "peers unmapped, everyone done, then freed"
     arena.close()  # idempotent
     assert order.count("free") == 1
+
+
+def test_watchdog_record_names_program_and_launch():
+    from triton_dist.runtime import device_state
+    text = device_state.describe([2, 3, 0x7F00, 498, 497, 30, 13, 32])
+    assert "rank 3 waited" in text and "for value 498, last saw 497 (program 13 of 32, SM 30)" in text
+    assert "under MPS every rank on this GPU fails with it" in text

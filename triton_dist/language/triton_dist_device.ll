@@ -12,6 +12,8 @@ target triple = "nvptx64-nvidia-cuda"
 
 declare i64 @llvm.nvvm.read.ptx.sreg.globaltimer()
 declare i32 @llvm.nvvm.read.ptx.sreg.smid()
+declare i32 @llvm.nvvm.read.ptx.sreg.ctaid.x()
+declare i32 @llvm.nvvm.read.ptx.sreg.nctaid.x()
 declare void @llvm.trap()
 
 define i64 @__triton_dist_word(i32 %i) #0 {
@@ -54,6 +56,7 @@ define i64 @__triton_dist_peer_delta(i32 %peer, i32 %elem_bytes) #0 {
 ; Called after every spin-wait with its outcome; if it timed out, record who waited on what in the
 ; watchdog record (the last writer wins; every thread of a program waits on the same signal) and trap, so the process fails instead of hanging.
 ;   record: [0] flag (2 = complete) [1] rank [2] signal address [3] expected [4] last value seen [5] SM id
+;           [6] program id (ctaid.x) [7] programs in the launch (nctaid.x)
 define i64 @__triton_dist_check_wait(i32 %timed_out, i64 %addr, i64 %expected, i64 %seen) #1 {
 entry:
   %t = icmp ne i32 %timed_out, 0
@@ -83,6 +86,14 @@ fill:
   %sm64 = zext i32 %sm to i64
   %p5 = getelementptr i64, ptr %rec, i64 5
   store volatile i64 %sm64, ptr %p5
+  %pid = call i32 @llvm.nvvm.read.ptx.sreg.ctaid.x()
+  %pid64 = zext i32 %pid to i64
+  %p6 = getelementptr i64, ptr %rec, i64 6
+  store volatile i64 %pid64, ptr %p6
+  %npid = call i32 @llvm.nvvm.read.ptx.sreg.nctaid.x()
+  %npid64 = zext i32 %npid to i64
+  %p7 = getelementptr i64, ptr %rec, i64 7
+  store volatile i64 %npid64, ptr %p7
   fence seq_cst
   store volatile i64 2, ptr %rec
   fence seq_cst

@@ -6,7 +6,7 @@ watchdog record, wait timeout). Whenever Triton loads a kernel module, ``knobs.r
 state into the module, and runs ``nvshmemx_cumodule_init`` on modules that call NVSHMEM.
 
 The watchdog record lives in pinned host memory that kernels can write. A device wait that times out fills
-it (rank, signal address, expected, seen) and traps; a daemon thread prints the record as soon as it appears,
+it (rank, signal address, expected, seen, SM, program and programs of the launch) and traps; a daemon thread prints the record as soon as it appears,
 and :func:`check` raises :class:`SignalTimeout` with the same text.
 """
 from __future__ import annotations
@@ -55,7 +55,8 @@ def _on_load(module, function, name, metadata_group, hash):
 
 
 def describe(rec) -> str:
-    rank, addr, expected, seen, sm = (int(v) for v in rec[1:6])
+    """The watchdog record ``[flag, rank, signal address, expected, seen, SM, program, programs]`` as a message."""
+    rank, addr, expected, seen, sm, pid, nprog = (int(v) for v in rec[1:8])
     where = f"0x{addr:x}"
     if _world is not None:
         for r, base in enumerate(_world.heap.bases):
@@ -63,7 +64,8 @@ def describe(rec) -> str:
                 where = f"rank {r}'s heap offset {addr - base}"
     timeout = f"{_world.config.wait_timeout_s:g}" if _world else "?"
     return (f"triton_dist watchdog: rank {rank} waited {timeout} s on the "
-            f"signal at {where} for value {expected}, last saw {seen} (SM {sm}); the kernel was stopped. "
+            f"signal at {where} for value {expected}, last saw {seen} (program {pid} of {nprog}, SM {sm}); the kernel "
+            "was stopped (under MPS every rank on this GPU fails with it). "
             "A peer never sent that signal: check the signal protocol, or raise TRITON_DIST_WAIT_TIMEOUT_S.")
 
 
