@@ -64,6 +64,11 @@ if [ "${SKIP_TUTORIALS:-0}" != 1 ]; then
             | tee -a "$OUT_DIR/tutorials.log"
         [ "$rc" -ne 0 ] && TUT_RC=1
     done
+    # ten init()/finalize() cycles in one process, with ops in every world
+    timeout 240 $PY -m triton_dist run -n "$TUT_N" $SHARE_ARGS tests/scripts/reinit.py 10 > "$OUT_DIR/reinit.log" 2>&1
+    rc=$?
+    echo "reinit (10 init/finalize cycles) on $TUT_N ranks: rc $rc" | tee -a "$OUT_DIR/tutorials.log"
+    [ "$rc" -ne 0 ] && TUT_RC=1
 fi
 
 BENCH_RC=0

@@ -236,9 +236,8 @@ def test_bad_inputs_raise(world):
     assert all(world.run(_bad_inputs))
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("row_shape", [(123,), (4096,)], ids=["odd_row", "wide_row"])
-def test_bf16_on_gpu(world, row_shape, seed):
+def test_bf16(world, row_shape, seed):
     assert all(world.run(_equal, torch.bfloat16, 37, row_shape, seed))
     assert all(world.run(_variable, torch.bfloat16, row_shape, seed))
 

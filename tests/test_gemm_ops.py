@@ -1,5 +1,6 @@
 """Overlapped GEMMs (AllGather+GEMM, GEMM+ReduceScatter, GEMM+AllReduce) against fp64 and their torch references
-(CPU world: fp32 and fp16, small odd shapes; the GPU suite runs the same tests, plus bf16, on CUDA worlds)."""
+(CPU world: fp32, fp16 and bf16, small odd shapes; the GPU suite runs the same tests, plus larger bf16 ones, on CUDA
+worlds)."""
 import hashlib
 import os
 import time
@@ -18,7 +19,7 @@ from triton_dist.kernels.gemm import GemmConfig, chunk_tile
 from _util import poison, rand, sync, this_world
 
 BACKEND = os.environ.get("TRITON_DIST_TEST_BACKEND", "cpu")
-FLOATS = [torch.float32, torch.float16] + ([torch.bfloat16] if BACKEND != "cpu" else [])
+FLOATS = [torch.float32, torch.float16, torch.bfloat16]  # bf16 in the CPU world too (language/_interp_mend.py)
 LAYOUTS = ("row", "t", "strided")  # B row-major (TMA), w.t() of a weight (TMA, transposed), strided (pointers)
 SMALL = GemmConfig(16, 16, 16, group_m=2, num_stages=1, num_warps=4)  # many tiles: partial tiles, grouping
 
@@ -125,7 +126,7 @@ def _gemm_ar(method, dtype, ms, k, n, seed, partial_dtype=None, config=None):
 
 
 # ------------------------------------------------------------------------------------------------ tests
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", FLOATS, ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("method", agm.METHODS)
 def test_ag_gemm(world, method, dtype, seed):
     """Three back-to-back calls on one context, M shrinking (37, 5, 20 rows per rank), one B layout each."""
@@ -137,7 +138,7 @@ def test_ag_gemm_small_tiles(world, seed):
     assert all(world.run(_ag_gemm, ("sm", "copy_engine"), torch.float16, [37, 19], 40, 40, seed, SMALL, 3))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", FLOATS, ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("method", grs.METHODS)
 def test_gemm_rs(world, method, dtype, seed):
     assert all(world.run(_gemm_rs, method, dtype, [37, 5, 20], 104, 72, seed))
@@ -148,7 +149,7 @@ def test_gemm_rs_fp32_partials_small_tiles(world, seed):
                          torch.float32, SMALL))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", FLOATS, ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("method", gar.METHODS)
 def test_gemm_ar(world, method, dtype, seed):
     results = world.run(_gemm_ar, method, dtype, [37, 1, 20], 104, 72, seed)

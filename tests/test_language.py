@@ -9,8 +9,10 @@ import triton_dist
 import triton_dist.language as dl
 from triton_dist.testing import RankError
 
+from triton_dist.kernels import all_reduce as ar
+
 from _util import poison, rand, sync, this_world
-from conftest import new_world
+from conftest import BACKEND, new_world
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -275,6 +277,30 @@ def _never_signalled():
     sync()
 
 
+def _catch_never_signalled(grid):
+    """The timeout is a triton_dist.SignalTimeout the caller can catch (GPU: at the sync, from the watchdog record)."""
+    sig = triton_dist.zeros((2,), torch.int32)
+    try:
+        _never_signalled_kernel[(grid,)](sig)
+        sync()
+    except triton_dist.SignalTimeout as err:
+        return str(err)
+    return None
+
+
+def _catch_op_timeout():
+    """An op whose peer never comes: the op's timeout is catchable as triton_dist.SignalTimeout (CPU world)."""
+    w = this_world()
+    ctx = ar.AllReduceContext(64, torch.float32, num_programs=1)
+    caught = None
+    if w.rank == 1:
+        try:
+            ar.all_reduce(torch.ones(64), ctx=ctx, method="one_shot")
+        except triton_dist.SignalTimeout as err:
+            caught = str(err)
+    return caught
+
+
 def test_wait_that_never_gets_its_signal_fails_cleanly():
     # mps=False: on a shared GPU under MPS the watchdog's trap would reach every MPS client on the GPU (the other
     # worlds of this session too); time-sliced ranks keep it to this world.
@@ -282,6 +308,13 @@ def test_wait_that_never_gets_its_signal_fails_cleanly():
         with pytest.raises(RankError, match=r"waited 1 s on the signal at rank \d's heap offset \d+ for value 1, "
                                             r"last saw 0"):
             w.run(_never_signalled, timeout=60)
+        for msg in w.run(_catch_never_signalled, 1, timeout=60):
+            assert msg is not None and "waited 1 s" in msg and "last saw 0" in msg
+        if BACKEND == "cpu":  # a GPU context does not survive its trap: one timeout per world there
+            first = w.run(_catch_never_signalled, 3, timeout=60)[0]
+            assert "(program 0 of 3) -- in the CPU world the programs of a launch run one at a time in pid order" \
+                in first
+            assert w.run(_catch_op_timeout, timeout=60)[1].startswith("rank 1 waited 1 s")
 
 
 @triton.jit
@@ -294,10 +327,15 @@ def _bad_scope_kernel(ptr):
     dl.notify(ptr, 0, 1, "set", "galaxy")
 
 
+@triton.jit
+def _inter_node_notify_kernel(ptr):
+    dl.notify(ptr, 0, 1, "set", "inter_node")
+
+
 def _bad_device_args():
     sig = triton_dist.zeros((1,), torch.int32)
     errors = []
-    for kernel in (_bad_semantic_kernel, _bad_scope_kernel):
+    for kernel in (_bad_semantic_kernel, _bad_scope_kernel, _inter_node_notify_kernel):
         try:
             kernel[(1,)](sig)
         except Exception as e:  # compile errors on GPU, interpreter errors on CPU
@@ -309,5 +347,5 @@ def _bad_device_args():
 
 def test_bad_scope_and_semantic_are_rejected(world2):
     errors, _ = world2.run(_bad_device_args)[0]
-    assert len(errors) == 2
-    assert "sequential" in errors[0] and "galaxy" in errors[1]
+    assert len(errors) == 3
+    assert "sequential" in errors[0] and "galaxy" in errors[1] and "libshmem_device.signal_op" in errors[2]

@@ -89,6 +89,14 @@ def test_world_runs_and_sees_peers(nranks, tmp_path):
     _assert_no_orphans(tmp_path, nranks)
 
 
+@pytest.mark.timeout(120)
+def test_ten_init_finalize_cycles_in_one_process():
+    """finalize() releases every op context and a later init() joins a fresh world (issue 11: it hung in 2 of 4)."""
+    res = _run("run", "-n", 3, "--mode", "cpu", SCRIPTS / "reinit.py", "10", timeout=100)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(res.stdout.splitlines()) == [f"rank {r}: 10 worlds ok" for r in range(3)]
+
+
 @pytest.mark.timeout(60)
 def test_raising_rank_stops_the_world(tmp_path):
     start = time.monotonic()
@@ -117,6 +125,7 @@ def test_straggler_deadline(tmp_path):
                TRITON_DIST_STRAGGLER_TIMEOUT="2")
     assert res.returncode == 124, res.stderr
     assert "triton-dist: the world made no progress within 2 s; ranks still running: [1, 2]" in res.stderr
+    assert "ranks [0] exited 0 first" in res.stderr
     _assert_no_orphans(tmp_path, 3)
 
 
@@ -152,12 +161,18 @@ def test_run_module_passes_arguments_untouched():
 
 
 @pytest.mark.timeout(30)
-def test_usage_errors_exit_2(tmp_path, capsys):
+def test_usage_errors_exit_2(tmp_path, capsys, monkeypatch):
     assert cli.main(["run", "-n", "2", "--mode", "cpu", str(tmp_path / "missing.py")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no such file" in err and "missing.py" in err and "-m" in err
+    monkeypatch.setattr(launcher, "_cuda_device_count", lambda: 0)
     assert cli.main(["run", "-n", "1000", "--mode", "gpu", str(SCRIPTS / "ok_world.py")]) == 2
     err = capsys.readouterr().err
-    assert "1000 ranks in GPU mode" in err and "GPU(s) are visible" in err
+    assert "no CUDA GPU is visible" in err and "--mode cpu for a CPU world of 1000 ranks" in err
+    monkeypatch.setattr(launcher, "_cuda_device_count", lambda: 2)
+    assert cli.main(["run", "-n", "1000", "--mode", "gpu", str(SCRIPTS / "ok_world.py")]) == 2
+    err = capsys.readouterr().err
+    assert "1000 ranks in GPU mode" in err and "only 2 CUDA GPU(s) are visible" in err and "--share-gpus" in err
     for argv, match in [(["bench", "no_such_bench"], "primitives"), (["run", "-n", "0", "x.py"], "positive integer"),
                         (["demo", "--what"], "unrecognized arguments")]:
         with pytest.raises(SystemExit) as exc:

@@ -94,6 +94,12 @@ def test_bad_input_gets_clear_errors(world2):
     assert world2.run(_bad_inputs) == [True, True]
 
 
+def test_heap_smaller_than_the_reserved_region_is_refused():
+    with pytest.raises(RankError, match=r"reserved for the runtime's signals, so it must be at least 128.0 KiB"):
+        with new_world(2, env={"TRITON_DIST_HEAP_SIZE": "64K"}):
+            pass
+
+
 def _mismatched_allocation():
     w = this_world()
     triton_dist.empty((100 + 100 * w.rank,), torch.float32)

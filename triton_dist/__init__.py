@@ -13,6 +13,8 @@ Nothing happens at import time; ``init`` reads the torchrun environment.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from .runtime.errors import SignalTimeout
@@ -29,7 +31,10 @@ __all__ = ["init", "finalize", "empty", "zeros", "free", "peer_view", "barrier",
 def init(backend: str = "auto", *, heap_size: int | None = None) -> World:
     """Join the world of the current launcher and build the symmetric heap; see :func:`runtime.world.init`."""
     world = _world.init(backend, heap_size=heap_size)
-    if not world.interpreted:
+    if world.interpreted:  # Triton's interpreter gets bf16 wrong: mend it before any kernel runs
+        from .language import _interp_mend
+        _interp_mend.install()
+    else:
         from .language import _compile
         _compile.install(shmem="nvshmem" if world.backend == "nvshmem" else "triton_dist")
         if world.shared_gpu:
@@ -39,7 +44,11 @@ def init(backend: str = "auto", *, heap_size: int | None = None) -> World:
 
 
 def finalize() -> None:
-    """Leave the world (idempotent)."""
+    """Leave the world (idempotent): the cached contexts of :mod:`triton_dist.ops` are released first (collective),
+    so no op keeps buffers of a heap that is gone, and a later :func:`init` starts clean."""
+    ops = sys.modules.get(f"{__name__}.ops")
+    if ops is not None and is_initialized():
+        ops.release_contexts()
     _world.finalize()
 
 

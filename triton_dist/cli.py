@@ -22,6 +22,12 @@ import sys
 BENCHES = ["primitives", "collectives", "gemm"]
 DEMO_SCRIPT = os.path.join("tutorials", "02_intra_node_allgather.py")
 EXIT_USAGE = 2
+EXIT_CODES = """exit codes:
+  0     every rank exited 0
+  N     the first failing rank's exit code (128 + signal number for a rank killed by a signal)
+  124   the deadline (--timeout) or the straggler deadline passed; the ranks were stopped
+  130   interrupted (Ctrl-C, SIGTERM); the ranks were stopped
+  2     usage error (nothing was started)"""
 
 
 def _nprocs(text: str):
@@ -53,8 +59,8 @@ def _world_options() -> argparse.ArgumentParser:
     common.add_argument("--mode", choices=("auto", "gpu", "cpu"), default="auto",
                         help="gpu: torchrun, one rank per GPU; cpu: Triton-interpreter world; auto: gpu when "
                              "CUDA GPUs are visible (TRITON_DIST_LAUNCH_MODE overrides) [default: auto]")
-    common.add_argument("--timeout", type=_seconds, default=None,
-                        help="seconds the world may run before it is stopped with exit code 124 "
+    common.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
+                        help="deadline: seconds the whole world may run before it is stopped with exit code 124 "
                              "[default: TRITON_DIST_RUN_TIMEOUT or 1800]")
     common.add_argument("--share-gpus", action="store_true",
                         help="GPU mode: allow more ranks than GPUs, rank r on GPU r %% G (a shared-GPU world for "
@@ -74,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[common], allow_abbrev=False,
                          help="run a script or module on every rank",
                          description="Run a script (or with -m a module) on N ranks; arguments after it are "
-                                     "passed through untouched.")
+                                     "passed through untouched.",
+                         epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("-m", dest="module", action="store_true", help="the target is a module name, as in python -m")
     run.add_argument("target", help="script path, or module name with -m")
     run.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
@@ -82,11 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", parents=[common], allow_abbrev=False,
                            help="run a benchmark of triton_dist.bench",
                            description="Run benchmark module triton_dist.bench.NAME on N ranks; unrecognised "
-                                       "arguments (or all after '--') go to the benchmark.")
+                                       "arguments (or all after '--') go to the benchmark.",
+                           epilog="A benchmark's own options: python -m triton_dist.bench.NAME --help (no world "
+                                  "needed).\n\n" + EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_argument("name", choices=BENCHES, help="benchmark name")
 
     sub.add_parser("demo", parents=[common], allow_abbrev=False,
-                   help=f"run {DEMO_SCRIPT} (the intra-node all-gather tutorial)")
+                   help=f"run {DEMO_SCRIPT} (the intra-node all-gather tutorial)",
+                   description=f"Run {DEMO_SCRIPT} on N ranks: an all-gather built from the device primitives, "
+                               "checked exactly against torch.distributed's all_gather ('match: yes') and, on GPUs "
+                               "with one GPU per rank, timed against NCCL.",
+                   epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     daemon = sub.add_parser("mps", allow_abbrev=False, help="start or stop a private MPS daemon",
                             description="start: start an MPS control daemon with its own pipe and log directories "

@@ -72,6 +72,13 @@ def _gemm_shapes(what: str, a, b, method: str, methods):
     return a.shape[0], a.shape[1], b.shape[1]
 
 
+def _tensor(what: str, x) -> torch.Tensor:
+    """``x`` itself when it is a tensor; a clear TypeError before any (collective) context is made otherwise."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what}: x must be a torch.Tensor on this rank's device, got {type(x).__name__}")
+    return x
+
+
 def release_contexts() -> None:
     """Free every cached context's symmetric buffers (collective, like the ops)."""
     for ctx in _contexts.values():
@@ -82,6 +89,7 @@ def release_contexts() -> None:
 
 def all_reduce(x: torch.Tensor, *, method: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
     """Sum of ``x`` over all ranks (fp32 accumulation for bf16/fp16); see :mod:`triton_dist.kernels.all_reduce`."""
+    _tensor("all_reduce", x)
     slots = current_world().world_size if method == "push_one_shot" else 1  # one staging slot per rank
     ctx = _context("all_reduce", _ar.AllReduceContext, slots * x.numel(), x.dtype)
     return _ar.all_reduce(x, ctx=ctx, method=method, out=out)
@@ -89,26 +97,26 @@ def all_reduce(x: torch.Tensor, *, method: str = "auto", out: torch.Tensor | Non
 
 def all_gather(x: torch.Tensor, *, method: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
     """Every rank's ``x`` stacked along dim 0 in rank order; see :mod:`triton_dist.kernels.all_gather`."""
-    ctx = _context("all_gather", _ag.AllGatherContext, x.numel(), x.dtype)
+    ctx = _context("all_gather", _ag.AllGatherContext, _tensor("all_gather", x).numel(), x.dtype)
     return _ag.all_gather(x, ctx=ctx, method=method, out=out)
 
 
 def reduce_scatter(x: torch.Tensor, *, method: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
     """Chunk ``rank`` (along dim 0) of the sum of ``x`` over ranks; see :mod:`triton_dist.kernels.reduce_scatter`."""
-    ctx = _context("reduce_scatter", _rs.ReduceScatterContext, x.numel(), x.dtype)
+    ctx = _context("reduce_scatter", _rs.ReduceScatterContext, _tensor("reduce_scatter", x).numel(), x.dtype)
     return _rs.reduce_scatter(x, ctx=ctx, method=method, out=out)
 
 
 def all_to_all(x: torch.Tensor, *, method: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
     """Equal-split all-to-all along dim 0 (``all_to_all_single`` semantics), ``method`` ``kernel`` or
     ``copy_engine``; see :mod:`triton_dist.kernels.all_to_all`."""
-    return _a2a.all_to_all(x, out=out, method=method)
+    return _a2a.all_to_all(_tensor("all_to_all", x), out=out, method=method)
 
 
 def all_to_all_v(x: torch.Tensor, input_split_sizes, output_split_sizes, *,
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """Variable-split all-to-all along dim 0 (``all_to_all_single`` with split sizes)."""
-    return _a2a.all_to_all_v(x, input_split_sizes, output_split_sizes, out=out)
+    return _a2a.all_to_all_v(_tensor("all_to_all_v", x), input_split_sizes, output_split_sizes, out=out)
 
 
 def ag_gemm(a: torch.Tensor, b: torch.Tensor, *, method: str = "auto", return_gathered: bool = False,

@@ -101,7 +101,10 @@ def reduce_scatter(x: torch.Tensor, *, ctx: ReduceScatterContext, method: str = 
     """Sum ``x`` (``(world*m, ...)``) over ranks and keep chunk ``rank`` (``(m, ...)``); no host sync."""
     ctx.check(x)
     world = ctx.world.world_size
-    if x.dim() == 0 or x.shape[0] % world:
+    if x.dim() == 0:
+        raise ValueError(f"reduce_scatter: x is a 0-d tensor (a scalar); expected (world * m, ...) with world = {world}"
+                         ": rows along dim 0, chunk r of them for rank r")
+    if x.shape[0] % world:
         raise ValueError(f"reduce_scatter: dim 0 of x ({tuple(x.shape)}) must be a multiple of the world size "
                          f"{world}")
     if method not in ("auto",) + METHODS:

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import triton.language as tl
+from triton.runtime import interpreter as _interpreter
 from triton.runtime.interpreter import TensorHandle
 
 from ..runtime.errors import SignalTimeout
@@ -103,9 +104,23 @@ def spin(addr: int, cty, done, what: str, timeout_s: float):
             w = current_world()
             raise SignalTimeout(
                 f"rank {w.rank} waited {timeout_s:g} s on the signal at {where_is(addr)} for value {what}, "
-                f"last saw {seen}; a peer never sent it (check the signal protocol, or raise "
+                f"last saw {seen}{_program_note()}; a peer never sent it (check the signal protocol, or raise "
                 "TRITON_DIST_WAIT_TIMEOUT_S)")
     return seen
+
+
+def _program_note() -> str:
+    """Which program of the launch waited; when later programs exist, the CPU world's pid order as a likely cause."""
+    b = _interpreter.interpreter_builder
+    idx, dim = getattr(b, "grid_idx", None), getattr(b, "grid_dim", None)
+    if idx is None or dim is None:
+        return ""
+    pid, n = idx[0] + dim[0] * (idx[1] + dim[1] * idx[2]), dim[0] * dim[1] * dim[2]
+    note = f" (program {pid} of {n})"
+    if pid < n - 1:
+        note += (" -- in the CPU world the programs of a launch run one at a time in pid order, so a wait for a later "
+                 "program of the same launch never ends: order the kernel so that producers come first")
+    return note
 
 
 def wait(signal_ptrs, num_signals=1, scope="sys", semantic="acquire", wait_value=1, cmp="eq"):
@@ -157,6 +172,8 @@ def notify(ptr, peer, signal=1, sig_op="set", comm_scope="intra_node", semantic=
         raise ValueError(f"notify: semantic must be 'release' or 'relaxed', got {_c(semantic)!r}")
     if ptr.type.is_block():
         raise TypeError("dl.notify takes a scalar signal pointer")
+    if comm_scope == "inter_node":  # as on the GPU, so a kernel that passes here does not fail there
+        raise ValueError("dl.notify: inter_node signals go through NVSHMEM; use libshmem_device.signal_op")
     _word_type(ptr)
     remote = symm_at(ptr, peer)
     if sig_op == "set":

@@ -86,6 +86,8 @@ def resolve_nprocs(nprocs: int | str, mode: str, share_gpus: bool = False) -> in
         raise ValueError(f"nprocs must be a positive integer or 'auto', got {nprocs!r}")
     if mode == "gpu":
         gpus = _cuda_device_count()
+        if gpus == 0:
+            raise ValueError(f"GPU mode, but no CUDA GPU is visible; use --mode cpu for a CPU world of {n} ranks")
         if n > gpus and not share_gpus:
             raise ValueError(f"asked for {n} ranks in GPU mode, but only {gpus} CUDA GPU(s) are visible; "
                              f"use -n {gpus} or fewer, --share-gpus to put several ranks on one GPU, or --mode cpu "
@@ -300,13 +302,15 @@ def _supervise(children: list[_Child], timeout: float, straggler_timeout: float,
         now = time.monotonic()
         if first_done is None and len(running) < sum(len(c.ranks) for c in children):
             first_done = now
+            finished = sorted(r for c in children if c.proc.returncode == 0 for r in c.ranks)
         if now - start > timeout:
             _say(f"the world made no progress within {timeout:g} s; ranks still running: {running}; stopping them")
             _stop(children, grace)
             return EXIT_TIMEOUT
         if first_done is not None and now - first_done > straggler_timeout:
             _say(f"the world made no progress within {straggler_timeout:g} s; ranks still running: {running}; "
-                 f"stopping them (the other ranks finished {now - first_done:.0f} s ago)")
+                 f"stopping them (the other ranks finished {now - first_done:.0f} s ago; ranks {finished} exited 0 "
+                 "first: a rank that leaves before a collective its peers wait in keeps them waiting)")
             _stop(children, grace)
             return EXIT_TIMEOUT
         time.sleep(_POLL_S)
@@ -381,7 +385,7 @@ def launch(nprocs: int | str, target: str, args=(), *, module: bool = False, mod
     if not target:
         raise ValueError("launch: target must name a script or (with module=True) a module")
     if not module and not os.path.isfile(target):
-        raise ValueError(f"launch: script {target!r} does not exist (use module=True / -m for a module)")
+        raise ValueError(f"no such file: {target!r} (to run a module, pass -m and its name)")
     timeout = _seconds(timeout, "timeout", "TRITON_DIST_RUN_TIMEOUT", DEFAULT_RUN_TIMEOUT_S)
     straggler_timeout = _seconds(straggler_timeout, "straggler_timeout", "TRITON_DIST_STRAGGLER_TIMEOUT",
                                  DEFAULT_STRAGGLER_TIMEOUT_S)

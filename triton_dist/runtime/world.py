@@ -22,10 +22,28 @@ import torch.distributed as dist
 
 from . import mps
 from .config import DEFAULT_HEAP_BYTES, SHARE_GPUS_ENV, Config
-from .heap import RESERVED_PAD_BYTES, CPUArena, CUDAArena, SharedGPUArena, SymmetricHeap, fmt_bytes
+from .heap import RESERVED_BYTES, RESERVED_PAD_BYTES, CPUArena, CUDAArena, SharedGPUArena, SymmetricHeap, fmt_bytes
 
 _REQUIRED_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_HOST_TIMEOUT = timedelta(seconds=120)
 _current: "World | None" = None
+_store = None  # the launcher's rendezvous store, kept for the life of the process
+_generation = 0  # how many worlds this process has joined (every rank counts alike)
+
+
+def _init_process_group(backend: str, rank: int, world_size: int, **kwargs) -> None:
+    """``init_process_group`` over a key prefix of its own for every world this process joins.
+
+    ``finalize()`` then ``init()`` again: with a fresh env:// rendezvous each time, a fast rank could reach the old
+    world's store (rank 0 not yet done tearing it down) or find its keys, and hang in the first barrier of the new
+    world. So the rendezvous store (torch's own env:// one: rank 0 serves it, or torchrun's agent) is made once and
+    each world uses ``PrefixStore("triton_dist/world<n>/")`` of it, ``n`` counting the worlds of this process."""
+    global _store, _generation
+    if _store is None:
+        _store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=_HOST_TIMEOUT))
+    _generation += 1
+    store = dist.PrefixStore(f"triton_dist/world{_generation}/", _store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=_HOST_TIMEOUT, **kwargs)
 
 
 @dataclass
@@ -164,12 +182,16 @@ def init(backend: str = "auto", *, heap_size: int | None = None) -> World:
     if not 0 <= rank < world_size:
         raise RuntimeError(f"RANK={rank} is outside [0, WORLD_SIZE={world_size})")
     nbytes = cfg.heap_bytes or DEFAULT_HEAP_BYTES[kind]
+    if nbytes < 2 * RESERVED_BYTES:
+        raise ValueError(f"symmetric heap of {fmt_bytes(nbytes)} per rank: the first {fmt_bytes(RESERVED_BYTES)} are "
+                         f"reserved for the runtime's signals, so it must be at least {fmt_bytes(2 * RESERVED_BYTES)}; "
+                         "raise TRITON_DIST_HEAP_SIZE (or heap_size=), e.g. 64M")
 
     if kind == "cpu":
         _check_interpreter_numpy()
         device = torch.device("cpu")
         if not dist.is_initialized():
-            dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
+            _init_process_group("gloo", rank, world_size)
         group = dist.group.WORLD
         run_id = os.environ.get("TRITON_DIST_RUN_ID") or f"{os.environ['MASTER_PORT']}_{os.getppid()}"
         arena = CPUArena(nbytes, rank, world_size, run_id, lambda: dist.barrier(group=group))
@@ -190,9 +212,9 @@ def init(backend: str = "auto", *, heap_size: int | None = None) -> World:
                 "one GPU per rank. Use TRITON_DIST_BACKEND=cuda, where libshmem_device calls run over CUDA IPC too.")
         if not dist.is_initialized():
             if shared:  # NCCL refuses two ranks on one GPU
-                dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
+                _init_process_group("gloo", rank, world_size)
             else:
-                dist.init_process_group("cpu:gloo,cuda:nccl", rank=rank, world_size=world_size, device_id=device)
+                _init_process_group("cpu:gloo,cuda:nccl", rank, world_size, device_id=device)
         group = dist.group.WORLD
         host_backend = str(dist.get_backend(group))
         if shared:
