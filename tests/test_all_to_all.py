@@ -247,3 +247,34 @@ def test_many_back_to_back_calls_on_gpu(world, seed):
     """Memory ordering and buffer reuse under real concurrency: 300 calls, no barrier between them."""
     for results in world.run(_back_to_back, seed, 300, 4099, 40):
         assert results == [True] * 300
+
+
+def _disagreeing_splits(seed):
+    """Rank 0 sends rank 1 one row more than rank 1 expects: both ranks stop the call with CallMismatch (device-side
+    check, no host sync); nothing returns silently."""
+    import triton_dist
+    w = this_world()
+    ins, outs = [3] * w.world_size, [3] * w.world_size
+    if w.rank == 0:
+        ins[1] = 4
+    x = rand((sum(ins), 5), torch.float32, seed + w.rank, w.device)
+    ctx = AllToAllContext(4096)
+    try:
+        all_to_all_v(x, ins, outs, ctx=ctx)
+        sync()
+    except triton_dist.CallMismatch as err:
+        return str(err)
+    return None
+
+
+@pytest.mark.timeout(120)
+def test_disagreeing_splits_stop_both_ranks(seed):
+    from conftest import new_world
+    with new_world(2, mps=False) as w:
+        got = w.run(_disagreeing_splits, seed, timeout=90)
+    from conftest import BACKEND
+    if BACKEND == "cpu":
+        assert "rank 0 sends 4 rows to rank 1 (its input_split_sizes[1])" in got[0] and "expects 3" in got[0], got
+        assert "rank 1 expects 3 rows from rank 0" in got[1] and "sends it 4 rows" in got[1], got
+    else:  # one trap may stop the other rank's kernel before its own check: at least one precise report
+        assert any(m and "all_to_all_v called differently across ranks" in m for m in got), got

@@ -147,3 +147,33 @@ def test_rank_that_hangs_is_named_and_world_recovers(world2):
         world2.run(_hang_on_rank_one, timeout=3)
     assert time.monotonic() - t0 < 20
     assert world2.run(_barriers) == [0, 1]
+
+
+def _mismatched_ops():
+    """With TRITON_DIST_DEBUG=1 every op compares its call across ranks first: each mismatch raises CallMismatch on
+    every rank, naming both calls; a matching call still works."""
+    from triton_dist import ops
+    w = this_world()
+    got = []
+    rows = 8 if w.rank == 0 else 16
+    for call in (lambda: ops.reduce_scatter(torch.ones(rows, 3)),
+                 lambda: ops.all_reduce(torch.ones(4), method="one_shot" if w.rank == 0 else "two_shot"),
+                 lambda: ops.all_to_all_v(torch.ones(3 + w.rank, 2), [1 + w.rank, 2], [1, 2 + w.rank])):
+        try:
+            call()
+            got.append(None)
+        except triton_dist.CallMismatch as err:
+            got.append(str(err))
+    same = ops.all_reduce(torch.full((4,), 1.0 + w.rank))
+    got.append(same.tolist())
+    return got
+
+
+def test_debug_mode_names_calls_that_differ_across_ranks():
+    with new_world(2, env={"TRITON_DIST_DEBUG": "1"}) as w:
+        for rank, (rs, ar, a2av, same) in enumerate(w.run(_mismatched_ops, timeout=90)):
+            assert "rank 0 called reduce_scatter(method=auto, x=(8, 3) float32)" in rs, rs
+            assert "rank 1 called reduce_scatter(method=auto, x=(16, 3) float32)" in rs, rs
+            assert "method=one_shot" in ar and "method=two_shot" in ar, ar
+            assert "rank 1 sends 2 rows to rank 1, which expects 3" in a2av, a2av
+            assert same == [3.0] * 4

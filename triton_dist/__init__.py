@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from .runtime.errors import SignalTimeout
+from .runtime.errors import CallMismatch, SignalTimeout
 from .runtime.heap import AllocationMismatch, HeapExhausted, NotSymmetric
 from .runtime.world import World, current_world, is_initialized
 from .runtime import world as _world
@@ -25,7 +25,7 @@ from .runtime import world as _world
 __version__ = "0.1.0"
 __all__ = ["init", "finalize", "empty", "zeros", "free", "peer_view", "barrier", "stream_barrier", "current_world",
            "is_initialized", "synchronize", "World", "HeapExhausted", "AllocationMismatch", "NotSymmetric",
-           "SignalTimeout"]
+           "SignalTimeout", "CallMismatch"]
 
 
 def init(backend: str = "auto", *, heap_size: int | None = None) -> World:

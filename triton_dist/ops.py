@@ -27,6 +27,7 @@ op                         shards                        methods
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from .kernels import ag_gemm as _ag_gemm
 from .kernels import all_gather as _ag
@@ -38,6 +39,7 @@ from .kernels import reduce_scatter as _rs
 from .kernels.gemm import check_method as _check_method
 from .kernels.gemm import check_operands as _gemm_check
 from .kernels.gemm import check_out as _check_out
+from .runtime.errors import CallMismatch
 from .runtime.world import current_world
 
 _contexts: dict = {}
@@ -79,6 +81,44 @@ def _tensor(what: str, x) -> torch.Tensor:
     return x
 
 
+def _agree(what: str, **call) -> None:
+    """With ``TRITON_DIST_DEBUG=1``: every rank's call of this op must be the same (op, shapes, dtype, method, ...);
+    otherwise raise :class:`CallMismatch` on every rank, naming the ranks and both calls. A host all-gather per call,
+    so debug runs only (the device-side checks are always on)."""
+    world = current_world()
+    if not world.config.debug or world.world_size == 1:
+        return
+    mine = (what, sorted((k, str(v)) for k, v in call.items()))
+    every = [None] * world.world_size
+    dist.all_gather_object(every, mine, group=world.group)
+    differ = [r for r, theirs in enumerate(every) if theirs != every[0]]
+    if differ:
+        def fmt(c):
+            return f"{c[0]}({', '.join(f'{k}={v}' for k, v in c[1])})"
+        raise CallMismatch(f"{what}: the ranks' calls differ (TRITON_DIST_DEBUG check): rank 0 called {fmt(every[0])}; "
+                           + "; ".join(f"rank {r} called {fmt(every[r])}" for r in differ)
+                           + ". Every rank must call the same ops, in the same order, with the same shapes, dtypes "
+                             "and methods.")
+
+
+def _agree_splits(ins, outs) -> None:
+    """With ``TRITON_DIST_DEBUG=1``: all_to_all_v's split tables agree (what rank i sends j is what j expects)."""
+    world = current_world()
+    if not world.config.debug or world.world_size == 1:
+        return
+    every = [None] * world.world_size
+    dist.all_gather_object(every, ([int(s) for s in ins], [int(s) for s in outs]), group=world.group)
+    bad = [(i, j) for i in range(world.world_size) for j in range(world.world_size) if every[i][0][j] != every[j][1][i]]
+    if bad:
+        raise CallMismatch("all_to_all_v: the split tables disagree (TRITON_DIST_DEBUG check): " + "; ".join(
+            f"rank {i} sends {every[i][0][j]} rows to rank {j}, which expects {every[j][1][i]}" for i, j in bad[:8])
+            + ". input_split_sizes[j] of rank i must equal output_split_sizes[i] of rank j.")
+
+
+def _shape(x: torch.Tensor) -> str:
+    return f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"
+
+
 def release_contexts() -> None:
     """Free every cached context's symmetric buffers (collective, like the ops)."""
     for ctx in _contexts.values():
@@ -89,7 +129,7 @@ def release_contexts() -> None:
 
 def all_reduce(x: torch.Tensor, *, method: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
     """Sum of ``x`` over all ranks (fp32 accumulation for bf16/fp16); see :mod:`triton_dist.kernels.all_reduce`."""
-    _tensor("all_reduce", x)
+    _agree("all_reduce", x=_shape(_tensor("all_reduce", x)), method=method)
     slots = current_world().world_size if method == "push_one_shot" else 1  # one staging slot per rank
     ctx = _context("all_reduce", _ar.AllReduceContext, slots * x.numel(), x.dtype)
     return _ar.all_reduce(x, ctx=ctx, method=method, out=out)
@@ -97,26 +137,31 @@ def all_reduce(x: torch.Tensor, *, method: str = "auto", out: torch.Tensor | Non
 
 def all_gather(x: torch.Tensor, *, method: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
     """Every rank's ``x`` stacked along dim 0 in rank order; see :mod:`triton_dist.kernels.all_gather`."""
-    ctx = _context("all_gather", _ag.AllGatherContext, _tensor("all_gather", x).numel(), x.dtype)
+    _agree("all_gather", x=_shape(_tensor("all_gather", x)), method=method)
+    ctx = _context("all_gather", _ag.AllGatherContext, x.numel(), x.dtype)
     return _ag.all_gather(x, ctx=ctx, method=method, out=out)
 
 
 def reduce_scatter(x: torch.Tensor, *, method: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
     """Chunk ``rank`` (along dim 0) of the sum of ``x`` over ranks; see :mod:`triton_dist.kernels.reduce_scatter`."""
-    ctx = _context("reduce_scatter", _rs.ReduceScatterContext, _tensor("reduce_scatter", x).numel(), x.dtype)
+    _agree("reduce_scatter", x=_shape(_tensor("reduce_scatter", x)), method=method)
+    ctx = _context("reduce_scatter", _rs.ReduceScatterContext, x.numel(), x.dtype)
     return _rs.reduce_scatter(x, ctx=ctx, method=method, out=out)
 
 
 def all_to_all(x: torch.Tensor, *, method: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
     """Equal-split all-to-all along dim 0 (``all_to_all_single`` semantics), ``method`` ``kernel`` or
     ``copy_engine``; see :mod:`triton_dist.kernels.all_to_all`."""
-    return _a2a.all_to_all(_tensor("all_to_all", x), out=out, method=method)
+    _agree("all_to_all", x=_shape(_tensor("all_to_all", x)), method=method)
+    return _a2a.all_to_all(x, out=out, method=method)
 
 
 def all_to_all_v(x: torch.Tensor, input_split_sizes, output_split_sizes, *,
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """Variable-split all-to-all along dim 0 (``all_to_all_single`` with split sizes)."""
-    return _a2a.all_to_all_v(_tensor("all_to_all_v", x), input_split_sizes, output_split_sizes, out=out)
+    _agree("all_to_all_v", rows=f"{tuple(_tensor('all_to_all_v', x).shape[1:])} {x.dtype}")
+    _agree_splits(input_split_sizes, output_split_sizes)
+    return _a2a.all_to_all_v(x, input_split_sizes, output_split_sizes, out=out)
 
 
 def ag_gemm(a: torch.Tensor, b: torch.Tensor, *, method: str = "auto", return_gathered: bool = False,
@@ -126,6 +171,7 @@ def ag_gemm(a: torch.Tensor, b: torch.Tensor, *, method: str = "auto", return_ga
     ``return_gathered`` (a view valid until the next ``ag_gemm`` call with the same K, N and dtype). See
     :mod:`triton_dist.kernels.ag_gemm`."""
     m, k, n = _gemm_shapes("ag_gemm", a, b, method, _ag_gemm.METHODS)
+    _agree("ag_gemm", a=_shape(a), b=_shape(b), method=method)
     ctx = _gemm_context("ag_gemm", _ag_gemm.AGGemmContext, current_world().world_size * m, k, n, a.dtype)
     return _ag_gemm.ag_gemm(a, b, ctx=ctx, method=method, return_gathered=return_gathered, out=out)
 
@@ -134,6 +180,7 @@ def gemm_rs(a: torch.Tensor, b: torch.Tensor, *, method: str = "auto", out: torc
     """This rank's rows (``M/world``) of ``sum over ranks of a @ b`` with the reduce-scatter fused into the GEMM;
     ``a`` is ``(M, K_loc)``, ``b`` ``(K_loc, N)``. See :mod:`triton_dist.kernels.gemm_rs`."""
     m, k, n = _gemm_shapes("gemm_rs", a, b, method, _gemm_rs.METHODS)
+    _agree("gemm_rs", a=_shape(a), b=_shape(b), method=method)
     if m % current_world().world_size:
         raise ValueError(f"gemm_rs: rows of a ({m}) must be a multiple of the world size "
                          f"{current_world().world_size}")
@@ -147,6 +194,7 @@ def gemm_ar(a: torch.Tensor, b: torch.Tensor, *, method: str = "auto", out: torc
     :func:`all_reduce`, which ``"auto"`` picks (faster at every measured M so far, docs/perf/NOTES.md). See
     :mod:`triton_dist.kernels.gemm_ar`."""
     m, k, n = _gemm_shapes("gemm_ar", a, b, method, _gemm_ar.METHODS)
+    _agree("gemm_ar", a=_shape(a), b=_shape(b), method=method)
     if method == "sequential" or (method == "auto" and _gemm_ar.pick_method(m) == "sequential"):
         return all_reduce(torch.matmul(a, b), out=_check_out("gemm_ar", out, (m, n), a.dtype, a.device))
     ctx = _gemm_context("gemm_ar", _gemm_ar.GemmARContext, m, k, n, a.dtype)

@@ -9,7 +9,8 @@ Shard shapes (``W`` ranks, ``me`` this rank, rows along dim 0, any trailing shap
   starting at ``sum(in_splits[:j])`` go to rank ``j``; the result is ``(sum(out_splits), ...)`` and holds, from
   row ``sum(out_splits[:i])``, the ``out_splits[i]`` rows rank ``i`` sent to ``me``. The split lists must agree
   across ranks (``in_splits`` of rank ``i`` at ``j`` == ``out_splits`` of rank ``j`` at ``i``), as for
-  ``all_to_all_single(out, x, out_splits, in_splits)``; if they do not, at most ``min`` of the two is copied.
+  ``all_to_all_single(out, x, out_splits, in_splits)``; where they do not, both ranks stop the call with
+  :class:`~triton_dist.CallMismatch` naming the ranks and both counts (checked on the device: no host sync).
 
 Data moves as raw words (int64, int32, int16 or uint8: the widest that divides the row size and the alignment of
 ``x`` and ``out``), so every dtype of the same byte layout works the same way (fp8 and bf16 included).
@@ -21,9 +22,11 @@ the bytes a program writes are read only by the programs of the same index on th
 splits of the call. Program ``p`` of rank ``me``, in call (epoch) ``e``::
 
     wait DONE[p][*] >= e-1     every peer's program p finished reading my tiles of the previous call
-    copy my tiles (t % P == p) of x into my staging; write my (in_offset, in_count) table row p   [v only]
+    copy my tiles (t % P == p) of x into my staging; write my (in_offset, in_count, out_count) table row p   [v only]
     announce READY[p] = e on every rank (release: the tiles are visible first)
     wait READY[p][*] >= e      (acquire) every peer's tiles p and table row p hold call e's data
+    [v only] check the splits: what I send each peer == what it expects, what each peer sends me == what I expect;
+        a difference stops the call on both ranks with CallMismatch (dl.check_agree)
     for every source i: read i's table row p for (offset, count) of the rows i sends me;
         copy the tiles p of that range from i's staging into out at my receive offset for i
     announce DONE[p] = e on every rank (I no longer read the peers' staging of call e)
@@ -68,7 +71,8 @@ def _all_to_all_kernel(x_ptr, out_ptr, staging_ptr, table_ptr, meta_ptr, pad_ptr
     ``x_ptr``, ``out_ptr`` and ``staging_ptr`` are word views (the same word type); ``x_words`` is the size of x in
     words, ``row_words`` of one row. ``EQUAL``: every block is ``m_rows`` rows. Otherwise ``meta_ptr`` holds this
     rank's ``[in_offset | in_count | out_offset | out_count]`` (4 x world int64, in rows) and ``table_ptr`` is the
-    symmetric (nprog, 2 x world) int64 table through which the peers learn where my rows for them start.
+    symmetric (nprog, 3 x world) int64 table through which the peers learn where my rows for them start, how many
+    there are, and how many I expect from each of them.
     """
     pid = tl.program_id(0)
     me = dl.rank()
@@ -91,13 +95,20 @@ def _all_to_all_kernel(x_ptr, out_ptr, staging_ptr, table_ptr, meta_ptr, pad_ptr
     if not EQUAL:
         w_offs = tl.arange(0, WORLD_BLOCK)
         w_mask = w_offs < 2 * world
-        tl.store(table + pid * 2 * world + w_offs, tl.load(meta_ptr + w_offs, mask=w_mask), mask=w_mask)
+        row = table + pid * 3 * world
+        tl.store(row + w_offs, tl.load(meta_ptr + w_offs, mask=w_mask), mask=w_mask)
+        o_mask = w_offs < world
+        tl.store(row + 2 * world + w_offs, tl.load(meta_ptr + 3 * world + w_offs, mask=o_mask), mask=o_mask)
     announce(pad_ptr, READY, epoch, me, world)
 
     # 3. pull, from every source, the tiles pid of the rows it sends me
     token = await_all(pad_ptr, READY, epoch, world)
     staging = dl.consume_token(staging, token)
     table = dl.consume_token(table, token)
+    if not EQUAL:  # what I send each peer must be what it expects from me
+        for to in range(world):
+            expects = tl.load(dl.symm_at(table, to) + pid * 3 * world + 2 * world + me)
+            dl.check_agree(tl.load(meta_ptr + world + to), expects, to, 2)
     for k in range(world):
         src = (me + k) % world
         if EQUAL:
@@ -105,9 +116,10 @@ def _all_to_all_kernel(x_ptr, out_ptr, staging_ptr, table_ptr, meta_ptr, pad_ptr
             start = me * count
             dst = src * count
         else:
-            row = dl.symm_at(table, src) + pid * 2 * world
+            row = dl.symm_at(table, src) + pid * 3 * world
             start = tl.load(row + me) * row_words
-            rows = tl.minimum(tl.load(row + world + me), tl.load(meta_ptr + 3 * world + src))
+            expected = tl.load(meta_ptr + 3 * world + src)
+            rows = dl.check_agree(expected, tl.load(row + world + me), src, 1)  # what src sends me: what I expect
             count = rows * row_words
             dst = tl.load(meta_ptr + 2 * world + src) * row_words
         peer = dl.symm_at(staging, src)
@@ -167,8 +179,9 @@ class AllToAllContext(CollectiveContext):
         self.max_bytes = max_bytes
         self.dtype = dtype
         w = self.world.world_size
-        # row p: (in_offset, in_count) per destination, written by program p, read by the peers' programs p
-        self.table = triton_dist.empty((self.num_programs, 2 * w), torch.int64)
+        # row p: (in_offset, in_count) per destination and out_count per source, written by program p, read by the
+        # peers' programs p
+        self.table = triton_dist.empty((self.num_programs, 3 * w), torch.int64)
         # this rank's [in_offset | in_count | out_offset | out_count] of the current variable-split call
         self.meta = torch.zeros(4 * w, dtype=torch.int64, device=self.world.device)
 

@@ -16,6 +16,8 @@ atomic_xchg``
 ``dl.fence / dl.membar``               memory fences
 ``dl.tid(axis)``, ``dl.smid()``,        thread index, SM id, nanosecond timer
 ``dl.globaltimer()``
+``dl.check_agree(mine, theirs, peer,    stop the call with :class:`~triton_dist.CallMismatch` if ranks disagree
+code)``                                (the ops' agreement checks)
 =====================================  =================================================================
 
 Scopes: ``"cta"``, ``"gpu"``, ``"sys"`` (``"intra_node"``/``"inter_node"`` mean ``"sys"``). The GPU bodies are
@@ -26,11 +28,12 @@ semantics and worked examples. The NVSHMEM-style API is :mod:`triton_dist.langua
 from triton import knobs as _knobs
 
 if _knobs.runtime.interpret:
-    from ._interp import (atomic_add, atomic_cas, atomic_xchg, consume_token, fence, globaltimer, ld, membar,
-                          notify, num_ranks, rank, smid, st, symm_at, tid, wait, wait_flagged)
+    from ._interp import (atomic_add, atomic_cas, atomic_xchg, check_agree, consume_token, fence, globaltimer, ld,
+                          membar, notify, num_ranks, rank, smid, st, symm_at, tid, wait, wait_flagged)
 else:
-    from ._ptx import (atomic_add, atomic_cas, atomic_xchg, consume_token, fence, globaltimer, ld, membar, notify,
-                       num_ranks, rank, smid, st, symm_at, tid, wait, wait_flagged)
+    from ._ptx import (atomic_add, atomic_cas, atomic_xchg, check_agree, consume_token, fence, globaltimer, ld,
+                       membar, notify, num_ranks, rank, smid, st, symm_at, tid, wait, wait_flagged)
 
 __all__ = ["rank", "num_ranks", "symm_at", "wait", "consume_token", "notify", "ld", "st", "atomic_add",
-           "atomic_cas", "atomic_xchg", "fence", "membar", "tid", "smid", "globaltimer", "wait_flagged"]
+           "atomic_cas", "atomic_xchg", "fence", "membar", "tid", "smid", "globaltimer", "wait_flagged",
+           "check_agree"]

@@ -17,7 +17,7 @@ import triton.language as tl
 from triton.runtime import interpreter as _interpreter
 from triton.runtime.interpreter import TensorHandle
 
-from ..runtime.errors import SignalTimeout
+from ..runtime.errors import CallMismatch, SignalTimeout, describe_mismatch
 from ..runtime.world import current_world
 
 _CTYPES = {tl.int32: ctypes.c_int32, tl.uint32: ctypes.c_uint32, tl.int64: ctypes.c_int64, tl.uint64: ctypes.c_uint64}
@@ -235,3 +235,18 @@ def smid():
 
 def globaltimer():
     return _scalar(time.monotonic_ns(), tl.int64)
+
+
+def check_agree(mine, theirs, peer, code):
+    """Raise :class:`CallMismatch` if ``mine`` differs from ``theirs`` (elementwise); returns ``mine``."""
+    a = np.asarray(mine.handle.data if isinstance(mine, tl.tensor) else _c(mine)).astype(np.int64).reshape(-1)
+    b = np.asarray(theirs.handle.data if isinstance(theirs, tl.tensor) else _c(theirs)).astype(np.int64).reshape(-1)
+    p = np.broadcast_to(np.asarray(peer.handle.data if isinstance(peer, tl.tensor) else _c(peer)).reshape(-1),
+                        np.broadcast(a, b).shape)
+    a, b = np.broadcast_arrays(a, b)
+    bad = np.nonzero(a != b)[0]
+    if bad.size:
+        i = int(bad[0])
+        raise CallMismatch(describe_mismatch(current_world().rank, _int(code), int(a[i]), int(b[i]), int(p[i])))
+    return mine
+

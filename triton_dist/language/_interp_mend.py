@@ -12,7 +12,7 @@ and casts go through fp32 with round-to-nearest-even.
 
 **Errors.** The interpreter wraps every exception of a kernel in ``InterpreterError`` (once per device-function
 level), so ``except triton_dist.SignalTimeout`` caught nothing in the CPU world. Mended, a launch re-raises the
-triton-dist error (:data:`UNWRAPPED`) found in the chain, as on GPUs.
+triton-dist error (:data:`UNWRAPPED`) found in the chain, as on GPUs, with the kernel's name added (which op).
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ import triton.language as tl
 from triton.runtime import interpreter as _interp
 from triton.runtime.errors import InterpreterError
 
-from ..runtime.errors import SignalTimeout
+from ..runtime.errors import CallMismatch, SignalTimeout
 
-UNWRAPPED = (SignalTimeout,)  # triton-dist's errors: a kernel launch raises them unwrapped
+UNWRAPPED = (SignalTimeout, CallMismatch)  # triton-dist's errors: a kernel launch raises them unwrapped
 _installed = False
 
 
@@ -87,6 +87,9 @@ def _mend_errors() -> None:
             err = _triton_dist_error(wrapped)
             if err is None:
                 raise
+        name = getattr(self.fn, "__name__", "?")
+        if err.args and isinstance(err.args[0], str) and "(in kernel " not in err.args[0]:
+            err.args = (f"{err.args[0]} (in kernel {name})",) + err.args[1:]  # which op: its kernel
         raise err.with_traceback(err.__traceback__) from None
 
     _interp.GridExecutor.__call__ = unwrapping_launch

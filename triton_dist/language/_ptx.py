@@ -219,6 +219,18 @@ def consume_token(x, token, _semantic=None):
     return _semantic.add(x, dep, True)
 
 
+@core.extern
+def check_agree(mine, theirs, peer, code, _semantic=None):
+    """Stop the call if this rank's ``mine`` differs from ``theirs``, a value ``peer`` published for the same call (an
+    extension, for the ops' agreement checks): the host then raises :class:`~triton_dist.CallMismatch` described by
+    check ``code`` (``runtime.errors.AGREE_CHECKS``). GPU: a record for the watchdog and a trap, as a timed-out wait;
+    scalars or blocks of int32/int64. Returns ``mine`` (int64)."""
+    i64 = core.int64
+    args = [_semantic.to_tensor(v).to(i64, _semantic=_semantic) for v in (mine, theirs)]
+    args += [_semantic.to_tensor(v).to(core.int32, _semantic=_semantic) for v in (peer, code)]
+    return _extern("__triton_dist_check_agree", args, [i64, i64, core.int32, core.int32], i64, _semantic, pure=False)
+
+
 def _one_thread_store(ptr, value, op: str, width, reg, _semantic):
     return core.inline_asm_elementwise(f"""{{
     .reg .pred %p;

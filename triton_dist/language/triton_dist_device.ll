@@ -103,5 +103,51 @@ die:
   unreachable
 }
 
+; A device-side agreement check (dl.check_agree): if this rank's value differs from the one a peer published, record
+; it for the host (flag 3; the host raises CallMismatch) and trap, as a timed-out wait does.
+;   record: [0] flag 3 [1] rank [2] check code [3] mine [4] theirs [5] peer [6] program id [7] programs
+define i64 @__triton_dist_check_agree(i64 %mine, i64 %theirs, i32 %peer, i32 %code) #1 {
+entry:
+  %same = icmp eq i64 %mine, %theirs
+  br i1 %same, label %ok, label %report
+ok:
+  ret i64 %mine
+report:
+  %rec_i = call i64 @__triton_dist_word(i32 2)
+  %has = icmp ne i64 %rec_i, 0
+  br i1 %has, label %write, label %die
+write:
+  %rec = inttoptr i64 %rec_i to ptr
+  %me = call i32 @__triton_dist_rank()
+  %me64 = sext i32 %me to i64
+  %p1 = getelementptr i64, ptr %rec, i64 1
+  store volatile i64 %me64, ptr %p1
+  %code64 = sext i32 %code to i64
+  %p2 = getelementptr i64, ptr %rec, i64 2
+  store volatile i64 %code64, ptr %p2
+  %p3 = getelementptr i64, ptr %rec, i64 3
+  store volatile i64 %mine, ptr %p3
+  %p4 = getelementptr i64, ptr %rec, i64 4
+  store volatile i64 %theirs, ptr %p4
+  %peer64 = sext i32 %peer to i64
+  %p5 = getelementptr i64, ptr %rec, i64 5
+  store volatile i64 %peer64, ptr %p5
+  %pid = call i32 @llvm.nvvm.read.ptx.sreg.ctaid.x()
+  %pid64 = zext i32 %pid to i64
+  %p6 = getelementptr i64, ptr %rec, i64 6
+  store volatile i64 %pid64, ptr %p6
+  %npid = call i32 @llvm.nvvm.read.ptx.sreg.nctaid.x()
+  %npid64 = zext i32 %npid to i64
+  %p7 = getelementptr i64, ptr %rec, i64 7
+  store volatile i64 %npid64, ptr %p7
+  fence seq_cst
+  store volatile i64 3, ptr %rec
+  fence seq_cst
+  br label %die
+die:
+  call void @llvm.trap()
+  unreachable
+}
+
 attributes #0 = { alwaysinline nounwind }
 attributes #1 = { nounwind }

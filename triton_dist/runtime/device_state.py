@@ -20,7 +20,7 @@ import torch
 from triton import knobs
 
 from . import _cuda_driver
-from .errors import SignalTimeout
+from .errors import CallMismatch, SignalTimeout, describe_mismatch
 
 MAX_RANKS = 64
 STATE_WORDS = 4 + MAX_RANKS
@@ -69,16 +69,31 @@ def describe(rec) -> str:
             "A peer never sent that signal: check the signal protocol, or raise TRITON_DIST_WAIT_TIMEOUT_S.")
 
 
+def _error(rec) -> Exception | None:
+    """The exception a filled record stands for: 2 = a wait timed out, 3 = an agreement check failed."""
+    flag = int(rec[0])
+    if flag == 2:
+        return SignalTimeout(describe(rec))
+    if flag == 3:
+        rank, code, mine, theirs, peer = (int(v) for v in rec[1:6])
+        return CallMismatch(describe_mismatch(rank, code, mine, theirs, peer) +
+                            f" (program {int(rec[6])} of {int(rec[7])}; the kernel was stopped)")
+    return None
+
+
 def check() -> None:
-    """Raise :class:`SignalTimeout` if a device wait of this process timed out."""
-    if _record is not None and int(_record[0]) == 2:
-        raise SignalTimeout(describe(_record.tolist()))
+    """Raise :class:`SignalTimeout` if a device wait of this process timed out (:class:`CallMismatch` if a device-side
+    agreement check failed)."""
+    err = _error(_record.tolist()) if _record is not None else None
+    if err is not None:
+        raise err
 
 
 def check_after(err: BaseException) -> None:
-    """Called with a CUDA error: raise :class:`SignalTimeout` from it if a wait timed out (the likely cause)."""
-    if _record is not None and int(_record[0]) == 2:
-        raise SignalTimeout(describe(_record.tolist())) from err
+    """Called with a CUDA error: raise the record's error from it if a kernel was stopped (the likely cause)."""
+    found = _error(_record.tolist()) if _record is not None else None
+    if found is not None:
+        raise found from err
 
 
 def _watch(record_ref):
@@ -87,9 +102,11 @@ def _watch(record_ref):
         rec = record_ref()
         if rec is None:
             return
-        if int(rec[0]) == 2 and not _reported:
+        err = _error(rec.tolist()) if int(rec[0]) in (2, 3) else None
+        if err is not None and not _reported:
             _reported = True
-            print(describe(rec.tolist()), file=sys.stderr, flush=True)
+            print(err if isinstance(err, SignalTimeout) else f"triton_dist watchdog: {err}", file=sys.stderr,
+                  flush=True)
             return
 
 
