@@ -64,9 +64,9 @@ def check(fn, sig, const=None, nvshmem=False, options=None):
 
 
 coll = {"x_ptr": "*bf16", "out_ptr": "*bf16", "staging_ptr": "*bf16", "pad_ptr": "*i32", "epoch_ptr": "*i32"}
-check(AR._one_shot_kernel, dict(coll, n="i32", wait_all="i32"), {"BLOCK": 2048})
-check(AR._push_one_shot_kernel, dict(coll, n="i32", slot="i32", wait_all="i32"), {"BLOCK": 2048})
-check(AR._two_shot_kernel, dict(coll, n="i32", chunk="i32", wait_all="i32"), {"BLOCK": 2048})
+check(AR._one_shot_kernel, dict(coll, n="i32", wait_all="i32", sig="i32"), {"BLOCK": 2048})
+check(AR._push_one_shot_kernel, dict(coll, n="i32", slot="i32", wait_all="i32", sig="i32"), {"BLOCK": 2048})
+check(AR._two_shot_kernel, dict(coll, n="i32", chunk="i32", wait_all="i32", sig="i32"), {"BLOCK": 2048})
 for dt, half in (("bf16", True), ("fp32", False)):
     check(AR._ll_kernel, {"x_ptr": "*i16" if half else "*i32", "out_ptr": f"*{dt}", "buf_ptr": "*i64",
                           "epoch_ptr": "*i32", "n": "i32", "words": "i32", "slot_words": "i32"},
@@ -74,21 +74,23 @@ for dt, half in (("bf16", True), ("fp32", False)):
 check(AG._ll_kernel, {"x_ptr": "*i32", "out_ptr": "*i32", "buf_ptr": "*i64", "epoch_ptr": "*i32", "words": "i32",
                       "slot_words": "i32"}, {"BLOCK": 1024})
 for phase in (0, 1, 2):
-    check(C.copy_engine_signal_kernel, {"pad_ptr": "*i32", "epoch_ptr": "*i32", "wait_all": "i32"}, {"PHASE": phase})
+    check(C.copy_engine_signal_kernel, {"pad_ptr": "*i32", "epoch_ptr": "*i32", "wait_all": "i32", "sig": "i32"},
+          {"PHASE": phase})
 check(SB._stream_barrier_kernel, {"slots_ptr": "*i64", "counter_ptr": "*i64"}, options=dict(num_warps=1))
-check(AR._push_two_shot_kernel, dict(coll, n="i32", chunk="i32", slot="i32", wait_all="i32"), {"BLOCK": 8192})
-check(RS._push_kernel, dict(coll, chunk="i32", slot="i32", wait_all="i32"), {"BLOCK": 8192})
-check(RS._full_mesh_kernel, dict(coll, chunk="i32", wait_all="i32"), {"BLOCK": 2048})
-check(RS._ring_kernel, dict(coll, staging_ptr="*fp32", chunk="i32", wait_all="i32"), {"BLOCK": 2048})
+check(AR._push_two_shot_kernel, dict(coll, n="i32", chunk="i32", slot="i32", wait_all="i32", sig="i32"),
+      {"BLOCK": 8192})
+check(RS._push_kernel, dict(coll, chunk="i32", slot="i32", wait_all="i32", sig="i32"), {"BLOCK": 8192})
+check(RS._full_mesh_kernel, dict(coll, chunk="i32", wait_all="i32", sig="i32"), {"BLOCK": 2048})
+check(RS._ring_kernel, dict(coll, staging_ptr="*fp32", chunk="i32", wait_all="i32", sig="i32"), {"BLOCK": 2048})
 words = {k: ("*i32" if v.startswith("*") else v) for k, v in coll.items()}
-check(AG._pull_kernel, dict(words, m="i32", wait_all="i32"), {"BLOCK": 4096})
-check(AG._push_kernel, dict(words, m="i32", wait_all="i32"), {"BLOCK": 4096})
-check(AG._ring_kernel, dict(words, m="i32", wait_all="i32"), {"BLOCK": 4096})
+check(AG._pull_kernel, dict(words, m="i32", wait_all="i32", sig="i32"), {"BLOCK": 4096})
+check(AG._push_kernel, dict(words, m="i32", wait_all="i32", sig="i32"), {"BLOCK": 4096})
+check(AG._ring_kernel, dict(words, m="i32", wait_all="i32", sig="i32"), {"BLOCK": 4096})
 for equal in (True, False):
     check(A2A._all_to_all_kernel,
           {"x_ptr": "*i32", "out_ptr": "*i32", "staging_ptr": "*i32", "table_ptr": "*i64", "meta_ptr": "*i64",
            "pad_ptr": "*i32", "epoch_ptr": "*i32", "x_words": "i64", "row_words": "i64", "m_rows": "i64",
-           "nprog": "i32", "wait_all": "i32"}, {"EQUAL": equal, "BLOCK": 4096, "WORLD_BLOCK": 8})
+           "nprog": "i32", "wait_all": "i32", "sig": "i32"}, {"EQUAL": equal, "BLOCK": 4096, "WORLD_BLOCK": 8})
 # Overlapped GEMMs, bf16, with the GPU configs (gemm.GPU_CONFIG_16BIT; gemm_ar.decode_config for M <= 64): TMA
 # descriptors for A and B (B row-major, or B = w.t()), and the pointer fallback (unit strides specialised, as at run
 # time).
@@ -196,9 +198,9 @@ def check_vectorised(fn, sig, const, min_v4):
         failures.append(f"{fn.__name__} (vectorisation)")
 
 
-check_vectorised(AG._pull_kernel, dict(words, m="i32", wait_all="i32"), {"BLOCK": 4096}, 16)
-check_vectorised(AR._two_shot_kernel, dict(coll, n="i32", chunk="i32", wait_all="i32"), {"BLOCK": 8192}, 16)
-check_vectorised(RS._push_kernel, dict(coll, chunk="i32", slot="i32", wait_all="i32"), {"BLOCK": 8192}, 16)
+check_vectorised(AG._pull_kernel, dict(words, m="i32", wait_all="i32", sig="i32"), {"BLOCK": 4096}, 16)
+check_vectorised(AR._two_shot_kernel, dict(coll, n="i32", chunk="i32", wait_all="i32", sig="i32"), {"BLOCK": 8192}, 16)
+check_vectorised(RS._push_kernel, dict(coll, chunk="i32", slot="i32", wait_all="i32", sig="i32"), {"BLOCK": 8192}, 16)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -300,3 +300,46 @@ def _graph_replay(seed):
 @pytest.mark.gpu
 def test_collectives_replay_in_cuda_graph(world, seed):
     assert all(world.run(_graph_replay, seed))
+
+
+def _calls_that_differ():
+    """Ranks call an op differently (no TRITON_DIST_DEBUG): the kernels compare call signatures at their READY
+    rendezvous and every rank raises CallMismatch instead of returning garbage. Each case on a fresh context."""
+    w = this_world()
+    big = 16
+    cases = [  # (context maker, call on rank 0, call on the others)
+        (lambda: rs.ReduceScatterContext(w.world_size * big * 3, torch.float32, num_programs=1),
+         lambda c: rs.reduce_scatter(torch.ones(w.world_size * 8, 3), ctx=c, method="full_mesh"),
+         lambda c: rs.reduce_scatter(torch.ones(w.world_size * big, 3), ctx=c, method="full_mesh")),
+        (lambda: ar.AllReduceContext(64, torch.float32, num_programs=1),
+         lambda c: ar.all_reduce(torch.ones(40), ctx=c, method="one_shot"),
+         lambda c: ar.all_reduce(torch.ones(40), ctx=c, method="two_shot")),
+        (lambda: ag.AllGatherContext(64, torch.float32, num_programs=1),
+         lambda c: ag.all_gather(torch.ones(10, 2), ctx=c, method="ring"),
+         lambda c: ag.all_gather(torch.ones(12, 2), ctx=c, method="ring")),
+        (lambda: a2a.AllToAllContext(4096, num_programs=1),
+         lambda c: a2a.all_to_all(torch.ones(w.world_size * 2, 3), ctx=c, method="kernel"),
+         lambda c: a2a.all_to_all(torch.ones(w.world_size * 3, 3), ctx=c, method="kernel")),
+    ]
+    got = []
+    for make, first, others in cases:
+        ctx = make()
+        try:
+            (first if w.rank == 0 else others)(ctx)
+            sync()
+            got.append(None)
+        except triton_dist.CallMismatch as err:
+            got.append(str(err))
+        triton_dist.barrier()
+    return got
+
+
+def test_calls_that_differ_across_ranks_raise_everywhere():
+    from conftest import BACKEND, new_world
+    if BACKEND != "cpu":
+        pytest.skip("a GPU trap ends the process's CUDA context: the shared-GPU suite checks one case per world")
+    with new_world(2) as w:
+        for rank, msgs in enumerate(w.run(_calls_that_differ, timeout=120)):
+            for msg in msgs:
+                assert msg is not None, (rank, msgs)
+                assert "a collective called differently across ranks" in msg and "signature 0x" in msg, msg

@@ -22,8 +22,18 @@ call instead of only its own (``await_previous``; the host passes the previous p
 
 Because no program waits for another program of the same rank, the kernels progress under the CPU world's
 interpreter (programs run one at a time, in pid order) as well as on GPUs.
+
+Call signatures. Every call carries ``sig`` (:func:`call_signature`: a hash of op, method, dtype and size, the same on
+every rank for the same call). Before announcing ``READY`` a program writes it into slot ``[p][SIG][rank]`` of every
+rank (:func:`publish_signature`; the announce's fence orders it), and after its ``READY`` wait compares every peer's
+with its own (:func:`check_signatures`): ranks that called differently stop with ``CallMismatch`` (watchdog record
+and trap on GPUs) instead of returning garbage. The SIG slots are rewritten only after ``DONE >= e-1`` of every peer,
+so a peer still comparing the previous call's never sees the next one's. The kernels take ``sig`` with
+``do_not_specialize``: one binary serves every signature.
 """
 from __future__ import annotations
+
+import zlib
 
 import torch
 import triton
@@ -36,7 +46,9 @@ import triton_dist.language as dl
 READY = tl.constexpr(0)  # pad regions: staging filled,
 REDUCED = tl.constexpr(1)  # my chunk reduced (two-shot),
 DONE = tl.constexpr(2)  # finished reading the peers' staging
-REGIONS = tl.constexpr(3)
+SIG = tl.constexpr(3)  # the call's signature (not an epoch: compared, never waited on)
+REGIONS = tl.constexpr(4)
+SIGNATURE_CHECK = tl.constexpr(3)  # dl.check_agree code of a signature mismatch (runtime.errors.AGREE_CHECKS)
 REDUCTION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_TILE_ELEMS = 8192  # the largest tile of a reduction call (CollectiveContext.tile_elems)
 
@@ -83,6 +95,24 @@ def await_all(pad_ptr, region, epoch, world):
 
 
 @triton.jit
+def publish_signature(pad_ptr, sig, rank, world):
+    """Write this call's signature into slot ``[pid][SIG][rank]`` of every rank; call it before the ``READY``
+    announce (whose fence orders it) and after :func:`await_previous`."""
+    slot = signal_slots(pad_ptr, SIG, world) + rank
+    for peer in range(world):
+        tl.store(dl.symm_at(slot, peer), sig)
+
+
+@triton.jit
+def check_signatures(pad_ptr, sig, world, token):
+    """After a ``READY`` wait (``token``): stop the call with ``CallMismatch`` if a peer's program ``pid`` published
+    another signature than this rank's ``sig`` (a different op, method, dtype or size)."""
+    slots = dl.consume_token(signal_slots(pad_ptr, SIG, world), token)
+    for peer in range(world):
+        dl.check_agree(sig, tl.load(slots + peer), peer, SIGNATURE_CHECK)
+
+
+@triton.jit
 def tile_span(lo, hi, base, nprog, BLOCK: tl.constexpr):
     """Tiles of this program covering indices [lo, hi) of a range stored at staging position ``base + i``.
 
@@ -124,23 +154,27 @@ def await_previous(pad_ptr, e, world, wait_all):
 
 
 @triton.jit
-def stage_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, wait_all, BLOCK: tl.constexpr):
+def stage_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, wait_all, sig, BLOCK: tl.constexpr):
     """The common prologue: wait until peers finished reading the previous call's staging (``DONE >= e-1``), copy my
-    tiles of ``x[0:n]`` into staging, announce ``READY = e`` and wait for everyone's. Returns
-    ``(rank, world, nprog, e, base)`` with ``base`` the staging pointer made dependent on the wait."""
+    tiles of ``x[0:n]`` into staging, announce ``READY = e`` (with the call's signature) and wait for everyone's,
+    checking their signatures. Returns ``(rank, world, nprog, e, base)`` with ``base`` the staging pointer made
+    dependent on the wait."""
     rank = dl.rank()
     world = dl.num_ranks()
     nprog = tl.num_programs(0)
     e = take_epoch(epoch_ptr)
     await_previous(pad_ptr, e, world, wait_all)
     copy_blocks(x_ptr, staging_ptr, 0, n, nprog, BLOCK)
+    publish_signature(pad_ptr, sig, rank, world)
     announce(pad_ptr, READY, e, rank, world)
-    base = dl.consume_token(staging_ptr, await_all(pad_ptr, READY, e, world))
+    token = await_all(pad_ptr, READY, e, world)
+    check_signatures(pad_ptr, sig, world, token)
+    base = dl.consume_token(staging_ptr, token)
     return rank, world, nprog, e, base
 
 
 @triton.jit
-def push_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, slot, base, wait_all, BLOCK: tl.constexpr):
+def push_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, slot, base, wait_all, sig, BLOCK: tl.constexpr):
     """The push prologue: wait ``DONE >= e-1``, store my tiles of ``x[0:n]`` at ``staging + slot`` of every rank
     (NVLink stores; ``base`` is the staging position of index 0 for tile ownership, see :func:`tile_span`), announce
     ``READY = e`` and wait for everyone's. Returns ``(rank, world, nprog, e, staging)`` like
@@ -150,11 +184,14 @@ def push_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, slot, base, wait
     nprog = tl.num_programs(0)
     e = take_epoch(epoch_ptr)
     await_previous(pad_ptr, e, world, wait_all)
+    publish_signature(pad_ptr, sig, rank, world)
     for i in range(world):
         dst = (rank + i) % world
         copy_blocks(x_ptr, dl.symm_at(staging_ptr + slot, dst), 0, n, nprog, BLOCK, base)
     announce(pad_ptr, READY, e, rank, world)
-    staging = dl.consume_token(staging_ptr, await_all(pad_ptr, READY, e, world))
+    token = await_all(pad_ptr, READY, e, world)
+    check_signatures(pad_ptr, sig, world, token)
+    staging = dl.consume_token(staging_ptr, token)
     return rank, world, nprog, e, staging
 
 
@@ -175,10 +212,11 @@ def reduce_tiles(base, out_ptr, lo, hi, out_shift, world, nprog, BLOCK: tl.const
             tl.store(base + offs, acc, mask=mask)
 
 
-@triton.jit
-def copy_engine_signal_kernel(pad_ptr, epoch_ptr, wait_all, PHASE: tl.constexpr):
+@triton.jit(do_not_specialize=["sig"])
+def copy_engine_signal_kernel(pad_ptr, epoch_ptr, wait_all, sig, PHASE: tl.constexpr):
     """The signals of a copy-engine exchange (one program, see :func:`copy_engine_exchange`): PHASE 0 takes the
-    epoch and waits ``done >= e-1``, 1 announces ``ready`` and waits for everyone's, 2 announces ``done``."""
+    epoch and waits ``done >= e-1``, 1 announces ``ready`` (and the call's signature ``sig``) and waits for
+    everyone's, checking their signatures, 2 announces ``done``."""
     rank = dl.rank()
     world = dl.num_ranks()
     if PHASE == 0:
@@ -187,28 +225,43 @@ def copy_engine_signal_kernel(pad_ptr, epoch_ptr, wait_all, PHASE: tl.constexpr)
     else:
         e = tl.load(epoch_ptr + 1)  # the epoch phase 0 of this call took
         if PHASE == 1:
+            publish_signature(pad_ptr, sig, rank, world)
             announce(pad_ptr, READY, e, rank, world)
-            await_all(pad_ptr, READY, e, world)
+            check_signatures(pad_ptr, sig, world, await_all(pad_ptr, READY, e, world))
         else:
             announce(pad_ptr, DONE, e, rank, world)
 
 
-def copy_engine_exchange(ctx: "CollectiveContext", x: torch.Tensor, take) -> None:
+def copy_engine_exchange(ctx: "CollectiveContext", x: torch.Tensor, take, sig: int) -> None:
     """Move data by DMA between three one-program signal kernels: wait until the peers read my staging of the
     previous call; ``x`` (a flat word view) into my staging; a ready round; ``take(src, staging_of_src)`` for every
     rank, starting with me (``staging_of_src``: a host-side peer view of ``src``'s staging in ``x``'s word type, for
-    stream-ordered ``copy_`` out of it); then announce that I finished reading. Leaves the SMs free."""
+    stream-ordered ``copy_`` out of it); then announce that I finished reading. Leaves the SMs free. ``sig``: the
+    call's :func:`call_signature`, checked in the ready round."""
     world, rank = ctx.world.world_size, ctx.world.rank
     peers = ctx.peer_staging(x.dtype)
     wait_all = ctx.layout_switch("copy_engine", 1)  # x at staging[0:n]; the one signal program is pid 0
     counters = ctx.call_counters()
-    copy_engine_signal_kernel[(1,)](ctx.pad, counters, wait_all, PHASE=0, num_warps=1)
+    copy_engine_signal_kernel[(1,)](ctx.pad, counters, wait_all, sig, PHASE=0, num_warps=1)
     peers[rank][:x.numel()].copy_(x)
-    copy_engine_signal_kernel[(1,)](ctx.pad, counters, 0, PHASE=1, num_warps=1)
+    copy_engine_signal_kernel[(1,)](ctx.pad, counters, 0, sig, PHASE=1, num_warps=1)
     for i in range(world):
         src = (rank + i) % world
         take(src, peers[src])
-    copy_engine_signal_kernel[(1,)](ctx.pad, counters, 0, PHASE=2, num_warps=1)
+    copy_engine_signal_kernel[(1,)](ctx.pad, counters, 0, sig, PHASE=2, num_warps=1)
+
+
+_signatures: dict = {}
+
+
+def call_signature(op: str, method: str, dtype: torch.dtype, numel: int, *extra) -> int:
+    """The signature of a collective call (a positive int32, the same on every rank for the same op, method, dtype,
+    element count and ``extra``): what the kernels compare across ranks (:func:`check_signatures`). Cached."""
+    key = (op, method, str(dtype), numel, extra)
+    sig = _signatures.get(key)
+    if sig is None:
+        sig = _signatures[key] = zlib.crc32(repr(key).encode()) & 0x7FFFFFFF
+    return sig
 
 
 def epoch_counters(programs: int, device) -> torch.Tensor:
@@ -219,7 +272,7 @@ def epoch_counters(programs: int, device) -> torch.Tensor:
 
 
 @triton.jit
-def scatter_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, chunk, slot, wait_all, BLOCK: tl.constexpr):
+def scatter_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, chunk, slot, wait_all, sig, BLOCK: tl.constexpr):
     """The push-reduction prologue: wait ``DONE >= e-1``; store chunk ``d`` of ``x[0:n]`` (``chunk`` elements each,
     the last one shorter) into slot ``rank`` (``slot`` elements apart) of rank ``d``'s staging for every peer ``d``
     (NVLink stores; my own chunk stays in ``x``); announce ``READY = e`` and wait for everyone's. Returns
@@ -229,13 +282,16 @@ def scatter_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, chunk, slot, 
     nprog = tl.num_programs(0)
     e = take_epoch(epoch_ptr)
     await_previous(pad_ptr, e, world, wait_all)
+    publish_signature(pad_ptr, sig, rank, world)
     for i in range(1, world):
         dst = (rank + i) % world
         lo = dst * chunk
         copy_blocks(x_ptr + lo, dl.symm_at(staging_ptr + rank * slot, dst), 0, tl.minimum(chunk, n - lo), nprog,
                     BLOCK)
     announce(pad_ptr, READY, e, rank, world)
-    staging = dl.consume_token(staging_ptr, await_all(pad_ptr, READY, e, world))
+    token = await_all(pad_ptr, READY, e, world)
+    check_signatures(pad_ptr, sig, world, token)
+    staging = dl.consume_token(staging_ptr, token)
     return rank, world, nprog, e, staging
 
 

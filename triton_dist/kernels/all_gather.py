@@ -34,8 +34,9 @@ import triton_dist
 import triton_dist.language as dl
 from triton_dist.runtime.heap import SUPPORTED_DTYPES
 
-from ._common import (DONE, READY, CollectiveContext, announce, await_previous, check_collective_input, copy_blocks,
-                      copy_engine_exchange, push_and_publish, signal_slots, stage_and_publish, take_epoch)
+from ._common import (DONE, READY, CollectiveContext, announce, await_previous, call_signature,
+                      check_collective_input, check_signatures, copy_blocks, copy_engine_exchange, publish_signature,
+                      push_and_publish, signal_slots, stage_and_publish, take_epoch)
 from ._ll import LL_MAX_BYTES, LLBuffer, ll_lanes, ll_recv, ll_send_all
 
 METHODS = ("pull", "push", "ring", "ll", "copy_engine")
@@ -45,36 +46,38 @@ LL_AUTO_MAX_BYTES = 256 << 10
 COPY_ENGINE_MIN_BYTES = 32 << 20
 
 
-@triton.jit
-def _pull_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, m, wait_all, BLOCK: tl.constexpr):
-    rank, world, nprog, e, base = stage_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, m, wait_all, BLOCK)
+@triton.jit(do_not_specialize=["sig"])
+def _pull_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, m, wait_all, sig, BLOCK: tl.constexpr):
+    rank, world, nprog, e, base = stage_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, m, wait_all, sig, BLOCK)
     for i in range(world):
         src = (rank + i) % world
         copy_blocks(dl.symm_at(base, src), out_ptr + src * m, 0, m, nprog, BLOCK)
     announce(pad_ptr, DONE, e, rank, world)
 
 
-@triton.jit
-def _push_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, m, wait_all, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["sig"])
+def _push_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, m, wait_all, sig, BLOCK: tl.constexpr):
     # slot `rank` of every staging; tiles owned by absolute staging position (base rank * m), the same layout as
     # pull and ring, so switching methods needs no wider wait (only a change of program count does)
     rank, world, nprog, e, base = push_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, m, dl.rank() * m,
-                                                   dl.rank() * m, wait_all, BLOCK)
+                                                   dl.rank() * m, wait_all, sig, BLOCK)
     for src in range(world):
         copy_blocks(base + src * m, out_ptr + src * m, 0, m, nprog, BLOCK, src * m)
     announce(pad_ptr, DONE, e, rank, world)
 
 
-@triton.jit
-def _ring_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, m, wait_all, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["sig"])
+def _ring_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, m, wait_all, sig, BLOCK: tl.constexpr):
     """Ring: store my x into slot ``rank`` of my staging and my right neighbour's; then world-2 times forward the
-    slot that just arrived from the left to the right. Slot signals: ``READY[p][src]`` on the receiver."""
+    slot that just arrived from the left to the right. Slot signals: ``READY[p][src]`` on the receiver. Signatures go
+    to every rank first; the last arrival (a chain of release/acquire hand-offs from every rank) makes them visible."""
     rank = dl.rank()
     world = dl.num_ranks()
     nprog = tl.num_programs(0)
     e = take_epoch(epoch_ptr)
     right = (rank + 1) % world
     await_previous(pad_ptr, e, world, wait_all)  # everyone copied the previous call's staging out
+    publish_signature(pad_ptr, sig, rank, world)
     ready = signal_slots(pad_ptr, READY, world)
     copy_blocks(x_ptr, staging_ptr + rank * m, 0, m, nprog, BLOCK, rank * m)
     copy_blocks(x_ptr, dl.symm_at(staging_ptr + rank * m, right), 0, m, nprog, BLOCK, rank * m)
@@ -86,7 +89,9 @@ def _ring_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, m, wait_all, B
         copy_blocks(slot, dl.symm_at(slot, right), 0, m, nprog, BLOCK, src * m)
         dl.notify(ready + src, right, e, "set", "intra_node")
     src = (rank + 1) % world  # the last slot to arrive (from the left) is the right neighbour's
-    base = dl.consume_token(staging_ptr, dl.wait(ready + src, 1, "sys", "acquire", e, cmp="ge"))
+    token = dl.wait(ready + src, 1, "sys", "acquire", e, cmp="ge")
+    check_signatures(pad_ptr, sig, world, token)
+    base = dl.consume_token(staging_ptr, token)
     for s in range(world):
         copy_blocks(base + s * m, out_ptr + s * m, 0, m, nprog, BLOCK, s * m)
     announce(pad_ptr, DONE, e, rank, world)
@@ -175,13 +180,15 @@ def all_gather(x: torch.Tensor, *, ctx: AllGatherContext, method: str = "auto",
     wait_all = ctx.layout_switch("rank_slots", programs)  # all three methods: rank r's words at staging r * m
     epoch = ctx.call_counters()
     kernel = {"pull": _pull_kernel, "push": _push_kernel, "ring": _ring_kernel}[method]
-    kernel[(programs,)](xw, outw, staging, ctx.pad, epoch, m, wait_all, BLOCK=block, num_warps=8)
+    sig = call_signature("all_gather", method, x.dtype, m)
+    kernel[(programs,)](xw, outw, staging, ctx.pad, epoch, m, wait_all, sig, BLOCK=block, num_warps=8)
     return out
 
 
 def _copy_engine_all_gather(xw: torch.Tensor, outw: torch.Tensor, ctx: AllGatherContext) -> None:
     m = xw.numel()
-    copy_engine_exchange(ctx, xw, lambda src, staged: outw[src * m:(src + 1) * m].copy_(staged[:m]))
+    copy_engine_exchange(ctx, xw, lambda src, staged: outw[src * m:(src + 1) * m].copy_(staged[:m]),
+                         call_signature("all_gather", "copy_engine", xw.dtype, m))
 
 
 def all_gather_reference(x: torch.Tensor) -> torch.Tensor:

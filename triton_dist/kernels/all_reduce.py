@@ -36,9 +36,9 @@ import triton.language as tl
 import triton_dist
 import triton_dist.language as dl
 
-from ._common import (DONE, REDUCED, REDUCTION_DTYPES, ReductionContext, announce, await_all, copy_blocks,
-                      push_and_publish, reduce_slots, reduce_tiles, scatter_and_publish, stage_and_publish,
-                      take_epoch)
+from ._common import (DONE, REDUCED, REDUCTION_DTYPES, ReductionContext, announce, await_all, call_signature,
+                      copy_blocks, push_and_publish, reduce_slots, reduce_tiles, scatter_and_publish,
+                      stage_and_publish, take_epoch)
 from ._ll import LL_MAX_BYTES, LLBuffer, ll_lanes, ll_recv, ll_send_all
 
 DTYPES = REDUCTION_DTYPES
@@ -50,16 +50,17 @@ ONE_SHOT_MAX_BYTES = 0
 LARGE_METHOD = "push_two_shot"
 
 
-@triton.jit
-def _one_shot_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, n, wait_all, BLOCK: tl.constexpr):
-    rank, world, nprog, e, base = stage_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, wait_all, BLOCK)
+@triton.jit(do_not_specialize=["sig"])
+def _one_shot_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, n, wait_all, sig, BLOCK: tl.constexpr):
+    rank, world, nprog, e, base = stage_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, wait_all, sig, BLOCK)
     reduce_tiles(base, out_ptr, 0, n, 0, world, nprog, BLOCK, False)
     announce(pad_ptr, DONE, e, rank, world)
 
 
-@triton.jit
-def _two_shot_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, n, chunk, wait_all, BLOCK: tl.constexpr):
-    rank, world, nprog, e, base = stage_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, wait_all, BLOCK)
+@triton.jit(do_not_specialize=["sig"])
+def _two_shot_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, n, chunk, wait_all, sig,
+                     BLOCK: tl.constexpr):
+    rank, world, nprog, e, base = stage_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, wait_all, sig, BLOCK)
     # reduce-scatter: my chunk, summed over every rank's staging, into out and back into my staging
     reduce_tiles(base, out_ptr, rank * chunk, tl.minimum(rank * chunk + chunk, n), 0, world, nprog, BLOCK, True)
     announce(pad_ptr, REDUCED, e, rank, world)
@@ -71,13 +72,14 @@ def _two_shot_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, n, chunk, 
     announce(pad_ptr, DONE, e, rank, world)
 
 
-@triton.jit
-def _push_one_shot_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, n, slot, wait_all, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["sig"])
+def _push_one_shot_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, n, slot, wait_all, sig,
+                          BLOCK: tl.constexpr):
     """Low-latency variant: push ``x`` into slot ``rank`` of every rank's staging (NVLink stores, no remote loads
     after the hand-off), one READY round, then sum the local slots. Slots start at fixed multiples of ``slot``, so
     tile ownership (relative to the slot start) is the same in every call."""
     rank, world, nprog, e, base = push_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, dl.rank() * slot, 0,
-                                                   wait_all, BLOCK)
+                                                   wait_all, sig, BLOCK)
     reduce_slots(x_ptr, base, slot, n, out_ptr, out_ptr, rank, world, nprog, BLOCK, False)
     announce(pad_ptr, DONE, e, rank, world)
 
@@ -109,11 +111,11 @@ def _ll_kernel(x_ptr, out_ptr, buf_ptr, epoch_ptr, n, words, slot_words, HALF: t
             tl.store(out_ptr + w, lo.to(dtype), mask=mask)
 
 
-@triton.jit
-def _push_two_shot_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, n, chunk, slot, wait_all,
+@triton.jit(do_not_specialize=["sig"])
+def _push_two_shot_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, n, chunk, slot, wait_all, sig,
                           BLOCK: tl.constexpr):
     rank, world, nprog, e, base = scatter_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, n, chunk, slot,
-                                                      wait_all, BLOCK)
+                                                      wait_all, sig, BLOCK)
     mine = tl.minimum(chunk, n - rank * chunk)  # my reduced chunk goes to out and to the peers (after the slots)
     reduce_slots(x_ptr + rank * chunk, base, slot, mine, out_ptr + rank * chunk, base + world * slot, rank, world,
                  nprog, BLOCK, True)
@@ -186,16 +188,18 @@ def all_reduce(x: torch.Tensor, *, ctx: AllReduceContext, method: str = "auto",
     layout = {"push_one_shot": "slots", "push_two_shot": "chunk_slots"}.get(method, "flat")
     wait_all = ctx.layout_switch(f"{layout}/{block}", programs)
     epoch = ctx.call_counters()
+    sig = call_signature("all_reduce", method, x.dtype, n)
     grid = (programs,)
     if method == "push_two_shot":
-        _push_two_shot_kernel[grid](x, out, staging, ctx.pad, epoch, n, chunk, chunk_slot, wait_all, BLOCK=block,
+        _push_two_shot_kernel[grid](x, out, staging, ctx.pad, epoch, n, chunk, chunk_slot, wait_all, sig, BLOCK=block,
                                     num_warps=8)
     elif method == "push_one_shot":
-        _push_one_shot_kernel[grid](x, out, staging, ctx.pad, epoch, n, slot, wait_all, BLOCK=block, num_warps=8)
+        _push_one_shot_kernel[grid](x, out, staging, ctx.pad, epoch, n, slot, wait_all, sig, BLOCK=block,
+                                    num_warps=8)
     elif method == "one_shot":
-        _one_shot_kernel[grid](x, out, staging, ctx.pad, epoch, n, wait_all, BLOCK=block, num_warps=8)
+        _one_shot_kernel[grid](x, out, staging, ctx.pad, epoch, n, wait_all, sig, BLOCK=block, num_warps=8)
     else:
-        _two_shot_kernel[grid](x, out, staging, ctx.pad, epoch, n, chunk, wait_all, BLOCK=block, num_warps=8)
+        _two_shot_kernel[grid](x, out, staging, ctx.pad, epoch, n, chunk, wait_all, sig, BLOCK=block, num_warps=8)
     return out
 
 

@@ -51,7 +51,8 @@ import triton.language as tl
 import triton_dist
 import triton_dist.language as dl
 from triton_dist.kernels._common import (DONE, READY, CollectiveContext, announce, await_all, await_previous,
-                                         check_collective_input, copy_engine_exchange, take_epoch)
+                                         call_signature, check_collective_input, check_signatures,
+                                         copy_engine_exchange, publish_signature, take_epoch)
 
 __all__ = ["AllToAllContext", "all_to_all", "all_to_all_v", "all_to_all_reference", "all_to_all_v_reference",
            "close_default_context", "SUPPORTED_DTYPES"]
@@ -62,9 +63,9 @@ SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16,
 _WORDS = ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.uint8))
 
 
-@triton.jit(do_not_specialize=["x_words", "row_words", "m_rows", "nprog"])
+@triton.jit(do_not_specialize=["x_words", "row_words", "m_rows", "nprog", "sig"])
 def _all_to_all_kernel(x_ptr, out_ptr, staging_ptr, table_ptr, meta_ptr, pad_ptr, epoch_ptr,
-                       x_words, row_words, m_rows, nprog, wait_all,
+                       x_words, row_words, m_rows, nprog, wait_all, sig,
                        EQUAL: tl.constexpr, BLOCK: tl.constexpr, WORLD_BLOCK: tl.constexpr):
     """One program of the all-to-all; see the module docstring for the protocol.
 
@@ -99,10 +100,12 @@ def _all_to_all_kernel(x_ptr, out_ptr, staging_ptr, table_ptr, meta_ptr, pad_ptr
         tl.store(row + w_offs, tl.load(meta_ptr + w_offs, mask=w_mask), mask=w_mask)
         o_mask = w_offs < world
         tl.store(row + 2 * world + w_offs, tl.load(meta_ptr + 3 * world + w_offs, mask=o_mask), mask=o_mask)
+    publish_signature(pad_ptr, sig, me, world)
     announce(pad_ptr, READY, epoch, me, world)
 
-    # 3. pull, from every source, the tiles pid of the rows it sends me
+    # 3. pull, from every source, the tiles pid of the rows it sends me (once every peer made the same call)
     token = await_all(pad_ptr, READY, epoch, world)
+    check_signatures(pad_ptr, sig, world, token)
     staging = dl.consume_token(staging, token)
     table = dl.consume_token(table, token)
     if not EQUAL:  # what I send each peer must be what it expects from me
@@ -287,9 +290,13 @@ def _launch(ctx: AllToAllContext, x: torch.Tensor, out: torch.Tensor, m_rows: in
     staging = ctx.staging[:max(x_words * size, size)].view(wdtype)
     wait_all = ctx.layout_switch("kernel", ctx.num_programs)
     epoch = ctx.call_counters()
+    # the word size may differ across ranks (alignment): the signature names rows in bytes; variable splits differ
+    # in size by design (their check is the split table's)
+    sig = call_signature("all_to_all" if equal else "all_to_all_v", "kernel", x.dtype, x.numel() if equal else 0,
+                         row_bytes)
     _all_to_all_kernel[(ctx.num_programs,)](
         _words(x, wdtype), _words(out, wdtype), staging, ctx.table, ctx.meta, ctx.pad, epoch,
-        x_words, row_bytes // size, m_rows, ctx.num_programs, wait_all,
+        x_words, row_bytes // size, m_rows, ctx.num_programs, wait_all, sig,
         EQUAL=equal, BLOCK=block, WORLD_BLOCK=triton.next_power_of_2(2 * ctx.world.world_size),
         num_warps=8 if not ctx.world.interpreted else 1)
 
@@ -301,7 +308,8 @@ def _launch_copy_engine(ctx: AllToAllContext, x: torch.Tensor, out: torch.Tensor
     ob = _words(out, torch.uint8)
     copy_engine_exchange(ctx, _words(x, torch.uint8),
                          lambda src, staged: ob[src * block:(src + 1) * block].copy_(
-                             staged[rank * block:(rank + 1) * block]))
+                             staged[rank * block:(rank + 1) * block]),
+                         call_signature("all_to_all", "copy_engine", x.dtype, x.numel()))
 
 
 # ------------------------------------------------------------------------------------------------- public

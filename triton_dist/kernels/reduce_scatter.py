@@ -27,8 +27,9 @@ import triton.language as tl
 import triton_dist
 import triton_dist.language as dl
 
-from ._common import (DONE, READY, REDUCTION_DTYPES, ReductionContext, announce, await_previous, reduce_slots,
-                      reduce_tiles, scatter_and_publish, signal_slots, stage_and_publish, take_epoch, tile_span)
+from ._common import (DONE, READY, REDUCTION_DTYPES, ReductionContext, announce, await_previous, call_signature,
+                      check_signatures, publish_signature, reduce_slots, reduce_tiles, scatter_and_publish,
+                      signal_slots, stage_and_publish, take_epoch, tile_span)
 
 DTYPES = REDUCTION_DTYPES
 METHODS = ("full_mesh", "push", "ring")
@@ -36,19 +37,20 @@ METHODS = ("full_mesh", "push", "ring")
 FULL_MESH_BYTES = (4 << 20, 32 << 20)  # per-rank output bytes [lo, hi) where auto takes full_mesh
 
 
-@triton.jit
-def _full_mesh_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, chunk, wait_all, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["sig"])
+def _full_mesh_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, chunk, wait_all, sig, BLOCK: tl.constexpr):
     rank, world, nprog, e, base = stage_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr, dl.num_ranks() * chunk,
-                                                    wait_all, BLOCK)
+                                                    wait_all, sig, BLOCK)
     reduce_tiles(base, out_ptr, rank * chunk, rank * chunk + chunk, rank * chunk, world, nprog, BLOCK, False)
     announce(pad_ptr, DONE, e, rank, world)
 
 
-@triton.jit
-def _ring_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, chunk, wait_all, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["sig"])
+def _ring_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, chunk, wait_all, sig, BLOCK: tl.constexpr):
     """Ring: fp32 partial sums travel to the right; after world-1 steps chunk ``rank`` holds the full sum.
     ``staging_ptr`` is fp32, one slot of ``chunk`` per chunk index; ``READY[p][c]`` on the receiver says that
-    slot ``c``'s tiles of program p arrived."""
+    slot ``c``'s tiles of program p arrived. Signatures go to every rank first and are checked once my chunk, which
+    passed every other rank, has arrived."""
     rank = dl.rank()
     world = dl.num_ranks()
     nprog = tl.num_programs(0)
@@ -56,6 +58,7 @@ def _ring_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, chunk, wait_al
     right = (rank + 1) % world
     ready = signal_slots(pad_ptr, READY, world)
     await_previous(pad_ptr, e, world, wait_all)
+    publish_signature(pad_ptr, sig, rank, world)
     c = (rank - 1 + world) % world
     t0, t1, step_t = tile_span(c * chunk, c * chunk + chunk, 0, nprog, BLOCK)
     for t in range(t0, t1, step_t):  # step 0: my x of chunk c, as fp32, into the right neighbour's slot c
@@ -77,13 +80,14 @@ def _ring_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, chunk, wait_al
                 tl.store(out_ptr + (offs - c * chunk), part.to(out_ptr.dtype.element_ty), mask=mask)
         if step < world - 1:
             dl.notify(ready + c, right, e, "set", "intra_node")
+    check_signatures(pad_ptr, sig, world, dl.wait(ready + rank, 1, "sys", "acquire", e, cmp="ge"))  # arrived already
     announce(pad_ptr, DONE, e, rank, world)
 
 
-@triton.jit
-def _push_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, chunk, slot, wait_all, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["sig"])
+def _push_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, chunk, slot, wait_all, sig, BLOCK: tl.constexpr):
     rank, world, nprog, e, base = scatter_and_publish(x_ptr, staging_ptr, pad_ptr, epoch_ptr,
-                                                      dl.num_ranks() * chunk, chunk, slot, wait_all, BLOCK)
+                                                      dl.num_ranks() * chunk, chunk, slot, wait_all, sig, BLOCK)
     reduce_slots(x_ptr + rank * chunk, base, slot, chunk, out_ptr, out_ptr, rank, world, nprog, BLOCK, False)
     announce(pad_ptr, DONE, e, rank, world)
 
@@ -125,13 +129,15 @@ def reduce_scatter(x: torch.Tensor, *, ctx: ReduceScatterContext, method: str = 
     programs = ctx.programs_for(chunk, block)
     wait_all = ctx.layout_switch(f"{method}/{block}", programs)  # ring stages fp32, full mesh the input dtype
     epoch = ctx.call_counters()
+    sig = call_signature("reduce_scatter", method, x.dtype, x.numel())
     if method == "push":
         slot = triton.cdiv(chunk, block) * block
         staging = ctx.staging_as(x.dtype, world * slot)
-        _push_kernel[(programs,)](x, out, staging, ctx.pad, epoch, chunk, slot, wait_all, BLOCK=block, num_warps=8)
+        _push_kernel[(programs,)](x, out, staging, ctx.pad, epoch, chunk, slot, wait_all, sig, BLOCK=block,
+                                  num_warps=8)
         return out
     kernel, staging_dtype = (_ring_kernel, torch.float32) if method == "ring" else (_full_mesh_kernel, x.dtype)
-    kernel[(programs,)](x, out, ctx.staging_as(staging_dtype, x.numel()), ctx.pad, epoch, chunk, wait_all,
+    kernel[(programs,)](x, out, ctx.staging_as(staging_dtype, x.numel()), ctx.pad, epoch, chunk, wait_all, sig,
                         BLOCK=block, num_warps=8)
     return out
 

@@ -6,8 +6,9 @@ watchdog record, wait timeout). Whenever Triton loads a kernel module, ``knobs.r
 state into the module, and runs ``nvshmemx_cumodule_init`` on modules that call NVSHMEM.
 
 The watchdog record lives in pinned host memory that kernels can write. A device wait that times out fills
-it (rank, signal address, expected, seen, SM, program and programs of the launch) and traps; a daemon thread prints the record as soon as it appears,
-and :func:`check` raises :class:`SignalTimeout` with the same text.
+it (rank, signal address, expected, seen, SM, program and programs of the launch) and traps; a daemon thread prints
+the record as soon as it appears, and :func:`check` raises :class:`SignalTimeout` with the same text. A failed
+agreement check (``dl.check_agree``) fills it the same way and raises :class:`CallMismatch`.
 """
 from __future__ import annotations
 

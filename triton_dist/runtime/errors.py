@@ -21,6 +21,8 @@ AGREE_CHECKS = {
     2: ("all_to_all_v", "rank {me} sends {mine} rows to rank {peer} (its input_split_sizes[{peer}])",
         "rank {peer} expects {theirs} rows from it (its output_split_sizes[{me}])",
         "the split tables must agree: input_split_sizes[j] of rank i == output_split_sizes[i] of rank j"),
+    3: ("a collective", "rank {me}'s call has signature {mine:#010x}", "rank {peer}'s call has {theirs:#010x}",
+        "the ranks called different ops, methods, dtypes or sizes (run with TRITON_DIST_DEBUG=1 to see both calls)"),
 }
 
 
