@@ -234,3 +234,14 @@ def test_watchdog_record_names_program_and_launch():
     text = device_state.describe([2, 3, 0x7F00, 498, 497, 30, 13, 32])
     assert "rank 3 waited" in text and "for value 498, last saw 497 (program 13 of 32, SM 30)" in text
     assert "under MPS every rank on this GPU fails with it" in text
+
+
+def test_a_world_that_fits_its_gpus_starts_no_daemon(fake_control, monkeypatch):
+    monkeypatch.delenv(mps.ACTIVE_THREADS_ENV, raising=False)
+    assert isinstance(mps.for_world(2, 2), mps.NoMPS) and mps.for_world(2, 2).env == {}
+    daemon = mps.for_world(5, 2)  # 3 ranks on a GPU at most
+    try:
+        assert isinstance(daemon, mps.PrivateMPS) and daemon.env[mps.ACTIVE_THREADS_ENV] == "33"
+    finally:
+        daemon.stop()
+    assert mps.for_world(4, 1, use_mps=False).env == mps.OPT_OUT_ENV

@@ -397,7 +397,7 @@ def launch(nprocs: int | str, target: str, args=(), *, module: bool = False, mod
     children: list[_Child] = []
     run_id = uuid.uuid4().hex[:12]
     gpus = _cuda_device_count() if share_gpus else 0
-    daemon = _mps.for_shared_world(mps, -(-n // gpus)) if share_gpus and n > gpus else _mps.NoMPS()
+    daemon = _mps.for_world(n, gpus, mps) if share_gpus else _mps.NoMPS()
     pending: list[int] = []  # signals that arrived while ranks were starting
     saved = {}
     if in_main:  # hold SIGINT/SIGTERM until every started child is on the list, so none can be missed

@@ -177,6 +177,14 @@ def share_percentage(ranks_per_gpu: int) -> int:
     return max(1, 100 // max(1, ranks_per_gpu))
 
 
+def for_world(nranks: int, gpus: int, use_mps: bool = True) -> "PrivateMPS | NoMPS":
+    """What a launcher of ``nranks`` ranks on ``gpus`` GPUs starts: nothing when every rank has its own GPU, else
+    :func:`for_shared_world` for ``ceil(nranks / gpus)`` ranks per GPU."""
+    if nranks <= gpus:
+        return NoMPS()
+    return for_shared_world(use_mps, -(-nranks // max(gpus, 1)))
+
+
 def for_shared_world(use_mps: bool = True, ranks_per_gpu: int = 1) -> "PrivateMPS | NoMPS":
     """What a launcher of a shared-GPU world starts: a private daemon if ``use_mps`` and possible (see
     :meth:`PrivateMPS.start_if_possible`; a daemon that fails to start is reported and the ranks time-slice), else

@@ -190,6 +190,7 @@ def init(backend: str = "auto", *, heap_size: int | None = None) -> World:
     if kind == "cpu":
         _check_interpreter_numpy()
         device = torch.device("cpu")
+        host_backend, shared, ranks_per_device = "gloo", False, 1
         if not dist.is_initialized():
             _init_process_group("gloo", rank, world_size)
         group = dist.group.WORLD
@@ -224,8 +225,6 @@ def init(backend: str = "auto", *, heap_size: int | None = None) -> World:
             ranks_per_device = 1
             arena = CUDAArena(nbytes, device, group, nvshmem=(kind == "nvshmem"))
 
-    if kind == "cpu":
-        host_backend, shared, ranks_per_device = "gloo", False, 1
     world = World(rank, world_size, local_rank, local_world, device, group, kind, cfg, host_backend=host_backend,
                   shared_gpu=shared, ranks_per_device=ranks_per_device, mps=shared and mps.client_env_active())
     world.heap = SymmetricHeap(arena, rank, world_size, group, debug=cfg.debug)

@@ -103,9 +103,7 @@ class ProcessWorld:
             return
         if self.share_gpus and self._daemon is None:
             import torch
-            gpus = torch.cuda.device_count()
-            shared = self.world_size > gpus
-            self._daemon = _mps.for_shared_world(self.mps, -(-self.world_size // gpus)) if shared else _mps.NoMPS()
+            self._daemon = _mps.for_world(self.world_size, torch.cuda.device_count(), self.mps)
         ctx = mp.get_context("spawn")
         env = self._env()
         for r in range(self.world_size):
