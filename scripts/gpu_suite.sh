@@ -21,10 +21,10 @@ PY=${PYTHON:-python3}
 NGPU=$($PY -c "import torch; print(torch.cuda.device_count())")
 echo "GPUs: $NGPU"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -n 8
 
-# World sizes of the `world` fixtures: 2 and 4, plus all GPUs on a larger machine (e.g. 8).
+# World sizes of the `world` fixtures: 2, 3 and 4, plus all GPUs on a larger machine (e.g. 8).
 if [ -z "${TRITON_DIST_TEST_WORLD_SIZES:-}" ]; then
-    export TRITON_DIST_TEST_WORLD_SIZES=2,4
-    [ "$NGPU" -gt 4 ] && export TRITON_DIST_TEST_WORLD_SIZES=2,4,$NGPU
+    export TRITON_DIST_TEST_WORLD_SIZES=2,3,4
+    [ "$NGPU" -gt 4 ] && export TRITON_DIST_TEST_WORLD_SIZES=2,3,4,$NGPU
 fi
 SHARE_ARGS=""
 TUT_N=$NGPU
@@ -41,9 +41,17 @@ if [ "$NGPU" -lt 4 ]; then
     fi
 fi
 # One pytest per test file, each under its own deadline (FILE_TIMEOUT s) and a per-test timeout (TEST_TIMEOUT s), so
-# that a stalled test costs one file, not the rest of the suite. TEST_FILES picks files (default: all).
+# that a stalled test costs one file, not the rest of the suite. TEST_FILES picks files (default: every file that
+# touches a device; the CPU-only files below, which mock the GPU or run CPU worlds, run in CI and are left out).
+CPU_ONLY="test_launcher test_shared_gpu test_gpu_compile test_tutorials test_bench_collectives test_bench_gemm"
+if [ -z "${TEST_FILES:-}" ]; then
+    TEST_FILES=""
+    for f in tests/test_*.py; do
+        case " $CPU_ONLY " in *" $(basename "$f" .py) "*) ;; *) TEST_FILES="$TEST_FILES $f" ;; esac
+    done
+fi
 TEST_RC=0
-for f in ${TEST_FILES:-tests/test_*.py}; do
+for f in $TEST_FILES; do
     name=$(basename "$f" .py)
     TRITON_DIST_TEST_BACKEND=cuda timeout "${FILE_TIMEOUT:-600}" $PY -m pytest -q -m "" "$f" -p no:cacheprovider \
         --timeout "${TEST_TIMEOUT:-240}" --junitxml="$OUT_DIR/junit-$name.xml" ${PYTEST_ARGS:-} 2>&1 \
