@@ -69,10 +69,10 @@ check(AR._push_one_shot_kernel, dict(coll, n="i32", slot="i32", wait_all="i32", 
 check(AR._two_shot_kernel, dict(coll, n="i32", chunk="i32", wait_all="i32", sig="i32"), {"BLOCK": 2048})
 for dt, half in (("bf16", True), ("fp32", False)):
     check(AR._ll_kernel, {"x_ptr": "*i16" if half else "*i32", "out_ptr": f"*{dt}", "buf_ptr": "*i64",
-                          "epoch_ptr": "*i32", "n": "i32", "words": "i32", "slot_words": "i32"},
+                          "epoch_ptr": "*i32", "n": "i32", "words": "i32", "slot_words": "i32", "sig": "i32"},
           {"HALF": half, "BLOCK": 1024})
 check(AG._ll_kernel, {"x_ptr": "*i32", "out_ptr": "*i32", "buf_ptr": "*i64", "epoch_ptr": "*i32", "words": "i32",
-                      "slot_words": "i32"}, {"BLOCK": 1024})
+                      "slot_words": "i32", "sig": "i32"}, {"BLOCK": 1024})
 for phase in (0, 1, 2):
     check(C.copy_engine_signal_kernel, {"pad_ptr": "*i32", "epoch_ptr": "*i32", "wait_all": "i32", "sig": "i32"},
           {"PHASE": phase})
@@ -116,33 +116,37 @@ for tma, trans in ((True, False), (True, True), (False, False)):
     check(AGG._ag_gemm_kernel, {k: v for k, v in sig.items() if k not in unit}, dict(gemm_const, **flags, **unit),
           options=gemm_opts)
     for partial in ("bf16", "fp32"):
-        sig = dict(ab, recv_ptr=f"*{partial}", flags_ptr="*i32", sig_ptr="*i32", epoch_ptr="*i32", m_loc="i32",
-                   N="i32", K="i32", **ab_strides, slot_stride="i32")
+        sig = dict(ab, recv_ptr=f"*{partial}", flags_ptr="*i32", sig_ptr="*i32", hdr_ptr="*i64", epoch_ptr="*i32",
+                   m_loc="i32", N="i32", K="i32", **ab_strides, slot_stride="i32", call_sig="i32")
         check(GRS._gemm_rs_kernel, {k: v for k, v in sig.items() if k not in unit}, dict(gemm_const, **flags, **unit),
               options=gemm_opts)
     dec = GAR.GemmConfig(64, 64, 128, group_m=1, num_stages=4, num_warps=4)  # decode_config(64, bf16) on GPUs
     ab, unit = gemm_operands(dec.block_m, dec.block_n, dec.block_k, tma, trans)
-    sig = dict(ab, out_ptr="*bf16", slots_ptr="*bf16", flags_ptr="*i32", pad_ptr="*i32", epoch_ptr="*i32", M="i32",
-               N="i32", K="i32", **ab_strides, slot_stride="i32")
+    sig = dict(ab, out_ptr="*bf16", slots_ptr="*bf16", flags_ptr="*i32", pad_ptr="*i32", hdr_ptr="*i64",
+               epoch_ptr="*i32", M="i32", N="i32", K="i32", **ab_strides, slot_stride="i32", call_sig="i32")
     check(GAR._gemm_ar_kernel, {k: v for k, v in sig.items() if k not in unit},
           dict(BLOCK_M=dec.block_m, BLOCK_N=dec.block_n, BLOCK_K=dec.block_k, **flags, **unit),
           options=dict(num_warps=dec.num_warps, num_stages=dec.num_stages))
 for partial in ("bf16", "fp32"):
     check(GRS._rs_reduce_kernel, {"recv_ptr": f"*{partial}", "out_ptr": "*bf16", "flags_ptr": "*i32", "sig_ptr": "*i32",
-                                  "epoch_ptr": "*i32", "m_loc": "i32", "N": "i32", "slot_stride": "i32"},
+                                  "hdr_ptr": "*i64", "epoch_ptr": "*i32", "m_loc": "i32", "N": "i32",
+                                  "slot_stride": "i32", "call_sig": "i32"},
           dict(BLOCK_M=G16.block_m, BLOCK_N=G16.block_n, GROUP_M=G16.group_m, SUB_M=GRS.REDUCE_ROWS),
           options=dict(num_warps=8))
 check(GRS._dec_reduce_kernel, {"own_ptr": "*bf16", "recv_ptr": "*bf16", "out_ptr": "*bf16", "sig_ptr": "*i32",
-                               "epoch_ptr": "*i32", "n": "i32", "slot": "i32"}, {"BLOCK": 8192}, options=dict(num_warps=8))
+                               "hdr_ptr": "*i64", "epoch_ptr": "*i32", "n": "i32", "slot": "i32", "call_sig": "i32"},
+      {"BLOCK": 8192}, options=dict(num_warps=8))
 for phase in (0, 1):
-    check(GRS._dec_signal_kernel, {"sig_ptr": "*i32", "epoch_ptr": "*i32", "dst": "i32"}, {"PHASE": phase},
+    check(GRS._dec_signal_kernel, {"sig_ptr": "*i32", "hdr_ptr": "*i64", "epoch_ptr": "*i32", "dst": "i32",
+                                   "call_sig": "i32"}, {"PHASE": phase},
           options=dict(num_warps=1))
 check(AGG._ag_pull_kernel, {"a_ptr": "*bf16", "gathered_ptr": "*bf16", "sig_ptr": "*i32", "pad_ptr": "*i32",
-                            "epoch_ptr": "*i32", "chunk_numel": "i32"}, {"BLOCK": 8192}, options=dict(num_warps=8))
+                            "epoch_ptr": "*i32", "chunk_numel": "i32", "sig": "i32"}, {"BLOCK": 8192},
+      options=dict(num_warps=8))
 check(AGG._ce_begin_kernel, {"sig_ptr": "*i32", "epoch_ptr": "*i32"}, options=dict(num_warps=1))
 for publish in (True, False):
     check(AGG._ce_step_kernel, {"sig_ptr": "*i32", "pad_ptr": "*i32", "epoch_ptr": "*i32", "arrived": "i32",
-                                "next_src": "i32"}, {"PUBLISH": publish}, options=dict(num_warps=1))
+                                "next_src": "i32", "sig": "i32"}, {"PUBLISH": publish}, options=dict(num_warps=1))
 for flavour in P.FLAVOURS:
     check(P._pingpong_kernel, {"sig_ptr": "*i32", "base": "i32", "iters": "i32"}, {"FLAVOUR": flavour})
 for push in (True, False):

@@ -320,6 +320,13 @@ def _calls_that_differ():
         (lambda: a2a.AllToAllContext(4096, num_programs=1),
          lambda c: a2a.all_to_all(torch.ones(w.world_size * 2, 3), ctx=c, method="kernel"),
          lambda c: a2a.all_to_all(torch.ones(w.world_size * 3, 3), ctx=c, method="kernel")),
+        # LL: no ready round; the call header sent with the words is checked before the words are waited for
+        (lambda: ar.AllReduceContext(2048, torch.float32, num_programs=2),
+         lambda c: ar.all_reduce(torch.ones(40), ctx=c, method="ll"),
+         lambda c: ar.all_reduce(torch.ones(1500), ctx=c, method="ll")),
+        (lambda: ag.AllGatherContext(64, torch.float32, num_programs=1),
+         lambda c: ag.all_gather(torch.ones(10, 2), ctx=c, method="ll"),
+         lambda c: ag.all_gather(torch.ones(12, 2), ctx=c, method="ll")),
     ]
     got = []
     for make, first, others in cases:
@@ -332,6 +339,69 @@ def _calls_that_differ():
             got.append(str(err))
         triton_dist.barrier()
     return got
+
+
+def _methods_that_differ():
+    """Rank 0 calls all_reduce with LL, the others with one_shot: two protocols that never meet. Each rank's
+    timeout names the op, the signal and the rank that did not arrive."""
+    w = this_world()
+    ctx = ar.AllReduceContext(64, torch.float32, num_programs=1)
+    try:
+        ar.all_reduce(torch.ones(40), ctx=ctx, method="ll" if w.rank == 0 else "one_shot")
+        sync()
+    except triton_dist.SignalTimeout as err:
+        return str(err)
+    return None
+
+
+def test_a_timeout_in_an_op_names_the_op_and_the_missing_rank():
+    from conftest import BACKEND, new_world
+    if BACKEND != "cpu":
+        pytest.skip("a GPU trap ends the process's CUDA context; the GPU watchdog message uses the same labels")
+    with new_world(2, env={"TRITON_DIST_WAIT_TIMEOUT_S": "2"}) as w:
+        ll_side, pad_side = w.run(_methods_that_differ, timeout=120)
+    assert ll_side is not None and "all_reduce's LL call header from rank 1 (method ll)" in ll_side, ll_side
+    assert "rank 1 has not set it for call 1" in ll_side and "same sequence of all_reduce calls" in ll_side
+    assert pad_side is not None and "all_reduce's READY signal of program 0 from rank 0" in pad_side, pad_side
+    assert "rank 0 has not reached call 1 of this all_reduce context" in pad_side, pad_side
+
+
+def _one_rank_grows_a_context():
+    """Both ranks make the all_reduce context with a first call; then rank 0 calls with more elements than it holds
+    (so it replaces the context: a collective step) while rank 1 calls with the old size. Rank 0's named barrier
+    names rank 1 as missing; rank 1's kernel times out on rank 0's READY signal, labelled."""
+    w = this_world()
+    ops.all_reduce(torch.ones(100))
+    try:
+        ops.all_reduce(torch.ones(5000 if w.rank == 0 else 100))
+        sync()
+    except (triton_dist.CallMismatch, triton_dist.SignalTimeout) as err:
+        return type(err).__name__, str(err)
+    return None
+
+
+def _named_barriers():
+    w = this_world()
+    try:
+        w.barrier("step A" if w.rank == 0 else "step B")
+    except triton_dist.CallMismatch as err:
+        return str(err)
+    return None
+
+
+def test_a_collective_step_only_one_rank_takes_is_named():
+    from conftest import BACKEND, new_world
+    if BACKEND != "cpu":
+        pytest.skip("a GPU trap ends the process's CUDA context; the CPU world checks the host side")
+    with new_world(2, env={"TRITON_DIST_WAIT_TIMEOUT_S": "2"}) as w:
+        grew, stayed = w.run(_one_rank_grows_a_context, timeout=120)
+    assert grew[0] == "CallMismatch" and "closing a context of all_reduce" in grew[1], grew
+    assert "waited 2 s for ranks [1], which did not come" in grew[1], grew
+    assert stayed[0] == "SignalTimeout" and "all_reduce's LL call header from rank 0" in stayed[1], stayed
+    with new_world(2) as w:
+        a, b = w.run(_named_barriers, timeout=60)
+    assert "rank 0: step A, but rank 1 was step B" in a, a
+    assert "rank 1: step B, but rank 0 was step A" in b, b
 
 
 def test_calls_that_differ_across_ranks_raise_everywhere():

@@ -364,3 +364,54 @@ def test_chunk_tile_order():
         assert {c for c, _, _ in part} == {(first + i) % world}
         assert sorted((m, n) for _, m, n in part) == [(m, n) for m in range(tiles_m) for n in range(tiles_n)]
         assert [m for _, m, _ in part[:2 * tiles_n]] == [0, 1] * tiles_n  # first group: rows 0 and 1, by column
+
+
+def _gemm_calls_that_differ():
+    """Rank 0 calls each overlapped GEMM with other rows (or another method) than the others (no TRITON_DIST_DEBUG):
+    the ready round's signature (ag_gemm) or the call headers (gemm_rs, gemm_ar) stop the call with CallMismatch on
+    the ranks that compare, instead of garbage or a wait for tiles that never come. Each case on a fresh context."""
+    import triton_dist
+    w = this_world()
+    ws, k, n = w.world_size, 16, 8
+    b = rand((k, n), torch.float32, 5, w.device)
+    m0 = 3 if w.rank == 0 else 5
+    cases = [
+        ("ag_gemm sm", lambda: agm.AGGemmContext(ws * 8, k, n, torch.float32, config=SMALL),
+         lambda c: agm.ag_gemm(rand((m0, k), torch.float32, 1, w.device), b, ctx=c, method="sm")),
+        ("ag_gemm copy_engine", lambda: agm.AGGemmContext(ws * 8, k, n, torch.float32, config=SMALL),
+         lambda c: agm.ag_gemm(rand((m0, k), torch.float32, 1, w.device), b, ctx=c, method="copy_engine")),
+        ("ag_gemm methods", lambda: agm.AGGemmContext(ws * 8, k, n, torch.float32, config=SMALL),
+         lambda c: agm.ag_gemm(rand((4, k), torch.float32, 1, w.device), b, ctx=c,
+                               method="sm" if w.rank == 0 else "sequential")),
+        ("gemm_rs fused", lambda: grs.GemmRSContext(ws * 8, k, n, torch.float32, config=SMALL),
+         lambda c: grs.gemm_rs(rand((ws * m0, k), torch.float32, 1, w.device), b, ctx=c, method="fused")),
+        ("gemm_rs methods", lambda: grs.GemmRSContext(ws * 8, k, n, torch.float32, config=SMALL),
+         lambda c: grs.gemm_rs(rand((ws * 4, k), torch.float32, 1, w.device), b, ctx=c,
+                               method="sequential_reduce" if w.rank == 0 else "decomposed")),
+        ("gemm_ar fused", lambda: gar.GemmARContext(8, k, n, torch.float32),
+         lambda c: gar.gemm_ar(rand((m0, k), torch.float32, 1, w.device), b, ctx=c, method="fused")),
+    ]
+    got = {}
+    for name, make, call in cases:
+        ctx = make()
+        try:
+            call(ctx)
+            sync()
+            got[name] = None
+        except triton_dist.CallMismatch as err:
+            got[name] = str(err)
+        triton_dist.barrier()
+    return got
+
+
+def test_gemm_calls_that_differ_across_ranks_raise():
+    from conftest import new_world
+    if BACKEND != "cpu":
+        pytest.skip("a GPU trap ends the process's CUDA context: the GPU suite checks the collectives' case")
+    with new_world(2, env={"TRITON_DIST_WAIT_TIMEOUT_S": "20"}) as w:
+        per_rank = w.run(_gemm_calls_that_differ, timeout=240)
+    for name in per_rank[0]:
+        msgs = [per_rank[r][name] for r in range(2)]
+        # every rank that compares raises; in the CPU world each rank compares every peer's call
+        assert all(m is not None and "called differently across ranks" in m for m in msgs), (name, msgs)
+    assert "gemm_rs(method=fused" in per_rank[0]["gemm_rs fused"], per_rank[0]["gemm_rs fused"]

@@ -30,9 +30,19 @@ with its own (:func:`check_signatures`): ranks that called differently stop with
 and trap on GPUs) instead of returning garbage. The SIG slots are rewritten only after ``DONE >= e-1`` of every peer,
 so a peer still comparing the previous call's never sees the next one's. The kernels take ``sig`` with
 ``do_not_specialize``: one binary serves every signature.
+
+Signature headers. Protocols without a ready round (the LL methods, the overlapped GEMMs' tile flags) send the
+signature as a *header*: one 64-bit word ``(epoch << 32) | sig`` per sender and call parity (:func:`send_header`),
+polled like LL data (:func:`check_headers`), so a receiver compares the call before it waits for data that a peer
+making another call would never send.
+
+Error messages. Every context labels its signal words on the heap (:func:`label_pad`,
+``SymmetricHeap.label``): a wait that times out then names the op, the signal, the rank that had not arrived and
+what to check, not only a heap offset.
 """
 from __future__ import annotations
 
+import collections
 import zlib
 
 import torch
@@ -41,6 +51,7 @@ import triton.language as tl
 
 import triton_dist
 import triton_dist.language as dl
+from triton_dist.runtime.errors import name_signature
 
 
 READY = tl.constexpr(0)  # pad regions: staging filled,
@@ -51,6 +62,8 @@ REGIONS = tl.constexpr(4)
 SIGNATURE_CHECK = tl.constexpr(3)  # dl.check_agree code of a signature mismatch (runtime.errors.AGREE_CHECKS)
 REDUCTION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_TILE_ELEMS = 8192  # the largest tile of a reduction call (CollectiveContext.tile_elems)
+MAX_PEERS = tl.constexpr(64)  # lanes of a vector poll over every rank (device_state.MAX_RANKS)
+REGION_NAMES = ("READY", "REDUCED", "DONE", "SIG")
 
 
 @triton.jit
@@ -110,6 +123,33 @@ def check_signatures(pad_ptr, sig, world, token):
     slots = dl.consume_token(signal_slots(pad_ptr, SIG, world), token)
     for peer in range(world):
         dl.check_agree(sig, tl.load(slots + peer), peer, SIGNATURE_CHECK)
+
+
+@triton.jit
+def send_header(hdr_ptr, sig, e, rank, peer):
+    """Store this call's header ``(e << 32) | sig`` into slot ``[e % 2][rank]`` of ``peer``'s headers (``hdr_ptr``:
+    ``2 x world`` int64 words, symmetric; one 8-byte store, single-copy atomic). A slot of parity ``e % 2`` is
+    rewritten in call ``e + 2``: the protocol must order that after every receiver checked call ``e``."""
+    world = dl.num_ranks()
+    packed = (e.to(tl.int64) << 32) | (sig.to(tl.int64) & 0xFFFFFFFF)
+    dl.st(dl.symm_at(hdr_ptr + (e % 2) * world + rank, peer), packed, "sys", "volatile")
+
+
+@triton.jit
+def send_headers(hdr_ptr, sig, e, rank, world):
+    """:func:`send_header` to every rank (this one included)."""
+    for i in range(world):
+        send_header(hdr_ptr, sig, e, rank, (rank + i) % world)
+
+
+@triton.jit
+def check_headers(hdr_ptr, sig, e, world):
+    """Wait for every rank's header of call ``e`` (one vector poll) and stop the call with ``CallMismatch`` if one
+    carries another signature than ``sig``."""
+    src = tl.arange(0, MAX_PEERS)
+    src = tl.where(src < world, src, 0)  # lanes past the world poll rank 0's word
+    got = dl.wait_flagged(hdr_ptr + (e % 2) * world + src, e)
+    dl.check_agree(sig, got, src, SIGNATURE_CHECK)
 
 
 @triton.jit
@@ -261,7 +301,63 @@ def call_signature(op: str, method: str, dtype: torch.dtype, numel: int, *extra)
     sig = _signatures.get(key)
     if sig is None:
         sig = _signatures[key] = zlib.crc32(repr(key).encode()) & 0x7FFFFFFF
+        more = "".join(f", {x}" for x in extra)
+        name_signature(sig, f"{op}(method={method}, {str(dtype).replace('torch.', '')}, {numel} elements{more})")
     return sig
+
+
+def _hint(op: str) -> str:
+    return (f"every rank must make the same sequence of {op} calls with the same method, dtype and sizes "
+            "(TRITON_DIST_DEBUG=1 checks each call on the host before launch)")
+
+
+def label_pad(pad: torch.Tensor, op: str, world_size: int, history=None) -> None:
+    """Label a signal pad (``[program][region][rank]`` int32, see the module docstring) for the watchdog;
+    ``history()``, if given, adds the context's latest launches to the description."""
+    verbs = {"READY": "reached", "REDUCED": "reduced its chunk of", "DONE": "finished reading the data of",
+             "SIG": "published its signature for"}
+
+    def describe(i, expected, seen):
+        p, region, src = i // (REGIONS.value * world_size), (i // world_size) % REGIONS.value, i % world_size
+        name = REGION_NAMES[region]
+        text = f"{op}'s {name} signal of program {p} from rank {src}"
+        if expected is not None:
+            text += (f"; rank {src} has not {verbs[name]} call {expected} of this {op} context yet (it is at "
+                     f"{seen}): {_hint(op)}")
+        if history is not None:
+            text += f". This rank's latest launches on the context (host order, newest last): {history()}"
+        return text
+
+    triton_dist.current_world().heap.label(pad, describe)
+
+
+def label_words(t: torch.Tensor, op: str, names) -> None:
+    """Label a small signal array: ``names(i) -> (what element i is, rank that sets it or None)``."""
+
+    def describe(i, expected, seen):
+        what, src = names(i)
+        text = f"{op}'s {what}"
+        if expected is not None and src is not None:
+            text += f"; rank {src} has not set it for call {expected} yet (it is at {seen}): {_hint(op)}"
+        return text
+
+    triton_dist.current_world().heap.label(t, describe)
+
+
+def label_headers(hdr: torch.Tensor, op: str, world_size: int, per_program: int = 0) -> None:
+    """Label signature headers (``[program][2][rank]`` int64 words, :func:`send_header`; ``per_program`` 0: one
+    set for the whole call)."""
+
+    def describe(i, expected, seen):
+        p, src = divmod(i, 2 * world_size)
+        src %= world_size
+        who = f"program {p}'s " if per_program else ""
+        text = f"{op}'s {who}call header from rank {src}"
+        if expected is not None:
+            text += f"; rank {src} has not started call {expected} of this {op} context yet: {_hint(op)}"
+        return text
+
+    triton_dist.current_world().heap.label(hdr, describe)
 
 
 def epoch_counters(programs: int, device) -> torch.Tensor:
@@ -332,6 +428,8 @@ class CollectiveContext:
     order (the op functions in :mod:`triton_dist.ops` do this lazily on the first call with a given size).
     """
 
+    op = "collective"  # the op's name in error messages
+
     def __init__(self, staging_bytes: int, num_programs: int | None = None):
         self.world = triton_dist.current_world()
         self.num_programs = num_programs or default_programs(self.world)
@@ -339,8 +437,11 @@ class CollectiveContext:
         # rounded up to 16 bytes, so the staging can be viewed as any word type
         self.staging = triton_dist.empty((max(-(-staging_bytes // 16) * 16, 16),), torch.uint8)
         self.pad = triton_dist.zeros((REGIONS.value * self.num_programs * self.world.world_size,), torch.int32)
+        self._launches: collections.deque = collections.deque(maxlen=4)  # (layout, programs, wait_all): messages
+        label_pad(self.pad, self.op, self.world.world_size,
+                  lambda: ", ".join(f"{lay} on {p} programs (wait_all {w})" for lay, p, w in self._launches))
         self.counters = epoch_counters(self.num_programs, self.world.device)
-        self.world.barrier()  # every pad is zero before any rank announces into it
+        self.world.barrier(f"creating a context of {self.op}")  # every pad is zero before any rank announces into it
 
     def programs_for(self, numel: int, block: int) -> int:
         """Programs for a call over ``numel`` elements in tiles of ``block``: one per tile, at most ``num_programs``."""
@@ -360,7 +461,9 @@ class CollectiveContext:
         key = (layout, programs or self.num_programs)
         prev = getattr(self, "_layout", key)
         self._layout = key
-        return 0 if prev == key else prev[1]
+        wait_all = 0 if prev == key else prev[1]
+        self._launches.append((layout, key[1], wait_all))
+        return wait_all
 
     def staging_as(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
@@ -383,7 +486,7 @@ class CollectiveContext:
 
     def close(self) -> None:
         """Free the symmetric buffers (collective: every rank closes the same contexts in the same order)."""
-        self.world.barrier()
+        self.world.barrier(f"closing a context of {self.op}")
         triton_dist.free(self.pad)
         triton_dist.free(self.staging)
 

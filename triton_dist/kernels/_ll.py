@@ -15,6 +15,12 @@ the buffer starts zeroed, so stale words never match.
 
 Tiles: a program's tile is ``BLOCK`` words; lanes past the end of the message point at the tile's first word (always
 in range), so they store and poll a valid word and no lane waits on a word nobody sends.
+
+Call signature: program 0 of every sender also stores a header ``(epoch << 32) | sig`` (``_common.send_header``) into
+header slot ``[e % 2][rank]`` after the data slots of every receiver; the receiver polls each sender's header in the
+same loop as its words (no extra round trip) and stops the call with ``CallMismatch`` if the sender made another
+call (op, dtype or size): a peer sending fewer words is caught instead of waited for. The headers' reuse follows the
+data slots' argument above.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ import triton.language as tl
 import triton_dist
 import triton_dist.language as dl
 
-from ._common import epoch_counters
+from ._common import SIGNATURE_CHECK, epoch_counters, label_words, send_header
 
 LL_MAX_BYTES = 256 << 10  # per rank and call; larger messages use the staged methods
 FAST_POLL_NS = tl.constexpr(100_000_000)  # vector polling of a tile before the watchdog-checked word-by-word wait
@@ -62,9 +68,19 @@ def ll_send(buf_ptr, slot_words, word, w, e, rank, world):
 
 
 @triton.jit
-def ll_send_all(src_ptr, n, words, buf_ptr, slot_words, e, rank, world, HALF: tl.constexpr, BLOCK: tl.constexpr):
+def ll_headers(buf_ptr, slot_words, world):
+    """The header slots (``2 x world`` int64 words after the data slots) of an LL buffer."""
+    return buf_ptr + 2 * world * slot_words
+
+
+@triton.jit
+def ll_send_all(src_ptr, n, words, buf_ptr, slot_words, e, rank, world, sig, HALF: tl.constexpr,
+                BLOCK: tl.constexpr):
     """Send this program's tiles of a message of ``words`` 32-bit words (``n`` elements at ``src_ptr``, see
-    :func:`ll_pack`) to every rank (:func:`ll_send`)."""
+    :func:`ll_pack`) to every rank (:func:`ll_send`); program 0 first sends the call's header (signature ``sig``)."""
+    if tl.program_id(0) == 0:
+        for i in range(1, world + 1):
+            send_header(ll_headers(buf_ptr, slot_words, world), sig, e, rank, (rank + i) % world)
     for t in range(tl.program_id(0), tl.cdiv(words, BLOCK), tl.num_programs(0)):
         w, mask = ll_lanes(t, words, BLOCK)
         ll_send(buf_ptr, slot_words, ll_pack(src_ptr, w, n, HALF), w, e, rank, world)
@@ -76,17 +92,31 @@ def _all_flagged(v, e):
 
 
 @triton.jit
-def ll_recv(buf_ptr, slot_words, w, e, src, world):
-    """The int32 words ``w`` that rank ``src`` sent in call ``e`` (spins until they arrived).
+def _flagged(h, e):
+    return (h >> 32).to(tl.int32) == e
 
-    Fast path: the whole tile is polled with one vector load per pass (a word-by-word spin would pay one memory
-    latency per word in sequence); after ``FAST_POLL_NS`` without success, ``dl.wait_flagged`` takes over, whose
-    timeout reports the rank, the word and the flag seen to the watchdog."""
+
+@triton.jit
+def ll_recv(buf_ptr, slot_words, w, e, src, world, sig):
+    """The int32 words ``w`` that rank ``src`` sent in call ``e`` (spins until they arrived), after checking that
+    ``src``'s header carries this call's signature ``sig`` (else ``CallMismatch``).
+
+    Fast path: the whole tile and the header are polled with one vector load and one scalar load per pass (a
+    word-by-word spin would pay one memory latency per word in sequence); after ``FAST_POLL_NS`` without success,
+    ``dl.wait_flagged`` takes over (the header first), whose timeout reports the rank, the word and the flag seen to
+    the watchdog."""
     ptrs = buf_ptr + ((e % 2) * world + src).to(tl.int64) * slot_words + w
+    hdr = ll_headers(buf_ptr, slot_words, world) + (e % 2) * world + src
     v = tl.load(ptrs, volatile=True)
+    h = tl.load(hdr, volatile=True)
     t0 = dl.globaltimer()
-    while (not _all_flagged(v, e)) and (dl.globaltimer() - t0 < FAST_POLL_NS):
+    while (not (_all_flagged(v, e) and _flagged(h, e))) and (dl.globaltimer() - t0 < FAST_POLL_NS):
         v = tl.load(ptrs, volatile=True)
+        h = tl.load(hdr, volatile=True)
+    theirs = h.to(tl.int32)
+    if not _flagged(h, e):
+        theirs = dl.wait_flagged(hdr, e)
+    dl.check_agree(sig, theirs, src, SIGNATURE_CHECK)
     words = v.to(tl.int32)
     if not _all_flagged(v, e):
         words = dl.wait_flagged(ptrs, e)
@@ -94,20 +124,29 @@ def ll_recv(buf_ptr, slot_words, w, e, src, world):
 
 
 class LLBuffer:
-    """The symmetric LL buffer of a context: ``2 x world`` slots of ``slot_words`` int64 words, zeroed.
+    """The symmetric LL buffer of a context: ``2 x world`` slots of ``slot_words`` int64 words, then ``2 x world``
+    header words, zeroed. ``op``: the op's name in error messages.
 
     Collective (allocates on the symmetric heap and synchronises, so that no peer writes before every buffer is
     zeroed)."""
 
-    def __init__(self, max_bytes: int, block_words: int, max_programs: int):
+    def __init__(self, max_bytes: int, block_words: int, max_programs: int, op: str = "ll"):
         self.world = triton_dist.current_world()
         words = -(-max(max_bytes, 4) // 4)
         self.slot_words = -(-words // block_words) * block_words  # whole tiles: clamped lanes stay in the slot
         self.max_bytes = 4 * self.slot_words
         self.block_words = block_words
-        self.buf = triton_dist.zeros((2 * self.world.world_size * self.slot_words,), torch.int64)
+        ws, slot = self.world.world_size, self.slot_words
+        self.buf = triton_dist.zeros((2 * ws * (slot + 1),), torch.int64)
+
+        def names(i):
+            if i >= 2 * ws * slot:
+                return f"LL call header from rank {(i - 2 * ws * slot) % ws} (method ll)", (i - 2 * ws * slot) % ws
+            return f"LL word {i % slot} from rank {(i // slot) % ws} (method ll)", (i // slot) % ws
+
+        label_words(self.buf, op, names)
         self.counters = epoch_counters(max_programs, self.world.device)  # LL calls' own epochs (take_epoch)
-        self.world.barrier()
+        self.world.barrier(f"creating the LL buffer of a context of {op}")
 
     def close(self) -> None:
         triton_dist.free(self.buf)

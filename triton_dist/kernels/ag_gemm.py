@@ -17,7 +17,9 @@ Signals (``signals``, int32, on the symmetric heap; ``e`` is the call's epoch, b
   call's chunk, whatever the row ranges of the two calls.
 * ``flag[c]`` (``signals[world + c]``, local): chunk ``c`` is in my buffer for call ``e``. The GEMM's tiles of chunk
   ``c`` wait ``flag[c] >= e`` (acquire), then make the A pointer/descriptor depend on the wait.
-* ``ready`` (the ``pad``, ``[program][rank]``): my shard is in my buffer, as in :mod:`._common`.
+* ``ready`` (the ``pad``, ``[program][rank]``): my shard is in my buffer, as in :mod:`._common`; with it each
+  program publishes the call's signature (``_common.publish_signature``: op, method, rows and K), which the peers
+  check after their ready wait, so ranks calling differently stop with ``CallMismatch``.
 
 Methods (the comm part runs on a side stream, forked from and joined back into the current stream):
 
@@ -44,7 +46,8 @@ import triton.language as tl
 import triton_dist
 import triton_dist.language as dl
 
-from ._common import REGIONS, announce, await_all, copy_blocks
+from ._common import (REGIONS, SIG, SIGNATURE_CHECK, announce, await_all, call_signature, check_signatures,
+                      copy_blocks, label_pad, label_words, publish_signature)
 from .gemm import (OverlapContext, announce_done, check_method, check_operands, check_out, chunk_tile,
                    dot_precision, fence_async_proxy, num_sms, operands, store_tile, tile_dot)
 
@@ -75,8 +78,8 @@ def _chunk_copied(sig_ptr, chunk, e, nprog):
         dl.notify(sig_ptr + world + chunk, dl.rank(), e, "set", "intra_node")
 
 
-@triton.jit
-def _ag_pull_kernel(a_ptr, gathered_ptr, sig_ptr, pad_ptr, epoch_ptr, chunk_numel, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["sig"])
+def _ag_pull_kernel(a_ptr, gathered_ptr, sig_ptr, pad_ptr, epoch_ptr, chunk_numel, sig, BLOCK: tl.constexpr):
     """Method ``sm`` (and ``sequential``): gather A into ``gathered``, raising each chunk's flag when complete.
     Buffer tiles of BLOCK elements belong to program ``tile % nprog`` on every rank (see ``_common.tile_span``)."""
     rank = dl.rank()
@@ -86,8 +89,11 @@ def _ag_pull_kernel(a_ptr, gathered_ptr, sig_ptr, pad_ptr, epoch_ptr, chunk_nume
     gathered = dl.consume_token(gathered_ptr, dl.wait(sig_ptr, world, "sys", "acquire", e - 1, cmp="ge"))
     copy_blocks(a_ptr, gathered + rank * chunk_numel, 0, chunk_numel, nprog, BLOCK, rank * chunk_numel)
     _chunk_copied(sig_ptr, rank, e, nprog)
+    publish_signature(pad_ptr, sig, rank, world)
     announce(pad_ptr, 0, e, rank, world)
-    base = dl.consume_token(gathered_ptr, await_all(pad_ptr, 0, e, world))
+    token = await_all(pad_ptr, 0, e, world)
+    check_signatures(pad_ptr, sig, world, token)
+    base = dl.consume_token(gathered_ptr, token)
     for i in range(1, world):
         src = (rank + i) % world
         rows = base + src * chunk_numel
@@ -102,20 +108,25 @@ def _ce_begin_kernel(sig_ptr, epoch_ptr):
     dl.wait(sig_ptr, dl.num_ranks(), "sys", "acquire", tl.load(epoch_ptr) - 1, cmp="ge")
 
 
-@triton.jit
-def _ce_step_kernel(sig_ptr, pad_ptr, epoch_ptr, arrived, next_src, PUBLISH: tl.constexpr):
+@triton.jit(do_not_specialize=["sig"])
+def _ce_step_kernel(sig_ptr, pad_ptr, epoch_ptr, arrived, next_src, sig, PUBLISH: tl.constexpr):
     """Method ``copy_engine``, after chunk ``arrived`` was copied into my buffer: raise its flag; with ``PUBLISH``
-    (``arrived`` is my own shard) tell every rank that my chunk is ready. Then wait until rank ``next_src``'s chunk
-    is ready (the next copy reads it), or, with ``next_src < 0``, announce that I finished reading every peer."""
+    (``arrived`` is my own shard) tell every rank that my chunk is ready (with the call's signature ``sig``). Then
+    wait until rank ``next_src``'s chunk is ready (the next copy reads it) and check its signature, or, with
+    ``next_src < 0``, announce that I finished reading every peer."""
     rank = dl.rank()
     world = dl.num_ranks()
     e = tl.load(epoch_ptr)
+    sigs = pad_ptr + SIG * world  # program 0's SIG slots
     dl.notify(sig_ptr + world + arrived, rank, e, "set", "intra_node")
     if PUBLISH:
         for peer in range(world):
-            dl.notify(pad_ptr + rank, peer, e, "set", "intra_node")
+            tl.store(dl.symm_at(sigs + rank, peer), sig)
+        for peer in range(world):
+            dl.notify(pad_ptr + rank, peer, e, "set", "intra_node")  # release: after the signature stores
     if next_src >= 0:
-        dl.wait(pad_ptr + next_src, 1, "sys", "acquire", e, cmp="ge")
+        token = dl.wait(pad_ptr + next_src, 1, "sys", "acquire", e, cmp="ge")
+        dl.check_agree(sig, tl.load(dl.consume_token(sigs, token) + next_src), next_src, SIGNATURE_CHECK)
     else:
         for peer in range(world):
             dl.notify(sig_ptr + rank, peer, e, "set", "intra_node")
@@ -169,8 +180,13 @@ class AGGemmContext(OverlapContext):
         self.gathered = self._alloc((max_m, k), dtype)
         self.pad = self._alloc((REGIONS.value * self.num_programs * world,), torch.int32, zero=True)
         self.signals = self._alloc((3 * world + 1,), torch.int32, zero=True)
+        label_pad(self.pad, self.op, world)
+        label_words(self.signals, self.op, lambda i: (
+            (f"done signal of rank {i} (it finished reading my gathered rows)", i) if i < world else
+            (f"flag of chunk {i - world} (that rank's rows are in my gathered buffer)", None) if i < 2 * world else
+            ("chunk copy counter", None)))
         self.peer_gathered = [triton_dist.peer_view(self.gathered, p) for p in range(world)]
-        self.world.barrier()  # every rank's signals are zero before anyone raises one
+        self.world.barrier(f"creating a context of {self.op}")  # every rank's signals are zero before anyone raises one
 
 
 def pick_method(m: int, n: int = 1 << 30) -> str:
@@ -180,14 +196,14 @@ def pick_method(m: int, n: int = 1 << 30) -> str:
     return "copy_engine" if m >= COPY_ENGINE_MIN_M else AUTO_METHOD
 
 
-def _gather_copy_engine(ctx: AGGemmContext, a: torch.Tensor, m_loc: int, epoch: torch.Tensor) -> None:
+def _gather_copy_engine(ctx: AGGemmContext, a: torch.Tensor, m_loc: int, epoch: torch.Tensor, sig: int) -> None:
     rank, world = ctx.world.rank, ctx.world.world_size
     _ce_begin_kernel[(1,)](ctx.signals, epoch, num_warps=1)
     ctx.gathered[rank * m_loc:(rank + 1) * m_loc].copy_(a)
     arrived, publish = rank, True
     for i in range(1, world + 1):
         src = (rank + i) % world if i < world else -1
-        _ce_step_kernel[(1,)](ctx.signals, ctx.pad, epoch, arrived, src, PUBLISH=publish, num_warps=1)
+        _ce_step_kernel[(1,)](ctx.signals, ctx.pad, epoch, arrived, src, sig, PUBLISH=publish, num_warps=1)
         if src >= 0:
             rows = slice(src * m_loc, (src + 1) * m_loc)
             ctx.gathered[rows].copy_(ctx.peer_gathered[src][rows])
@@ -213,8 +229,9 @@ def ag_gemm(a: torch.Tensor, b: torch.Tensor, *, ctx: AGGemmContext, method: str
         return (out, gathered) if return_gathered else out
     method = pick_method(m, n) if method == "auto" else method
     epoch = ctx.next_epoch()
+    sig = call_signature("ag_gemm", method, a.dtype, m_loc * k, k)  # N may differ across ranks (own B)
     if method == "sequential":
-        _ag_pull_kernel[(ctx.num_programs,)](a, ctx.gathered, ctx.signals, ctx.pad, epoch, m_loc * k,
+        _ag_pull_kernel[(ctx.num_programs,)](a, ctx.gathered, ctx.signals, ctx.pad, epoch, m_loc * k, sig,
                                              BLOCK=ctx.block, num_warps=8)
         torch.matmul(gathered, b, out=out)
         return (out, gathered) if return_gathered else out
@@ -224,9 +241,9 @@ def ag_gemm(a: torch.Tensor, b: torch.Tensor, *, ctx: AGGemmContext, method: str
         with ctx.side_stream():
             if method == "sm":
                 _ag_pull_kernel[(ctx.comm_programs,)](a, ctx.gathered, ctx.signals, ctx.pad, epoch, m_loc * k,
-                                                      BLOCK=ctx.block, num_warps=8)
+                                                      sig, BLOCK=ctx.block, num_warps=8)
             else:
-                _gather_copy_engine(ctx, a, m_loc, epoch)
+                _gather_copy_engine(ctx, a, m_loc, epoch, sig)
         budget = ctx.num_programs - (ctx.comm_programs if method == "sm" else 1)
         tiles = world * triton.cdiv(m_loc, cfg.block_m) * triton.cdiv(n, cfg.block_n)
         _ag_gemm_kernel[(min(budget, tiles),)](

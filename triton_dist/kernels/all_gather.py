@@ -97,23 +97,26 @@ def _ring_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, m, wait_all, s
     announce(pad_ptr, DONE, e, rank, world)
 
 
-@triton.jit
-def _ll_kernel(x_ptr, out_ptr, buf_ptr, epoch_ptr, words, slot_words, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["sig"])
+def _ll_kernel(x_ptr, out_ptr, buf_ptr, epoch_ptr, words, slot_words, sig, BLOCK: tl.constexpr):
     """LL all-gather over int32 words: send every tile, then copy every rank's words out."""
     rank = dl.rank()
     world = dl.num_ranks()
     e = take_epoch(epoch_ptr)
-    ll_send_all(x_ptr, words, words, buf_ptr, slot_words, e, rank, world, False, BLOCK)
+    ll_send_all(x_ptr, words, words, buf_ptr, slot_words, e, rank, world, sig, False, BLOCK)
     for t in range(tl.program_id(0), tl.cdiv(words, BLOCK), tl.num_programs(0)):
         w, mask = ll_lanes(t, words, BLOCK)
         for i in range(world):
             src = (rank + i) % world
-            tl.store(out_ptr + src * words + w, ll_recv(buf_ptr, slot_words, w, e, src, world), mask=mask)
+            tl.store(out_ptr + src * words + w, ll_recv(buf_ptr, slot_words, w, e, src, world, sig),
+                     mask=mask)
 
 
 class AllGatherContext(CollectiveContext):
     """Staging for all-gathers of up to ``max_numel`` elements per rank (``world * max_numel`` for push), and an LL
     buffer for up to ``LL_MAX_BYTES`` of them."""
+
+    op = "all_gather"
 
     def __init__(self, max_numel: int, dtype: torch.dtype, num_programs: int | None = None):
         world = triton_dist.current_world().world_size
@@ -121,7 +124,8 @@ class AllGatherContext(CollectiveContext):
         self.dtype = dtype
         nbytes = max_numel * torch.empty((), dtype=dtype).element_size()
         super().__init__(world * nbytes, num_programs=num_programs)
-        self.ll = LLBuffer(min(nbytes, LL_MAX_BYTES), 256 if self.world.interpreted else 1024, self.num_programs)
+        self.ll = LLBuffer(min(nbytes, LL_MAX_BYTES), 256 if self.world.interpreted else 1024, self.num_programs,
+                           self.op)
 
     def close(self) -> None:
         super().close()
@@ -169,7 +173,8 @@ def all_gather(x: torch.Tensor, *, ctx: AllGatherContext, method: str = "auto",
     if method == "ll":
         block = ctx.ll.block_words
         _ll_kernel[(ctx.programs_for(m, block),)](xw, outw, ctx.ll.buf, ctx.ll.counters, m, ctx.ll.slot_words,
-                                                  BLOCK=block, num_warps=4)
+                                                  call_signature("all_gather", "ll", x.dtype, m), BLOCK=block,
+                                                  num_warps=4)
         return out
     if method == "copy_engine":
         _copy_engine_all_gather(xw, outw, ctx)

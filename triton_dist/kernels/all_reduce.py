@@ -84,21 +84,22 @@ def _push_one_shot_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, n, sl
     announce(pad_ptr, DONE, e, rank, world)
 
 
-@triton.jit
-def _ll_kernel(x_ptr, out_ptr, buf_ptr, epoch_ptr, n, words, slot_words, HALF: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["sig"])
+def _ll_kernel(x_ptr, out_ptr, buf_ptr, epoch_ptr, n, words, slot_words, sig, HALF: tl.constexpr,
+               BLOCK: tl.constexpr):
     """LL all-reduce: send every tile, then sum every rank's words in rank order. ``x_ptr`` is an int16 (``HALF``)
     or int32 view of x, ``out_ptr`` the typed output."""
     rank = dl.rank()
     world = dl.num_ranks()
     e = take_epoch(epoch_ptr)
-    ll_send_all(x_ptr, n, words, buf_ptr, slot_words, e, rank, world, HALF, BLOCK)
+    ll_send_all(x_ptr, n, words, buf_ptr, slot_words, e, rank, world, sig, HALF, BLOCK)
     dtype = out_ptr.dtype.element_ty
     for t in range(tl.program_id(0), tl.cdiv(words, BLOCK), tl.num_programs(0)):
         w, mask = ll_lanes(t, words, BLOCK)
         lo = tl.zeros([BLOCK], dtype=tl.float32)
         hi = tl.zeros([BLOCK], dtype=tl.float32)
         for src in range(world):
-            v = ll_recv(buf_ptr, slot_words, w, e, src, world)
+            v = ll_recv(buf_ptr, slot_words, w, e, src, world, sig)
             if HALF:
                 lo += v.to(tl.int16).to(dtype, bitcast=True).to(tl.float32)
                 hi += (v >> 16).to(tl.int16).to(dtype, bitcast=True).to(tl.float32)
@@ -138,7 +139,8 @@ class AllReduceContext(ReductionContext):
     def __init__(self, max_numel: int, dtype: torch.dtype, num_programs: int | None = None):
         super().__init__(max_numel, dtype, num_programs=num_programs)
         nbytes = max_numel * torch.empty((), dtype=dtype).element_size()
-        self.ll = LLBuffer(min(nbytes, LL_MAX_BYTES), 256 if self.world.interpreted else 1024, self.num_programs)
+        self.ll = LLBuffer(min(nbytes, LL_MAX_BYTES), 256 if self.world.interpreted else 1024, self.num_programs,
+                           self.op)
 
     def close(self) -> None:
         super().close()
@@ -213,7 +215,8 @@ def _ll_all_reduce(x: torch.Tensor, out: torch.Tensor, ctx: AllReduceContext) ->
     block = ctx.ll.block_words
     epoch = ctx.ll.counters
     _ll_kernel[(ctx.programs_for(words, block),)](x.view(torch.int16 if half else torch.int32), out, ctx.ll.buf,
-                                                  epoch, x.numel(), words, ctx.ll.slot_words, HALF=half,
+                                                  epoch, x.numel(), words, ctx.ll.slot_words,
+                                                  call_signature("all_reduce", "ll", x.dtype, x.numel()), HALF=half,
                                                   BLOCK=block, num_warps=4)
     return out
 

@@ -159,6 +159,8 @@ class AllToAllContext(CollectiveContext):
         ctx.close()
     """
 
+    op = "all_to_all"
+
     def __init__(self, max_bytes: int, dtype: torch.dtype | None = None, *, num_programs: int | None = None,
                  tile_bytes: int | None = None):
         if not isinstance(max_bytes, int) or max_bytes < 0:

@@ -323,7 +323,7 @@ class OverlapContext:
 
     def close(self) -> None:
         """Free the symmetric buffers (collective: every rank closes the same contexts in the same order)."""
-        self.world.barrier()
+        self.world.barrier(f"closing a context of {self.op}")
         for t in reversed(self._symmetric):
             triton_dist.free(t)
         self._symmetric.clear()

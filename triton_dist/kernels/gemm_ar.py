@@ -16,6 +16,11 @@ context). Tile ``t`` (row-major over the ``M x N`` output) belongs to program ``
    sums the slots in rank order in fp32 and stores the output;
 4. announces ``done = e`` to program ``p`` of every rank.
 
+With step 2 program ``p`` sends the call's header (signature: M, N, partial dtype; ``_common.send_header``) to
+program ``p`` of every rank, and checks every sender's before its step-3 waits: ranks calling differently stop with
+``CallMismatch`` instead of waiting for tiles that never come. A header slot is rewritten only after its receiver's
+``done`` of the call before (step 1).
+
 ``e`` is the call's epoch, bumped on the stream; signals only grow, so back-to-back calls and CUDA-graph replays need
 no reset and no host sync. Every rank sums the same partials in the same order: identical results everywhere.
 
@@ -33,7 +38,8 @@ import triton_dist
 import triton_dist.language as dl
 
 from . import all_reduce as _ar
-from ._common import DONE, REGIONS, announce, await_all
+from ._common import (DONE, REGIONS, announce, await_all, call_signature, check_headers, label_headers, label_pad,
+                      label_words, send_headers)
 from .gemm import (DTYPES, GemmConfig, OverlapContext, check_method, check_operands, check_out,
                    dot_precision, num_sms, operands, store_tile, tile_dot)
 
@@ -44,9 +50,9 @@ METHODS = ("fused", "sequential")
 FUSED_MAX_M = 0
 
 
-@triton.jit
-def _gemm_ar_kernel(a, b, out_ptr, slots_ptr, flags_ptr, pad_ptr, epoch_ptr, M, N, K,
-                    stride_am, stride_ak, stride_bk, stride_bn, slot_stride,
+@triton.jit(do_not_specialize=["call_sig"])
+def _gemm_ar_kernel(a, b, out_ptr, slots_ptr, flags_ptr, pad_ptr, hdr_ptr, epoch_ptr, M, N, K,
+                    stride_am, stride_ak, stride_bk, stride_bn, slot_stride, call_sig,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     USE_TMA: tl.constexpr, B_TRANS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     rank = dl.rank()
@@ -58,6 +64,8 @@ def _gemm_ar_kernel(a, b, out_ptr, slots_ptr, flags_ptr, pad_ptr, epoch_ptr, M, 
     num_tiles = tl.cdiv(M, BLOCK_M) * tiles_n
     # 1. program pid of every rank finished reading the previous call's slots
     slots = dl.consume_token(slots_ptr, await_all(pad_ptr, DONE, e - 1, world))
+    hdr = hdr_ptr + pid * 2 * world  # program pid's headers
+    send_headers(hdr, call_sig, e, rank, world)
     # 2. my tiles: compute, push into slot `rank` everywhere, raise the tile's flag everywhere
     for t in range(pid, num_tiles, nprog):
         off_m = (t // tiles_n) * BLOCK_M
@@ -69,7 +77,8 @@ def _gemm_ar_kernel(a, b, out_ptr, slots_ptr, flags_ptr, pad_ptr, epoch_ptr, M, 
             store_tile(dl.symm_at(slots, peer) + rank * slot_stride, acc, off_m, off_n, M, N, N, 1, BLOCK_M, BLOCK_N)
         for i in range(world):
             dl.notify(flags_ptr + t * world + rank, (rank + i) % world, e, "set", "intra_node")
-    # 3. the same tiles from every rank, summed in rank order
+    # 3. the same tiles from every rank, summed in rank order (every rank made this call: the headers)
+    check_headers(hdr, call_sig, e, world)
     for t in range(pid, num_tiles, nprog):
         token = dl.wait(flags_ptr + t * world, world, "sys", "acquire", e, cmp="ge")
         base = dl.consume_token(slots_ptr, token)
@@ -120,8 +129,14 @@ class GemmARContext(OverlapContext):
         self.slots = self._alloc((world.world_size, max_m, n), self.partial_dtype)
         self.flags = self._alloc((max_tiles * world.world_size,), torch.int32, zero=True)
         self.pad = self._alloc((REGIONS.value * self.num_programs * world.world_size,), torch.int32, zero=True)
+        self.headers = self._alloc((self.num_programs * 2 * world.world_size,), torch.int64, zero=True)
+        label_pad(self.pad, self.op, world.world_size)
+        label_headers(self.headers, self.op, world.world_size, per_program=1)
+        label_words(self.flags, self.op, lambda i: (f"flag of tile {i // world.world_size} from rank "
+                                                     f"{i % world.world_size} (its partial is in my slots)",
+                                                     i % world.world_size))
         self._ar_ctx = None
-        self.world.barrier()  # every rank's signals are zero before anyone raises one
+        self.world.barrier(f"creating a context of {self.op}")  # every rank's signals are zero before anyone raises one
 
     def all_reduce_context(self) -> _ar.AllReduceContext:
         """The collective's context of method ``sequential``, made on its first use (collective)."""
@@ -158,9 +173,10 @@ def gemm_ar(a: torch.Tensor, b: torch.Tensor, *, ctx: GemmARContext, method: str
     cfg = ctx.config
     epoch = ctx.next_epoch()
     a_arg, b_arg, use_tma, b_trans = operands(a, b, cfg)
+    sig = call_signature("gemm_ar", method, a.dtype, m * n, str(ctx.partial_dtype))  # K may differ across ranks
     _gemm_ar_kernel[(ctx.num_programs,)](
-        a_arg, b_arg, out, ctx.slots, ctx.flags, ctx.pad, epoch, m, n, k, a.stride(0), a.stride(1),
-        b.stride(0), b.stride(1), ctx.max_m * n,
+        a_arg, b_arg, out, ctx.slots, ctx.flags, ctx.pad, ctx.headers, epoch, m, n, k, a.stride(0), a.stride(1),
+        b.stride(0), b.stride(1), ctx.max_m * n, sig,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_TMA=use_tma, B_TRANS=b_trans,
         DOT_PRECISION=dot_precision(a.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out

@@ -17,6 +17,11 @@ Signals (int32 on the symmetric heap; ``e`` is the call's epoch, bumped on the s
 * ``done[d]`` (``signals[d]``): rank ``d``'s reduction of call ``e`` finished reading its receive buffer. A GEMM
   tile for ``d`` waits ``done[d] >= e-1`` before storing into ``d``'s buffer, so a fast rank cannot overwrite a slot
   a slow peer still reduces. The last reduction program to finish (a local counter) announces ``done``.
+* ``headers`` (``2 x world`` int64, ``_common.send_header``): the call's signature (op, method, M, N, partial
+  dtype) flagged with its epoch. Program 0 of the GEMM (the copy kernels in ``decomposed``) sends it to every rank
+  before any tile; each reduction program checks every sender's (one vector poll) before it waits for a tile, so
+  ranks calling differently stop with ``CallMismatch`` instead of waiting for tiles that never come. A parity slot
+  is rewritten two calls later, after the sender's tiles of the call between waited for the receiver's ``done``.
 
 Methods:
 
@@ -44,7 +49,8 @@ import triton_dist
 import triton_dist.language as dl
 
 from . import reduce_scatter as _rs
-from ._common import reduce_slots
+from ._common import (call_signature, check_headers, label_headers, label_words, reduce_slots, send_header,
+                      send_headers)
 from .gemm import (DTYPES, OverlapContext, announce_done, check_method, check_operands, check_out, chunk_tile,
                    dot_precision, grouped_tile, num_sms, operands, store_tile, tile_dot)
 
@@ -61,16 +67,19 @@ REDUCE_PROGRAMS = 16  # programs of the reduction next to the GEMM (method "fuse
 REDUCE_ROWS = 32  # rows of a tile the reduction sums at a time on GPUs (registers)
 
 
-@triton.jit
-def _gemm_rs_kernel(a, b, recv_ptr, flags_ptr, sig_ptr, epoch_ptr, m_loc, N, K,
-                    stride_am, stride_ak, stride_bk, stride_bn, slot_stride,
+@triton.jit(do_not_specialize=["call_sig"])
+def _gemm_rs_kernel(a, b, recv_ptr, flags_ptr, sig_ptr, hdr_ptr, epoch_ptr, m_loc, N, K,
+                    stride_am, stride_ak, stride_bk, stride_bn, slot_stride, call_sig,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                     USE_TMA: tl.constexpr, B_TRANS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Persistent GEMM; the tiles of chunk d go to slot ``rank`` of rank d's receive buffer (rows relative to the
-    chunk, row stride N), each followed by its flag. Chunks in the order rank+1, ..., rank."""
+    chunk, row stride N), each followed by its flag. Chunks in the order rank+1, ..., rank. Program 0 first sends
+    the call's header to every rank."""
     rank = dl.rank()
     world = dl.num_ranks()
     e = tl.load(epoch_ptr)
+    if tl.program_id(0) == 0:
+        send_headers(hdr_ptr, call_sig, e, rank, world)
     tiles_m = tl.cdiv(m_loc, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     for t in range(tl.program_id(0), world * tiles_m * tiles_n, tl.num_programs(0)):
@@ -85,15 +94,16 @@ def _gemm_rs_kernel(a, b, recv_ptr, flags_ptr, sig_ptr, epoch_ptr, m_loc, N, K,
         dl.notify(flags_ptr + (pid_m * tiles_n + pid_n) * world + rank, dst, e, "set", "intra_node")
 
 
-@triton.jit
-def _rs_reduce_kernel(recv_ptr, out_ptr, flags_ptr, sig_ptr, epoch_ptr, m_loc, N, slot_stride,
+@triton.jit(do_not_specialize=["call_sig"])
+def _rs_reduce_kernel(recv_ptr, out_ptr, flags_ptr, sig_ptr, hdr_ptr, epoch_ptr, m_loc, N, slot_stride, call_sig,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SUB_M: tl.constexpr):
     """Sum every tile of my chunk over the ``world`` slots in rank order (fp32) once all of its partials arrived,
-    ``SUB_M`` rows at a time (registers); the last program to finish tells every rank that my receive buffer may be
-    overwritten."""
+    ``SUB_M`` rows at a time (registers), after checking every sender's call header; the last program to finish
+    tells every rank that my receive buffer may be overwritten."""
     world = dl.num_ranks()
     nprog = tl.num_programs(0)
     e = tl.load(epoch_ptr)
+    check_headers(hdr_ptr, call_sig, e, world)
     tiles_m = tl.cdiv(m_loc, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     for t in range(tl.program_id(0), tiles_m * tiles_n, nprog):
@@ -112,26 +122,32 @@ def _rs_reduce_kernel(recv_ptr, out_ptr, flags_ptr, sig_ptr, epoch_ptr, m_loc, N
     announce_done(sig_ptr, sig_ptr + world, e, nprog)
 
 
-@triton.jit
-def _dec_signal_kernel(sig_ptr, epoch_ptr, dst, PHASE: tl.constexpr):
+@triton.jit(do_not_specialize=["call_sig"])
+def _dec_signal_kernel(sig_ptr, hdr_ptr, epoch_ptr, dst, call_sig, PHASE: tl.constexpr):
     """Method ``decomposed``, one program on a copy stream. ``PHASE`` 0, before my partial of ``dst``'s rows is
-    copied into ``dst``'s receive buffer: ``dst`` finished reducing call e-1 (``done[dst] >= e-1``). 1, after the
-    copy: ``arrived[rank] = e`` on ``dst``."""
+    copied into ``dst``'s receive buffer: ``dst`` finished reducing call e-1 (``done[dst] >= e-1``); then the call's
+    header to ``dst``. 1, after the copy: ``arrived[rank] = e`` on ``dst``."""
     e = tl.load(epoch_ptr)
     if PHASE == 0:
         dl.wait(sig_ptr + dst, 1, "sys", "acquire", e - 1, cmp="ge")
+        send_header(hdr_ptr, call_sig, e, dl.rank(), dst)
     else:
         dl.notify(sig_ptr + dl.num_ranks() + 1 + dl.rank(), dst, e, "set", "intra_node")
 
 
-@triton.jit
-def _dec_reduce_kernel(own_ptr, recv_ptr, out_ptr, sig_ptr, epoch_ptr, n, slot, BLOCK: tl.constexpr):
-    """Method ``decomposed``: once every peer's partial of my rows arrived (``arrived[src] >= e``), sum the
-    ``world`` partials in rank order (fp32; mine from ``own_ptr``) into ``out``; then ``done``."""
+@triton.jit(do_not_specialize=["call_sig"])
+def _dec_reduce_kernel(own_ptr, recv_ptr, out_ptr, sig_ptr, hdr_ptr, epoch_ptr, n, slot, call_sig,
+                       BLOCK: tl.constexpr):
+    """Method ``decomposed``: once every peer's call header checked and its partial of my rows arrived
+    (``arrived[src] >= e``), sum the ``world`` partials in rank order (fp32; mine from ``own_ptr``) into ``out``;
+    then ``done``."""
     rank = dl.rank()
     world = dl.num_ranks()
     nprog = tl.num_programs(0)
     e = tl.load(epoch_ptr)
+    if tl.program_id(0) == 0:
+        send_header(hdr_ptr, call_sig, e, rank, rank)  # mine: the other programs wait for it (no other launch)
+    check_headers(hdr_ptr, call_sig, e, world)
     slots = recv_ptr
     for i in range(1, world):
         src = (rank + i) % world
@@ -170,13 +186,22 @@ class GemmRSContext(OverlapContext):
         self.flags = self._alloc((max_tiles * world,), torch.int32, zero=True)
         # done[world], the reduction's program counter, arrived[world] (method "decomposed")
         self.signals = self._alloc((2 * world + 1,), torch.int32, zero=True)
+        self.headers = self._alloc((2 * world,), torch.int64, zero=True)
+        label_headers(self.headers, self.op, world)
+        label_words(self.flags, self.op, lambda i: (f"flag of tile {i // world} from rank {i % world} (its partial "
+                                                     "is in my receive buffer)", i % world))
+        label_words(self.signals, self.op, lambda i: (
+            (f"done signal of rank {i} (it finished reducing its receive buffer)", i) if i < world else
+            ("reduction program counter", None) if i == world else
+            (f"arrived signal of rank {i - world - 1} (method decomposed: its partial is in my receive buffer)",
+             i - world - 1)))
         self.peer_recv = [triton_dist.peer_view(self.recv, p) for p in range(world)]
         self._send = None
         self._rs_ctx = None
         # method "decomposed" on GPUs: world - 1 copy streams (the DMAs run side by side), one event per chunk
         self.copy_streams = [torch.cuda.Stream(self.world.device) for _ in range(world - 1)] if self.side else []
         self.chunk_events = [torch.cuda.Event() for _ in range(world)] if self.side else []
-        self.world.barrier()  # every rank's signals are zero before anyone raises one
+        self.world.barrier(f"creating a context of {self.op}")  # every rank's signals are zero before anyone raises one
 
     @contextlib.contextmanager
     def copy_stream(self, i: int, after_chunk: int):
@@ -246,21 +271,23 @@ def gemm_rs(a: torch.Tensor, b: torch.Tensor, *, ctx: GemmRSContext, method: str
         return _rs.reduce_scatter(torch.matmul(a, b), ctx=ctx.reduce_scatter_context(), out=out)
     epoch = ctx.next_epoch()
     slot_stride = ctx.max_m_loc * n
+    # K may differ across ranks (each holds its own columns of A); M, N, dtypes and the method may not
+    sig = call_signature("gemm_rs", method, a.dtype, m * n, str(ctx.partial_dtype))
     if method == "decomposed":
         if ctx.partial_dtype != a.dtype:
             raise ValueError(f"gemm_rs: method 'decomposed' sends torch.matmul's {a.dtype} partials; this context's "
                              f"partial_dtype is {ctx.partial_dtype} (use 'fused' or 'sequential_reduce')")
-        _gemm_rs_decomposed(ctx, a, b, out, m_loc, epoch)
+        _gemm_rs_decomposed(ctx, a, b, out, m_loc, epoch, sig)
         return out
     cfg = ctx.config
     a_arg, b_arg, use_tma, b_trans = operands(a, b, cfg)
     chunk_tiles = triton.cdiv(m_loc, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    gemm_args = (a_arg, b_arg, ctx.recv, ctx.flags, ctx.signals, epoch, m_loc, n, k, a.stride(0), a.stride(1),
-                 b.stride(0), b.stride(1), slot_stride)
+    gemm_args = (a_arg, b_arg, ctx.recv, ctx.flags, ctx.signals, ctx.headers, epoch, m_loc, n, k, a.stride(0),
+                 a.stride(1), b.stride(0), b.stride(1), slot_stride, sig)
     gemm_meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                      USE_TMA=use_tma, B_TRANS=b_trans, DOT_PRECISION=dot_precision(a.dtype),
                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    reduce_args = (ctx.recv, out, ctx.flags, ctx.signals, epoch, m_loc, n, slot_stride)
+    reduce_args = (ctx.recv, out, ctx.flags, ctx.signals, ctx.headers, epoch, m_loc, n, slot_stride, sig)
     reduce_meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m,
                        SUB_M=cfg.block_m if ctx.world.interpreted else min(cfg.block_m, REDUCE_ROWS), num_warps=8)
     if method == "fused":
@@ -275,7 +302,7 @@ def gemm_rs(a: torch.Tensor, b: torch.Tensor, *, ctx: GemmRSContext, method: str
     return out
 
 
-def _gemm_rs_decomposed(ctx: GemmRSContext, a, b, out, m_loc: int, epoch: torch.Tensor) -> None:
+def _gemm_rs_decomposed(ctx: GemmRSContext, a, b, out, m_loc: int, epoch: torch.Tensor, sig: int) -> None:
     """One torch.matmul per destination's rows on the current stream, in the order rank+1, ..., rank; each peer's
     partial is copied into its receive buffer by DMA on a copy stream while the next matmul runs; then the
     reduction."""
@@ -287,14 +314,14 @@ def _gemm_rs_decomposed(ctx: GemmRSContext, a, b, out, m_loc: int, epoch: torch.
             torch.matmul(a[dst * m_loc:(dst + 1) * m_loc], b, out=send[dst, :m_loc])
             ctx.chunk_done(dst)
             with ctx.copy_stream(i - 1, after_chunk=dst):
-                _dec_signal_kernel[(1,)](ctx.signals, epoch, dst, PHASE=0, num_warps=1)
+                _dec_signal_kernel[(1,)](ctx.signals, ctx.headers, epoch, dst, sig, PHASE=0, num_warps=1)
                 ctx.peer_recv[dst][rank, :m_loc].copy_(send[dst, :m_loc])
-                _dec_signal_kernel[(1,)](ctx.signals, epoch, dst, PHASE=1, num_warps=1)
+                _dec_signal_kernel[(1,)](ctx.signals, ctx.headers, epoch, dst, sig, PHASE=1, num_warps=1)
         torch.matmul(a[rank * m_loc:(rank + 1) * m_loc], b, out=send[rank, :m_loc])
     block = 1024 if ctx.world.interpreted else 8192
     programs = min(ctx.num_programs, triton.cdiv(m_loc * ctx.n, block))
-    _dec_reduce_kernel[(programs,)](send[rank], ctx.recv, out, ctx.signals, epoch, m_loc * ctx.n,
-                                    ctx.max_m_loc * ctx.n, BLOCK=block, num_warps=8)
+    _dec_reduce_kernel[(programs,)](send[rank], ctx.recv, out, ctx.signals, ctx.headers, epoch, m_loc * ctx.n,
+                                    ctx.max_m_loc * ctx.n, sig, BLOCK=block, num_warps=8)
 
 
 def gemm_rs_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -54,15 +54,6 @@ def _scalar(value, dtype):
     return tl.tensor(TensorHandle(np.array(value, dtype=_NP[dtype]), dtype), dtype)
 
 
-def where_is(addr: int) -> str:
-    """Describe a host address as (owner rank, heap offset) when it lies in a symmetric heap."""
-    heap = current_world().heap
-    for r, base in enumerate(heap.bases):
-        if base <= addr < base + heap.nbytes:
-            return f"rank {r}'s heap offset {addr - base}"
-    return f"address 0x{addr:x} (outside the symmetric heap)"
-
-
 def rank():
     """This rank's index in the world (int32)."""
     return _scalar(current_world().rank, tl.int32)
@@ -91,8 +82,9 @@ def symm_at(ptr, peer):
     return tl.tensor(TensorHandle(np.asarray(new, dtype=np.uint64).reshape(addrs.shape), ptr.handle.dtype), ptr.type)
 
 
-def spin(addr: int, cty, done, what: str, timeout_s: float):
-    """Poll the word at ``addr`` until ``done(value)``; raise :class:`SignalTimeout` after ``timeout_s``."""
+def spin(addr: int, cty, done, what: str, timeout_s: float, expected=None, shown=lambda v: v):
+    """Poll the word at ``addr`` until ``done(value)``; raise :class:`SignalTimeout` after ``timeout_s`` (``what``:
+    the condition in words; ``expected`` and ``shown(last value)`` go to the heap label's description)."""
     cell = cty.from_address(addr)
     deadline = time.monotonic() + timeout_s
     polls = 0
@@ -102,10 +94,8 @@ def spin(addr: int, cty, done, what: str, timeout_s: float):
             time.sleep(0.0002)
         if time.monotonic() > deadline:
             w = current_world()
-            raise SignalTimeout(
-                f"rank {w.rank} waited {timeout_s:g} s on the signal at {where_is(addr)} for value {what}, "
-                f"last saw {seen}{_program_note()}; a peer never sent it (check the signal protocol, or raise "
-                "TRITON_DIST_WAIT_TIMEOUT_S)")
+            raise SignalTimeout(w.heap.timeout_message(w.rank, f"{timeout_s:g}", addr, what, expected, shown(seen),
+                                                       _program_note()))
     return seen
 
 
@@ -141,9 +131,9 @@ def wait(signal_ptrs, num_signals=1, scope="sys", semantic="acquire", wait_value
     timeout = current_world().config.wait_timeout_s
     for i in range(_int(num_signals)):
         if cmp == "eq":
-            spin(addr0 + i * ctypes.sizeof(cty), cty, lambda v: v == expected, str(expected), timeout)
+            spin(addr0 + i * ctypes.sizeof(cty), cty, lambda v: v == expected, str(expected), timeout, expected)
         else:
-            spin(addr0 + i * ctypes.sizeof(cty), cty, lambda v: v >= expected, f">= {expected}", timeout)
+            spin(addr0 + i * ctypes.sizeof(cty), cty, lambda v: v >= expected, f">= {expected}", timeout, expected)
     return _scalar(0, tl.int32)  # the token's value means nothing; its use orders later loads
 
 
@@ -155,7 +145,8 @@ def wait_flagged(ptrs, flag):
     want = _int(flag) & 0xFFFFFFFF
     timeout = current_world().config.wait_timeout_s
     for addr in np.asarray(ptrs.handle.data, dtype=np.uint64).reshape(-1):
-        spin(int(addr), ctypes.c_uint64, lambda v: (v >> 32) == want, f"flag {want} in the high word", timeout)
+        spin(int(addr), ctypes.c_uint64, lambda v: (v >> 32) == want, f"flag {want} in the high word", timeout,
+             want, shown=lambda v: v >> 32)
     return tl.load(ptrs, volatile=True).to(tl.int32)
 
 

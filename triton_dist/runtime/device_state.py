@@ -58,16 +58,14 @@ def _on_load(module, function, name, metadata_group, hash):
 def describe(rec) -> str:
     """The watchdog record ``[flag, rank, signal address, expected, seen, SM, program, programs]`` as a message."""
     rank, addr, expected, seen, sm, pid, nprog = (int(v) for v in rec[1:8])
-    where = f"0x{addr:x}"
-    if _world is not None:
-        for r, base in enumerate(_world.heap.bases):
-            if base <= addr < base + _world.heap.nbytes:
-                where = f"rank {r}'s heap offset {addr - base}"
-    timeout = f"{_world.config.wait_timeout_s:g}" if _world else "?"
-    return (f"triton_dist watchdog: rank {rank} waited {timeout} s on the "
-            f"signal at {where} for value {expected}, last saw {seen} (program {pid} of {nprog}, SM {sm}); the kernel "
-            "was stopped (under MPS every rank on this GPU fails with it). "
-            "A peer never sent that signal: check the signal protocol, or raise TRITON_DIST_WAIT_TIMEOUT_S.")
+    program = f" (program {pid} of {nprog}, SM {sm})"
+    if _world is None:
+        text = f"rank {rank} waited on the signal at 0x{addr:x} for value {expected}, last saw {seen}{program}"
+    else:
+        text = _world.heap.timeout_message(rank, f"{_world.config.wait_timeout_s:g}", addr, expected, expected,
+                                           seen, program)
+    return (f"triton_dist watchdog: {text} The kernel was stopped (under MPS every rank on this GPU fails with "
+            "it).")
 
 
 def _error(rec) -> Exception | None:

@@ -26,10 +26,25 @@ AGREE_CHECKS = {
 }
 
 
+SIGNATURE_CODE = 3
+_signature_names: dict[int, str] = {}  # call signature -> the call it stands for (calls this process made)
+
+
+def name_signature(sig: int, call: str) -> None:
+    """Remember what call signature ``sig`` stands for, so a mismatch message can name the call, not only a hash."""
+    _signature_names[sig] = call
+
+
 def describe_mismatch(rank: int, code: int, mine: int, theirs: int, peer: int) -> str:
     """The message of a failed device-side agreement check (see :data:`AGREE_CHECKS`)."""
     op, ours, peers, rule = AGREE_CHECKS.get(code, (f"check {code}", "rank {me} has {mine}",
                                                     "rank {peer} has {theirs}", "they must be equal"))
     fields = dict(me=rank, peer=peer, mine=mine, theirs=theirs)
-    return (f"triton_dist: {op} called differently across ranks: {ours.format(**fields)}, but "
-            f"{peers.format(**fields)}; {rule}. The call was stopped on rank {rank}.")
+    ours, peers = ours.format(**fields), peers.format(**fields)
+    if code == SIGNATURE_CODE:
+        if mine in _signature_names:
+            ours += f" ({_signature_names[mine]})"
+        if theirs in _signature_names:
+            peers += f" ({_signature_names[theirs]}, a call this rank made before)"
+    return (f"triton_dist: {op} called differently across ranks: {ours}, but {peers}; {rule}. The call was "
+            f"stopped on rank {rank}.")

@@ -89,6 +89,7 @@ class SymmetricHeap:
         self._peers = [arena.peer_bytes(r) for r in range(world_size)]
         self._free = [_Block(RESERVED_BYTES, self.nbytes - RESERVED_BYTES)]
         self._live: dict[int, _Block] = {}  # data_ptr -> block
+        self._labels: dict[int, tuple] = {}  # offset -> (bytes, element size, describe): see label()
         self._seq = 0
 
     # ----------------------------------------------------------------- allocation
@@ -141,6 +142,7 @@ class SymmetricHeap:
             raise NotSymmetric("triton_dist.free: tensor was not returned by triton_dist.empty/zeros "
                                "(or was freed already); pass the tensor itself, not a view at another offset")
         self._check_sequence("free", block.offset, block.nbytes, tuple(t.shape), t.dtype)
+        self._labels.pop(block.offset, None)
         self._free.append(block)
         self._free.sort(key=lambda b: b.offset)
         merged: list[_Block] = []
@@ -189,9 +191,48 @@ class SymmetricHeap:
         typed = self._peers[peer].view(t.dtype)
         return typed.as_strided(t.shape, t.stride(), off // t.element_size())
 
+    # ------------------------------------------------------------------ error messages
+    def label(self, t: torch.Tensor, describe) -> None:
+        """Name the words of symmetric tensor ``t`` for the watchdog's messages: ``describe(index, expected, seen)``
+        says what element ``index`` of ``t`` is (e.g. "all_reduce: program 0's READY signal from rank 2") and, given
+        the value a timed-out wait expected and the one it last saw, what that means and what to check. Every rank
+        labels the same tensors (offsets are symmetric), so a wait on any rank's copy is named. Dropped by free()."""
+        self._labels[self.offset_of(t, "label: tensor")] = (t.numel() * t.element_size(), t.element_size(), describe)
+
+    def describe_address(self, addr: int) -> str:
+        """``addr`` as "rank r's heap offset o", or as a raw address outside every heap."""
+        for r, base in enumerate(self.bases):
+            if base <= addr < base + self.nbytes:
+                return f"rank {r}'s heap offset {addr - base}"
+        return f"address 0x{addr:x} (outside the symmetric heap)"
+
+    def label_of(self, addr: int, expected=None, seen=None) -> str | None:
+        """What the labelled word at ``addr`` (on any rank's heap) is, given what a wait on it expected and last saw
+        (see :meth:`label`); ``None`` for an unlabelled address."""
+        for base in self.bases:
+            if base <= addr < base + self.nbytes:
+                off = addr - base
+                for start, (nbytes, elem, describe) in self._labels.items():
+                    if start <= off < start + nbytes:
+                        try:
+                            return describe((off - start) // elem, expected, seen)
+                        except Exception as e:  # a message must never hide the error it reports
+                            return f"(its label failed: {e!r})"
+        return None
+
+    def timeout_message(self, rank: int, timeout_s, addr: int, what, expected, seen, program: str) -> str:
+        """The message of a wait on ``addr`` that timed out (the GPU watchdog's and the CPU world's)."""
+        text = (f"rank {rank} waited {timeout_s} s on the signal at {self.describe_address(addr)} for value {what}, "
+                f"last saw {seen}{program}")
+        label = self.label_of(addr, expected, seen)
+        if label is not None:
+            return f"{text}. That signal is {label}. If the peer is only slow, raise TRITON_DIST_WAIT_TIMEOUT_S."
+        return f"{text}; a peer never sent it (check the signal protocol, or raise TRITON_DIST_WAIT_TIMEOUT_S)."
+
     def close(self) -> None:
         self._peers = []
         self._live.clear()
+        self._labels.clear()
         self.arena.close()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from . import mps
+from .errors import CallMismatch
 from .config import DEFAULT_HEAP_BYTES, SHARE_GPUS_ENV, Config
 from .heap import RESERVED_BYTES, RESERVED_PAD_BYTES, CPUArena, CUDAArena, SharedGPUArena, SymmetricHeap, fmt_bytes
 
@@ -29,6 +31,7 @@ _HOST_TIMEOUT = timedelta(seconds=120)
 _current: "World | None" = None
 _store = None  # the launcher's rendezvous store, kept for the life of the process
 _generation = 0  # how many worlds this process has joined (every rank counts alike)
+_world_store = None  # the PrefixStore of the world being made (None when the process group came from elsewhere)
 
 
 def _init_process_group(backend: str, rank: int, world_size: int, **kwargs) -> None:
@@ -38,11 +41,11 @@ def _init_process_group(backend: str, rank: int, world_size: int, **kwargs) -> N
     world's store (rank 0 not yet done tearing it down) or find its keys, and hang in the first barrier of the new
     world. So the rendezvous store (torch's own env:// one: rank 0 serves it, or torchrun's agent) is made once and
     each world uses ``PrefixStore("triton_dist/world<n>/")`` of it, ``n`` counting the worlds of this process."""
-    global _store, _generation
+    global _store, _generation, _world_store
     if _store is None:
         _store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=_HOST_TIMEOUT))
     _generation += 1
-    store = dist.PrefixStore(f"triton_dist/world{_generation}/", _store)
+    store = _world_store = dist.PrefixStore(f"triton_dist/world{_generation}/", _store)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=_HOST_TIMEOUT, **kwargs)
 
 
@@ -67,6 +70,8 @@ class World:
     mps: bool = False
     heap: SymmetricHeap = field(repr=False, default=None)
     _device_barrier: object = field(repr=False, default=None)
+    store: object = field(repr=False, default=None)  # the world's rendezvous store (named barriers)
+    _named_barriers: int = field(repr=False, default=0)
 
     @property
     def interpreted(self) -> bool:
@@ -99,10 +104,40 @@ class World:
                 device_state.check_after(err)
                 raise
 
-    def barrier(self) -> None:
-        """Host barrier: returns once every rank reached it and this rank's queued GPU work finished."""
+    def barrier(self, what: str | None = None) -> None:
+        """Host barrier: returns once every rank reached it and this rank's queued GPU work finished.
+
+        ``what`` (e.g. ``"creating an all_reduce context"``) makes it a *named* barrier, for the collective steps a
+        rank takes only when its own call asks for it (making or growing an op's context): every rank must reach it
+        with the same ``what``. A rank that waits ``TRITON_DIST_WAIT_TIMEOUT_S`` for the others, or meets another
+        ``what``, raises :class:`~triton_dist.CallMismatch` naming the ranks that did not come (they made another
+        call) instead of blocking in the process group. Through the world's store, a few round trips: for rare
+        steps only."""
         self.synchronize()
-        dist.barrier(group=self.group)
+        if what is None or self.store is None or self.world_size == 1:
+            dist.barrier(group=self.group)
+            return
+        self._named_barriers += 1
+        tag = f"named_barrier/{self._named_barriers}"
+        self.store.set(f"{tag}/{self.rank}", what)
+        keys = [f"{tag}/{r}" for r in range(self.world_size)]
+        deadline = time.monotonic() + self.config.wait_timeout_s
+        while not self.store.check(keys):
+            if time.monotonic() > deadline:
+                missing = [r for r, k in enumerate(keys) if not self.store.check([k])]
+                raise CallMismatch(
+                    f"rank {self.rank}: {what} (a collective step) waited {self.config.wait_timeout_s:g} s for ranks "
+                    f"{missing}, which did not come: they made another call (a smaller size, another op or none). "
+                    "Every rank must make the same sequence of op calls with the same shapes (TRITON_DIST_DEBUG=1 "
+                    "checks each call on the host). This world is out of step now: finalize() and init() again.")
+            time.sleep(0.0005)
+        others = {r: self.store.get(k).decode() for r, k in enumerate(keys) if r != self.rank}
+        differ = {r: v for r, v in others.items() if v != what}
+        if differ:
+            raise CallMismatch(
+                f"rank {self.rank}: {what}, but " + "; ".join(f"rank {r} was {v}" for r, v in differ.items())
+                + ": the ranks made different calls. Every rank must make the same sequence of op calls with the "
+                  "same shapes (TRITON_DIST_DEBUG=1 checks each call on the host).")
 
     def stream_barrier(self) -> None:
         """Device barrier on the current stream (no host sync on GPU); a host barrier in the CPU world."""
@@ -225,8 +260,11 @@ def init(backend: str = "auto", *, heap_size: int | None = None) -> World:
             ranks_per_device = 1
             arena = CUDAArena(nbytes, device, group, nvshmem=(kind == "nvshmem"))
 
+    global _world_store
+    store, _world_store = _world_store, None
     world = World(rank, world_size, local_rank, local_world, device, group, kind, cfg, host_backend=host_backend,
-                  shared_gpu=shared, ranks_per_device=ranks_per_device, mps=shared and mps.client_env_active())
+                  shared_gpu=shared, ranks_per_device=ranks_per_device, mps=shared and mps.client_env_active(),
+                  store=store)
     world.heap = SymmetricHeap(arena, rank, world_size, group, debug=cfg.debug)
     _current = world
     if kind != "cpu":

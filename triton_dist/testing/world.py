@@ -6,16 +6,20 @@ private MPS daemon unless ``mps=False`` or one already serves this process), eac
 ``triton_dist.init()`` once. ``world.run(fn, *args)`` runs
 ``fn(*args)`` on every rank and returns the list of results by rank. A rank that raises fails the call with that
 rank's traceback (:class:`RankError`); ranks that do not finish within ``timeout`` seconds fail it with
-:class:`WorldTimeout` naming them. Either way the processes are killed and the next ``run`` starts a fresh world,
-so one broken test never poisons the next and nothing is left behind.
+:class:`WorldTimeout` naming them and showing where each was stuck (every thread's Python stack, dumped by
+``faulthandler`` on SIGUSR1 just before the world is stopped). Either way the processes are killed and the next
+``run`` starts a fresh world, so one broken test never poisons the next and nothing is left behind.
 
 ``fn`` must be importable by name (a module-level function), because it travels to the ranks by pickle.
 """
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing as mp
 import os
+import signal
 import socket
+import tempfile
 import time
 import traceback
 import uuid
@@ -39,9 +43,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stack_file(run_id: str, rank: int) -> str:
+    return os.path.join(tempfile.gettempdir(), f"triton_dist_stacks_{run_id}_{rank}.txt")
+
+
 def _worker(rank: int, world_size: int, env: dict, conn) -> None:
     os.environ.update(env)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
+    stacks = open(_stack_file(env["TRITON_DIST_RUN_ID"], rank), "w")  # where a stuck rank's stacks go (SIGUSR1)
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     try:
         import triton_dist
         triton_dist.init()
@@ -79,6 +89,7 @@ class ProcessWorld:
         self._daemon = None  # the MPS daemon of a shared-GPU world: lives until close(), across restarts
         self._procs: list = []
         self._conns: list = []
+        self._run_id = ""
 
     # ------------------------------------------------------------------ lifecycle
     def _env(self) -> dict:
@@ -106,6 +117,7 @@ class ProcessWorld:
             self._daemon = _mps.for_world(self.world_size, torch.cuda.device_count(), self.mps)
         ctx = mp.get_context("spawn")
         env = self._env()
+        self._run_id = env["TRITON_DIST_RUN_ID"]
         for r in range(self.world_size):
             parent, child = ctx.Pipe()
             p = ctx.Process(target=_worker, args=(r, self.world_size, env, child), daemon=True,
@@ -130,6 +142,22 @@ class ProcessWorld:
             self._daemon.stop()
             self._daemon = None
 
+    def _stacks(self, ranks) -> str:
+        """Every thread's Python stack of each of ``ranks`` (still running): SIGUSR1 makes faulthandler write them."""
+        for r in ranks:
+            if self._procs[r].is_alive():
+                os.kill(self._procs[r].pid, signal.SIGUSR1)
+        time.sleep(1.0)
+        out = []
+        for r in ranks:
+            try:
+                with open(_stack_file(self._run_id, r)) as f:
+                    text = f.read().strip()
+            except OSError:
+                text = ""
+            out.append(f"--- rank {r} was stuck here:\n{text or '(no stack: the process did not answer)'}")
+        return "\n".join(out)
+
     def _kill(self) -> None:
         for p in self._procs:
             if p.is_alive():
@@ -138,6 +166,11 @@ class ProcessWorld:
             p.join(5)
         for c in self._conns:
             c.close()
+        for r in range(len(self._procs)):
+            try:
+                os.unlink(_stack_file(self._run_id, r))
+            except OSError:
+                pass
         self._procs, self._conns = [], []
 
     def __enter__(self):
@@ -179,12 +212,14 @@ class ProcessWorld:
                 else:
                     results[r] = payload
         if errors or pending:
+            stacks = self._stacks(sorted(pending)) if pending else ""
             self._kill()
             if errors:
                 first = min(errors)
                 others = f" (ranks {sorted(errors)} raised)" if len(errors) > 1 else ""
                 stuck = f"; ranks {sorted(pending)} were still running and were stopped" if pending else ""
-                raise RankError(f"{what}: rank {first} raised{others}{stuck}:\n{errors[first]}")
+                raise RankError(f"{what}: rank {first} raised{others}{stuck}:\n{errors[first]}"
+                                + (f"\n{stacks}" if stacks else ""))
             raise WorldTimeout(f"{what}: ranks {sorted(pending)} of {self.world_size} did not finish within "
-                               f"{timeout:g} s; the world was stopped")
+                               f"{timeout:g} s; the world was stopped\n{stacks}")
         return [results[r] for r in range(self.world_size)]
