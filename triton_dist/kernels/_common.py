@@ -72,9 +72,14 @@ def take_epoch(counters_ptr):
     ``counters_ptr[1 + q]`` the number of calls program slot ``q`` has seen. Program ``pid`` reads its slot, adds
     one and writes the result to every slot it stands for in this launch (``pid, pid + nprog, ... < P``), so all
     slots stay equal whatever the launch size. No program reads a slot another program of the launch writes, and
-    the next launch starts after this one ended (stream order): no host-side bump kernel per call."""
+    the next launch starts after this one ended (stream order): no host-side bump kernel per call.
+
+    The barrier between the read and the writes matters on GPUs: every warp of the program loads the slot itself,
+    and a warp that loaded after another warp's store would take ``e + 1`` (found on an H200, 2026-12-01: programs
+    one epoch ahead of their peers, a stall every few thousand calls of the collectives stress)."""
     pid = tl.program_id(0)
     e = tl.load(counters_ptr + 1 + pid) + 1
+    tl.debug_barrier()  # every thread has read slot pid before any thread overwrites it
     for q in range(pid, tl.load(counters_ptr), tl.num_programs(0)):
         tl.store(counters_ptr + 1 + q, e)
     return e

@@ -21,6 +21,7 @@ from triton_dist.runtime.heap import STREAM_BARRIER_COUNTER, STREAM_BARRIER_SLOT
 def _stream_barrier_kernel(slots_ptr, counter_ptr):
     me = dl.rank()
     e = tl.load(counter_ptr) + 1
+    tl.debug_barrier()  # every thread read the counter before one overwrites it (see _common.take_epoch)
     tl.store(counter_ptr, e)
     for peer in range(dl.num_ranks()):
         dl.notify(slots_ptr + me, peer, e, sig_op="set", comm_scope="intra_node")
