@@ -311,6 +311,16 @@ def call_signature(op: str, method: str, dtype: torch.dtype, numel: int, *extra)
     return sig
 
 
+def reference_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as the torch references hand it to ``torch.distributed``: on the host when the world's host group is
+    plain gloo (the CPU world, shared-GPU worlds) and ``t`` is a CUDA tensor, else ``t`` itself. Gloo's CUDA paths
+    copy on streams of their own; in a 3-rank shared-GPU world on an H200 its all_gather of CUDA tensors returned
+    NaN (2026-12-01) while our own gather was exact, so the references stage through the host there (a synchronous
+    copy on the current stream). Move the result back with ``.to(device)``."""
+    world = triton_dist.current_world()
+    return t.cpu() if t.is_cuda and world.host_backend == "gloo" else t
+
+
 def _hint(op: str) -> str:
     return (f"every rank must make the same sequence of {op} calls with the same method, dtype and sizes "
             "(TRITON_DIST_DEBUG=1 checks each call on the host before launch)")
