@@ -369,7 +369,7 @@ def test_a_timeout_in_an_op_names_the_op_and_the_missing_rank():
 def _one_rank_grows_a_context():
     """Both ranks make the all_reduce context with a first call; then rank 0 calls with more elements than it holds
     (so it replaces the context: a collective step) while rank 1 calls with the old size. Rank 0's named barrier
-    names rank 1 as missing; rank 1's kernel times out on rank 0's READY signal, labelled."""
+    names rank 1 as missing; rank 1's kernel times out on rank 0's LL call header (auto: LL), labelled."""
     w = this_world()
     ops.all_reduce(torch.ones(100))
     try:

@@ -107,7 +107,7 @@ class World:
     def barrier(self, what: str | None = None) -> None:
         """Host barrier: returns once every rank reached it and this rank's queued GPU work finished.
 
-        ``what`` (e.g. ``"creating an all_reduce context"``) makes it a *named* barrier, for the collective steps a
+        ``what`` (e.g. ``"creating a context of all_reduce"``) makes it a *named* barrier, for the collective steps a
         rank takes only when its own call asks for it (making or growing an op's context): every rank must reach it
         with the same ``what``. A rank that waits ``TRITON_DIST_WAIT_TIMEOUT_S`` for the others, or meets another
         ``what``, raises :class:`~triton_dist.CallMismatch` naming the ranks that did not come (they made another
@@ -200,7 +200,7 @@ def init(backend: str = "auto", *, heap_size: int | None = None) -> World:
 
     Returns the :class:`World`; calling ``init`` again returns the same world.
     """
-    global _current
+    global _current, _world_store
     if _current is not None:
         return _current
     missing = [n for n in _REQUIRED_ENV if n not in os.environ]
@@ -260,8 +260,7 @@ def init(backend: str = "auto", *, heap_size: int | None = None) -> World:
             ranks_per_device = 1
             arena = CUDAArena(nbytes, device, group, nvshmem=(kind == "nvshmem"))
 
-    global _world_store
-    store, _world_store = _world_store, None
+    store, _world_store = _world_store, None  # this world's store, if this process made its group
     world = World(rank, world_size, local_rank, local_world, device, group, kind, cfg, host_backend=host_backend,
                   shared_gpu=shared, ranks_per_device=ranks_per_device, mps=shared and mps.client_env_active(),
                   store=store)
