@@ -69,10 +69,12 @@ check(AR._push_one_shot_kernel, dict(coll, n="i32", slot="i32", wait_all="i32", 
 check(AR._two_shot_kernel, dict(coll, n="i32", chunk="i32", wait_all="i32", sig="i32"), {"BLOCK": 2048})
 for dt, half in (("bf16", True), ("fp32", False)):
     check(AR._ll_kernel, {"x_ptr": "*i16" if half else "*i32", "out_ptr": f"*{dt}", "buf_ptr": "*i64",
-                          "epoch_ptr": "*i32", "n": "i32", "words": "i32", "slot_words": "i32", "sig": "i32"},
+                          "epoch_ptr": "*i32", "n": "i32", "words": "i32", "slot_words": "i32", "sig": "i32",
+                          "pad_ptr": "*i32", "pad_counters_ptr": "*i32"},
           {"HALF": half, "BLOCK": 1024})
 check(AG._ll_kernel, {"x_ptr": "*i32", "out_ptr": "*i32", "buf_ptr": "*i64", "epoch_ptr": "*i32", "words": "i32",
-                      "slot_words": "i32", "sig": "i32"}, {"BLOCK": 1024})
+                      "slot_words": "i32", "sig": "i32", "pad_ptr": "*i32", "pad_counters_ptr": "*i32"},
+      {"BLOCK": 1024})
 for phase in (0, 1, 2):
     check(C.copy_engine_signal_kernel, {"pad_ptr": "*i32", "epoch_ptr": "*i32", "wait_all": "i32", "sig": "i32"},
           {"PHASE": phase})

@@ -342,28 +342,32 @@ def _calls_that_differ():
 
 
 def _methods_that_differ():
-    """Rank 0 calls all_reduce with LL, the others with one_shot: two protocols that never meet. Each rank's
-    timeout names the op, the signal and the rank that did not arrive."""
+    """Rank 0 calls all_reduce with LL, the others with one_shot: two protocols that never meet. The LL rank sees,
+    in its slow path, that its peer is in a staged call of the same context and raises CallMismatch naming both
+    calls; the staged rank's timeout names the op, the signal and the rank that did not arrive."""
     w = this_world()
     ctx = ar.AllReduceContext(64, torch.float32, num_programs=1)
     try:
-        ar.all_reduce(torch.ones(40), ctx=ctx, method="ll" if w.rank == 0 else "one_shot")
+        ar.all_reduce(torch.ones(40 if w.rank == 0 else 44), ctx=ctx, method="ll" if w.rank == 0 else "one_shot")
         sync()
-    except triton_dist.SignalTimeout as err:
-        return str(err)
+    except (triton_dist.CallMismatch, triton_dist.SignalTimeout) as err:
+        return type(err).__name__, str(err)
     return None
 
 
-def test_a_timeout_in_an_op_names_the_op_and_the_missing_rank():
+def test_calls_in_different_protocols_are_named():
     from conftest import BACKEND, new_world
     if BACKEND != "cpu":
         pytest.skip("a GPU trap ends the process's CUDA context; the GPU watchdog message uses the same labels")
     with new_world(2, env={"TRITON_DIST_WAIT_TIMEOUT_S": "2"}) as w:
         ll_side, pad_side = w.run(_methods_that_differ, timeout=120)
-    assert ll_side is not None and "all_reduce's LL call header from rank 1 (method ll)" in ll_side, ll_side
-    assert "rank 1 has not set it for call 1" in ll_side and "same sequence of all_reduce calls" in ll_side
-    assert pad_side is not None and "all_reduce's READY signal of program 0 from rank 0" in pad_side, pad_side
-    assert "rank 0 has not reached call 1 of this all_reduce context" in pad_side, pad_side
+    assert ll_side[0] == "CallMismatch" and "rank 0 makes an LL call" in ll_side[1], ll_side
+    assert "rank 1 is making a staged call of the same context" in ll_side[1], ll_side
+    assert "all_reduce(method=ll, float32, 40 elements)" in ll_side[1], ll_side
+    assert "all_reduce(method=one_shot, float32, 44 elements, a call this rank made before)" not in ll_side[1]
+    assert pad_side[0] == "SignalTimeout", pad_side
+    assert "all_reduce's READY signal of program 0 from rank 0" in pad_side[1], pad_side
+    assert "rank 0 has not reached call 1 of this all_reduce context" in pad_side[1], pad_side
 
 
 def _one_rank_grows_a_context():

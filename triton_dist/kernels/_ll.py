@@ -21,6 +21,12 @@ header slot ``[e % 2][rank]`` after the data slots of every receiver; the receiv
 same loop as its words (no extra round trip) and stops the call with ``CallMismatch`` if the sender made another
 call (op, dtype or size): a peer sending fewer words is caught instead of waited for. The headers' reuse follows the
 data slots' argument above.
+
+A peer in another *protocol*: the contexts with LL also have staged methods (their signal pad). If a peer's words
+have not come after the fast poll, the receiver also watches, for up to half the wait timeout, program 0's READY
+signal of that peer in the context's pad: a value above this rank's own count of staged calls means the peer is in a
+staged call this rank is not making (e.g. ``method="auto"`` chose by a size that differs across ranks), and the call
+stops with ``CallMismatch`` naming both signatures (the peer's from its SIG slot). Only the slow path pays for it.
 """
 from __future__ import annotations
 
@@ -31,7 +37,9 @@ import triton.language as tl
 import triton_dist
 import triton_dist.language as dl
 
-from ._common import SIGNATURE_CHECK, epoch_counters, label_words, send_header
+from ._common import READY, SIG, SIGNATURE_CHECK, epoch_counters, label_words, send_header
+
+PROTOCOL_CHECK = tl.constexpr(4)  # dl.check_agree code: the peer is in a staged call (runtime.errors.AGREE_CHECKS)
 
 LL_MAX_BYTES = 256 << 10  # per rank and call; larger messages use the staged methods
 FAST_POLL_NS = tl.constexpr(100_000_000)  # vector polling of a tile before the watchdog-checked word-by-word wait
@@ -97,14 +105,26 @@ def _flagged(h, e):
 
 
 @triton.jit
-def ll_recv(buf_ptr, slot_words, w, e, src, world, sig):
+def _staged_call_of(pad_ptr, pad_counters_ptr, src, world):
+    """The signature of the staged call that ``src`` is making on this context and this rank is not (its READY of
+    program 0 is past this rank's count of staged calls), else 0."""
+    ready = dl.ld(pad_ptr + READY * world + src, "sys", "acquire")  # slot [0][READY][src]
+    made = tl.load(pad_counters_ptr + 1, volatile=True)  # this rank's staged calls (program slot 0)
+    theirs = tl.load(pad_ptr + SIG * world + src, volatile=True)  # written before that READY (its fence)
+    return tl.where(ready > made, theirs, 0)
+
+
+@triton.jit
+def ll_recv(buf_ptr, slot_words, w, e, src, world, sig, pad_ptr, pad_counters_ptr):
     """The int32 words ``w`` that rank ``src`` sent in call ``e`` (spins until they arrived), after checking that
     ``src``'s header carries this call's signature ``sig`` (else ``CallMismatch``).
 
     Fast path: the whole tile and the header are polled with one vector load and one scalar load per pass (a
-    word-by-word spin would pay one memory latency per word in sequence); after ``FAST_POLL_NS`` without success,
-    ``dl.wait_flagged`` takes over (the header first), whose timeout reports the rank, the word and the flag seen to
-    the watchdog."""
+    word-by-word spin would pay one memory latency per word in sequence). After ``FAST_POLL_NS`` without success,
+    the polling goes on for up to half the wait timeout while watching whether ``src`` is in a staged call of this
+    context instead (``pad_ptr``, ``pad_counters_ptr``: the context's signal pad and its counters; see the module
+    docstring); then ``dl.wait_flagged`` takes over (the header first), whose timeout reports the rank, the word and
+    the flag seen to the watchdog."""
     ptrs = buf_ptr + ((e % 2) * world + src).to(tl.int64) * slot_words + w
     hdr = ll_headers(buf_ptr, slot_words, world) + (e % 2) * world + src
     v = tl.load(ptrs, volatile=True)
@@ -113,6 +133,18 @@ def ll_recv(buf_ptr, slot_words, w, e, src, world, sig):
     while (not (_all_flagged(v, e) and _flagged(h, e))) and (dl.globaltimer() - t0 < FAST_POLL_NS):
         v = tl.load(ptrs, volatile=True)
         h = tl.load(hdr, volatile=True)
+    done = _all_flagged(v, e) and _flagged(h, e)
+    if not done:  # slow path: is src making another protocol's call?
+        staged = sig * 0
+        t1 = dl.globaltimer()
+        while (not done) and staged == 0 and (dl.globaltimer() - t1 < dl.wait_timeout_ns() // 2):
+            # READY first (acquire): if src is already in a later call, its words of this one are visible after it
+            seen = _staged_call_of(pad_ptr, pad_counters_ptr, src, world)
+            v = tl.load(ptrs, volatile=True)
+            h = tl.load(hdr, volatile=True)
+            done = _all_flagged(v, e) and _flagged(h, e)
+            staged = tl.where(done, 0, seen)
+        dl.check_agree(sig, tl.where(staged != 0, staged, sig), src, PROTOCOL_CHECK)
     theirs = h.to(tl.int32)
     if not _flagged(h, e):
         theirs = dl.wait_flagged(hdr, e)

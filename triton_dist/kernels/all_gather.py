@@ -98,7 +98,8 @@ def _ring_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, m, wait_all, s
 
 
 @triton.jit(do_not_specialize=["sig"])
-def _ll_kernel(x_ptr, out_ptr, buf_ptr, epoch_ptr, words, slot_words, sig, BLOCK: tl.constexpr):
+def _ll_kernel(x_ptr, out_ptr, buf_ptr, epoch_ptr, words, slot_words, sig, pad_ptr, pad_counters_ptr,
+               BLOCK: tl.constexpr):
     """LL all-gather over int32 words: send every tile, then copy every rank's words out."""
     rank = dl.rank()
     world = dl.num_ranks()
@@ -108,7 +109,8 @@ def _ll_kernel(x_ptr, out_ptr, buf_ptr, epoch_ptr, words, slot_words, sig, BLOCK
         w, mask = ll_lanes(t, words, BLOCK)
         for i in range(world):
             src = (rank + i) % world
-            tl.store(out_ptr + src * words + w, ll_recv(buf_ptr, slot_words, w, e, src, world, sig),
+            tl.store(out_ptr + src * words + w, ll_recv(buf_ptr, slot_words, w, e, src, world, sig, pad_ptr,
+                                                                pad_counters_ptr),
                      mask=mask)
 
 
@@ -173,8 +175,8 @@ def all_gather(x: torch.Tensor, *, ctx: AllGatherContext, method: str = "auto",
     if method == "ll":
         block = ctx.ll.block_words
         _ll_kernel[(ctx.programs_for(m, block),)](xw, outw, ctx.ll.buf, ctx.ll.counters, m, ctx.ll.slot_words,
-                                                  call_signature("all_gather", "ll", x.dtype, m), BLOCK=block,
-                                                  num_warps=4)
+                                                  call_signature("all_gather", "ll", x.dtype, m), ctx.pad,
+                                                  ctx.counters, BLOCK=block, num_warps=4)
         return out
     if method == "copy_engine":
         _copy_engine_all_gather(xw, outw, ctx)

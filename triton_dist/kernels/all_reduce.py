@@ -85,8 +85,8 @@ def _push_one_shot_kernel(x_ptr, out_ptr, staging_ptr, pad_ptr, epoch_ptr, n, sl
 
 
 @triton.jit(do_not_specialize=["sig"])
-def _ll_kernel(x_ptr, out_ptr, buf_ptr, epoch_ptr, n, words, slot_words, sig, HALF: tl.constexpr,
-               BLOCK: tl.constexpr):
+def _ll_kernel(x_ptr, out_ptr, buf_ptr, epoch_ptr, n, words, slot_words, sig, pad_ptr, pad_counters_ptr,
+               HALF: tl.constexpr, BLOCK: tl.constexpr):
     """LL all-reduce: send every tile, then sum every rank's words in rank order. ``x_ptr`` is an int16 (``HALF``)
     or int32 view of x, ``out_ptr`` the typed output."""
     rank = dl.rank()
@@ -99,7 +99,7 @@ def _ll_kernel(x_ptr, out_ptr, buf_ptr, epoch_ptr, n, words, slot_words, sig, HA
         lo = tl.zeros([BLOCK], dtype=tl.float32)
         hi = tl.zeros([BLOCK], dtype=tl.float32)
         for src in range(world):
-            v = ll_recv(buf_ptr, slot_words, w, e, src, world, sig)
+            v = ll_recv(buf_ptr, slot_words, w, e, src, world, sig, pad_ptr, pad_counters_ptr)
             if HALF:
                 lo += v.to(tl.int16).to(dtype, bitcast=True).to(tl.float32)
                 hi += (v >> 16).to(tl.int16).to(dtype, bitcast=True).to(tl.float32)
@@ -216,8 +216,8 @@ def _ll_all_reduce(x: torch.Tensor, out: torch.Tensor, ctx: AllReduceContext) ->
     epoch = ctx.ll.counters
     _ll_kernel[(ctx.programs_for(words, block),)](x.view(torch.int16 if half else torch.int32), out, ctx.ll.buf,
                                                   epoch, x.numel(), words, ctx.ll.slot_words,
-                                                  call_signature("all_reduce", "ll", x.dtype, x.numel()), HALF=half,
-                                                  BLOCK=block, num_warps=4)
+                                                  call_signature("all_reduce", "ll", x.dtype, x.numel()), ctx.pad,
+                                                  ctx.counters, HALF=half, BLOCK=block, num_warps=4)
     return out
 
 

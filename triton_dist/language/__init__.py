@@ -16,6 +16,8 @@ atomic_xchg``
 ``dl.fence / dl.membar``               memory fences
 ``dl.tid(axis)``, ``dl.smid()``,        thread index, SM id, nanosecond timer
 ``dl.globaltimer()``
+``dl.wait_timeout_ns()``               the hang watchdog's wait timeout (``TRITON_DIST_WAIT_TIMEOUT_S``, int64
+                                       ns): for slow paths that check other signals before they give up
 ``dl.check_agree(mine, theirs, peer,    stop the call with :class:`~triton_dist.CallMismatch` if ranks disagree
 code)``                                (the ops' agreement checks)
 =====================================  =================================================================
@@ -29,11 +31,13 @@ from triton import knobs as _knobs
 
 if _knobs.runtime.interpret:
     from ._interp import (atomic_add, atomic_cas, atomic_xchg, check_agree, consume_token, fence, globaltimer, ld,
-                          membar, notify, num_ranks, rank, smid, st, symm_at, tid, wait, wait_flagged)
+                          membar, notify, num_ranks, rank, smid, st, symm_at, tid, wait, wait_flagged,
+                          wait_timeout_ns)
 else:
     from ._ptx import (atomic_add, atomic_cas, atomic_xchg, check_agree, consume_token, fence, globaltimer, ld,
-                       membar, notify, num_ranks, rank, smid, st, symm_at, tid, wait, wait_flagged)
+                       membar, notify, num_ranks, rank, smid, st, symm_at, tid, wait, wait_flagged,
+                       wait_timeout_ns)
 
 __all__ = ["rank", "num_ranks", "symm_at", "wait", "consume_token", "notify", "ld", "st", "atomic_add",
            "atomic_cas", "atomic_xchg", "fence", "membar", "tid", "smid", "globaltimer", "wait_flagged",
-           "check_agree"]
+           "check_agree", "wait_timeout_ns"]

@@ -224,6 +224,11 @@ def smid():
     return _scalar(0, tl.int32)
 
 
+def wait_timeout_ns():
+    """The hang watchdog's wait timeout in ns (int64; ``TRITON_DIST_WAIT_TIMEOUT_S``)."""
+    return _scalar(int(current_world().config.wait_timeout_s * 1e9), tl.int64)
+
+
 def globaltimer():
     return _scalar(time.monotonic_ns(), tl.int64)
 

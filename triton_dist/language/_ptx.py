@@ -356,6 +356,12 @@ def smid(_semantic=None):
 
 
 @core.extern
+def wait_timeout_ns(_semantic=None):
+    """The hang watchdog's wait timeout in ns (int64; ``TRITON_DIST_WAIT_TIMEOUT_S``), from the device state."""
+    return _extern("__triton_dist_wait_timeout_ns", [_semantic.to_tensor(1)], [core.int32], core.int64, _semantic)
+
+
+@core.extern
 def globaltimer(_semantic=None):
     """Global nanosecond timer (int64), comparable across SMs of one GPU."""
     return _asm_scalar("mov.u64 $0, %globaltimer;", core.int64, "l", _semantic)

@@ -23,10 +23,14 @@ AGREE_CHECKS = {
         "the split tables must agree: input_split_sizes[j] of rank i == output_split_sizes[i] of rank j"),
     3: ("a collective", "rank {me}'s call has signature {mine:#010x}", "rank {peer}'s call has {theirs:#010x}",
         "the ranks called different ops, methods, dtypes or sizes (run with TRITON_DIST_DEBUG=1 to see both calls)"),
+    4: ("a collective", "rank {me} makes an LL call (signature {mine:#010x})",
+        "rank {peer} is making a staged call of the same context (signature {theirs:#010x})",
+        "the ranks use different methods; with method='auto' the method follows the size, so the sizes differ "
+        "(run with TRITON_DIST_DEBUG=1 to see both calls)"),
 }
 
 
-SIGNATURE_CODE = 3
+SIGNATURE_CODES = (3, 4)  # the checks whose values are call signatures
 _signature_names: dict[int, str] = {}  # call signature -> the call it stands for (calls this process made)
 
 
@@ -41,7 +45,7 @@ def describe_mismatch(rank: int, code: int, mine: int, theirs: int, peer: int) -
                                                     "rank {peer} has {theirs}", "they must be equal"))
     fields = dict(me=rank, peer=peer, mine=mine, theirs=theirs)
     ours, peers = ours.format(**fields), peers.format(**fields)
-    if code == SIGNATURE_CODE:
+    if code in SIGNATURE_CODES:
         if mine in _signature_names:
             ours += f" ({_signature_names[mine]})"
         if theirs in _signature_names:
