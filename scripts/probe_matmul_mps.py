@@ -9,11 +9,11 @@ MPS client, and capped at 50 / 33 / 25 %. It prints, per setting, the (M, layout
 differs from an fp64 product by more than bf16 rounding can explain.
 """
 import os
-import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from probe_mps import run as _run  # noqa: E402
 from triton_dist.runtime import mps  # noqa: E402
 
 PROBE = r"""
@@ -40,15 +40,8 @@ print(torch.cuda.get_device_properties(0).multi_processor_count, "SMs;", len(bad
 """
 
 
-def run(label, env, timeout=300):
-    t = time.time()
-    try:
-        out = subprocess.run([sys.executable, "-c", PROBE], env=dict(os.environ, **env), capture_output=True,
-                             text=True, timeout=timeout)
-        res = out.stdout.strip() or out.stderr.strip()[-400:]
-    except subprocess.TimeoutExpired:
-        res = "TIMEOUT"
-    print(f"{label:<28} {res}  ({time.time() - t:.1f} s)", flush=True)
+def run(label, env):
+    _run(label, env, code=PROBE, timeout=300)
 
 
 def main():
