@@ -3,8 +3,9 @@ Every call either matches its torch reference or fails loudly on every rank invo
 nothing hangs (each world runs under a deadline). Two flavours: with TRITON_DIST_DEBUG=1 the host check names every
 difference before anything is launched (CallMismatch on every rank; the GPU suite runs it on CUDA and shared-GPU
 worlds too); without it (CPU world) only the always-on checks act: the device-side call signatures and headers
-(CallMismatch), the named barriers of context steps (CallMismatch), and labelled timeouts (SignalTimeout naming the
-op and the rank that did not arrive) where two ranks' protocols never meet."""
+(CallMismatch), the named barriers of context steps (CallMismatch), and, where two ranks' protocols never meet, the
+LL side's check for a peer in a staged call (CallMismatch) and labelled timeouts on the other side (SignalTimeout
+naming the op and the rank that did not arrive)."""
 import pytest
 import torch
 import torch.distributed as dist
