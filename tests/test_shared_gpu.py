@@ -245,3 +245,23 @@ def test_a_world_that_fits_its_gpus_starts_no_daemon(fake_control, monkeypatch):
     finally:
         daemon.stop()
     assert mps.for_world(4, 1, use_mps=False).env == mps.OPT_OUT_ENV
+
+
+def test_a_fault_from_another_mps_client_says_where_to_look(monkeypatch):
+    """Under MPS one rank's trap reaches every client on the GPU: a rank whose own record is empty says so."""
+    from triton_dist.runtime import device_state
+
+    def fault(device=None):
+        raise RuntimeError("CUDA error: unspecified launch failure")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", fault)
+    monkeypatch.setattr(device_state, "_record", None)
+    w = world.World(0, 2, 0, 2, torch.device("cuda", 0), None, "cuda", None, shared_gpu=True, ranks_per_device=2,
+                    mps=True)
+    with pytest.raises(RuntimeError, match="unspecified launch failure") as info:
+        w.synchronize()
+    assert any("the cause is in another rank's message" in n for n in getattr(info.value, "__notes__", []))
+    w.mps = False  # time-sliced ranks: a fault stays in its own context, no note
+    with pytest.raises(RuntimeError) as info:
+        w.synchronize()
+    assert not getattr(info.value, "__notes__", [])

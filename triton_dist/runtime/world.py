@@ -102,6 +102,11 @@ class World:
             except Exception as err:  # torch.AcceleratorError on newer torch
                 from . import device_state
                 device_state.check_after(err)
+                if self.shared_gpu and self.mps:  # this rank's record is empty: the fault came from elsewhere
+                    err.add_note("triton_dist: in a shared-GPU world under MPS, a fault or watchdog trap of any rank "
+                                 "on this GPU stops every rank's kernels, and this rank's watchdog record is empty: "
+                                 "the cause is in another rank's message (the first 'triton_dist watchdog' line); "
+                                 "if no rank printed one, a kernel faulted (e.g. an illegal address) on some rank.")
                 raise
 
     def barrier(self, what: str | None = None) -> None:
