@@ -453,7 +453,8 @@ class CollectiveContext:
         # rounded up to 16 bytes, so the staging can be viewed as any word type
         self.staging = triton_dist.empty((max(-(-staging_bytes // 16) * 16, 16),), torch.uint8)
         self.pad = triton_dist.zeros((REGIONS.value * self.num_programs * self.world.world_size,), torch.int32)
-        self._launches: collections.deque = collections.deque(maxlen=4)  # (layout, programs, wait_all): messages
+        # the latest launches (layout, programs, wait_all): layout_switch's previous call, and error messages
+        self._launches: collections.deque = collections.deque(maxlen=4)
         label_pad(self.pad, self.op, self.world.world_size,
                   lambda: ", ".join(f"{lay} on {p} programs (wait_all {w})" for lay, p, w in self._launches))
         self.counters = epoch_counters(self.num_programs, self.world.device)
@@ -475,10 +476,9 @@ class CollectiveContext:
         call's, else the previous call's program count (the kernel then waits for the DONE of every program of
         that call, see ``await_previous``)."""
         key = (layout, programs or self.num_programs)
-        prev = getattr(self, "_layout", key)
-        self._layout = key
+        prev = self._launches[-1][:2] if self._launches else key
         wait_all = 0 if prev == key else prev[1]
-        self._launches.append((layout, key[1], wait_all))
+        self._launches.append((*key, wait_all))
         return wait_all
 
     def staging_as(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
