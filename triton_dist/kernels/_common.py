@@ -311,17 +311,6 @@ def call_signature(op: str, method: str, dtype: torch.dtype, numel: int, *extra)
     return sig
 
 
-def reference_tensor(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as the torch references hand it to ``torch.distributed``: on the host when the world's host group is
-    plain gloo (the CPU world, shared-GPU worlds) and ``t`` is a CUDA tensor, else ``t`` itself. Gloo's CUDA paths
-    copy on streams of their own; staging through the host (a synchronous copy on the current stream) keeps the
-    references independent of them. (It was a suspect for a NaN in a 3-rank reference on an H200, 2026-12-01, and
-    was cleared: the NaN came back with host staging; see tests/gpu_results/README.md.) Move the result back with
-    ``.to(device)``."""
-    world = triton_dist.current_world()
-    return t.cpu() if t.is_cuda and world.host_backend == "gloo" else t
-
-
 def _hint(op: str) -> str:
     return (f"every rank must make the same sequence of {op} calls with the same method, dtype and sizes "
             "(TRITON_DIST_DEBUG=1 checks each call on the host before launch)")

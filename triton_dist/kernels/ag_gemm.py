@@ -47,7 +47,7 @@ import triton_dist
 import triton_dist.language as dl
 
 from ._common import (REGIONS, SIG, SIGNATURE_CHECK, announce, await_all, call_signature, check_signatures,
-                      copy_blocks, label_pad, label_words, publish_signature, reference_tensor)
+                      copy_blocks, label_pad, label_words, publish_signature)
 from .gemm import (OverlapContext, announce_done, check_method, check_operands, check_out, chunk_tile,
                    dot_precision, fence_async_proxy, num_sms, operands, store_tile, tile_dot)
 
@@ -258,9 +258,8 @@ def ag_gemm(a: torch.Tensor, b: torch.Tensor, *, ctx: AGGemmContext, method: str
 def ag_gemm_reference(a: torch.Tensor, b: torch.Tensor, *, return_gathered: bool = False):
     """torch.distributed.all_gather, then torch.matmul."""
     world = triton_dist.current_world()
-    host = reference_tensor(a.contiguous())
-    parts = [torch.empty_like(host) for _ in range(world.world_size)]
-    dist.all_gather(parts, host, group=world.group)
-    gathered = torch.cat(parts, dim=0).to(a.device)
+    parts = [torch.empty_like(a) for _ in range(world.world_size)]
+    dist.all_gather(parts, a.contiguous(), group=world.group)
+    gathered = torch.cat(parts, dim=0)
     c = torch.matmul(gathered, b)
     return (c, gathered) if return_gathered else c

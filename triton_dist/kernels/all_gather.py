@@ -34,7 +34,7 @@ import triton_dist
 import triton_dist.language as dl
 from triton_dist.runtime.heap import SUPPORTED_DTYPES
 
-from ._common import (DONE, READY, CollectiveContext, announce, await_previous, call_signature, reference_tensor,
+from ._common import (DONE, READY, CollectiveContext, announce, await_previous, call_signature,
                       check_collective_input, check_signatures, copy_blocks, copy_engine_exchange, publish_signature,
                       push_and_publish, signal_slots, stage_and_publish, take_epoch)
 from ._ll import LL_MAX_BYTES, LLBuffer, ll_lanes, ll_recv, ll_send_all
@@ -201,7 +201,6 @@ def _copy_engine_all_gather(xw: torch.Tensor, outw: torch.Tensor, ctx: AllGather
 def all_gather_reference(x: torch.Tensor) -> torch.Tensor:
     """torch.distributed.all_gather (into a list, then concatenated)."""
     world = triton_dist.current_world()
-    xs = reference_tensor(x.contiguous())
-    parts = [torch.empty_like(xs) for _ in range(world.world_size)]
-    dist.all_gather(parts, xs, group=world.group)
-    return torch.cat(parts, dim=0).to(x.device)
+    parts = [torch.empty_like(x) for _ in range(world.world_size)]
+    dist.all_gather(parts, x.contiguous(), group=world.group)
+    return torch.cat(parts, dim=0)

@@ -52,7 +52,7 @@ import triton_dist
 import triton_dist.language as dl
 from triton_dist.kernels._common import (DONE, READY, CollectiveContext, announce, await_all, await_previous,
                                          call_signature, check_collective_input, check_signatures,
-                                         copy_engine_exchange, publish_signature, reference_tensor, take_epoch)
+                                         copy_engine_exchange, publish_signature, take_epoch)
 
 __all__ = ["AllToAllContext", "all_to_all", "all_to_all_v", "all_to_all_reference", "all_to_all_v_reference",
            "close_default_context", "SUPPORTED_DTYPES"]
@@ -406,17 +406,17 @@ def _bytes_rows(t: torch.Tensor) -> torch.Tensor:
 def all_to_all_v_reference(x: torch.Tensor, in_splits: Sequence[int], out_splits: Sequence[int]) -> torch.Tensor:
     """What :func:`all_to_all_v` must return, from ``torch.distributed.all_to_all_single`` (moved as bytes)."""
     world = triton_dist.current_world()
-    src = reference_tensor(_bytes_rows(x))
+    src = _bytes_rows(x)
     rows = sum(int(s) for s in out_splits)
-    got = torch.empty((rows, src.shape[1]), dtype=torch.uint8, device=src.device)
+    got = torch.empty((rows, src.shape[1]), dtype=torch.uint8, device=x.device)
     dist.all_to_all_single(got, src, [int(s) for s in out_splits], [int(s) for s in in_splits], group=world.group)
-    return got.to(x.device).view(x.dtype).reshape((rows,) + tuple(x.shape[1:]))
+    return got.view(x.dtype).reshape((rows,) + tuple(x.shape[1:]))
 
 
 def all_to_all_reference(x: torch.Tensor) -> torch.Tensor:
     """What :func:`all_to_all` must return, from ``torch.distributed.all_to_all_single`` (moved as bytes)."""
     world = triton_dist.current_world()
-    src = reference_tensor(_bytes_rows(x))
+    src = _bytes_rows(x)
     got = torch.empty_like(src)
     dist.all_to_all_single(got, src, group=world.group)
-    return got.to(x.device).view(x.dtype).reshape(x.shape)
+    return got.view(x.dtype).reshape(x.shape)

@@ -29,7 +29,7 @@ import triton_dist.language as dl
 
 from ._common import (DONE, READY, REDUCTION_DTYPES, ReductionContext, announce, await_previous, call_signature,
                       check_signatures, publish_signature, reduce_slots, reduce_tiles, scatter_and_publish,
-                      reference_tensor, signal_slots, stage_and_publish, take_epoch, tile_span)
+                      signal_slots, stage_and_publish, take_epoch, tile_span)
 
 DTYPES = REDUCTION_DTYPES
 METHODS = ("full_mesh", "push", "ring")
@@ -145,7 +145,7 @@ def reduce_scatter(x: torch.Tensor, *, ctx: ReduceScatterContext, method: str = 
 def reduce_scatter_reference(x: torch.Tensor) -> torch.Tensor:
     """torch.distributed: all-reduce in fp32 and slice (gloo has no reduce_scatter_tensor)."""
     world = triton_dist.current_world()
-    acc = reference_tensor(x.to(torch.float32))
+    acc = x.to(torch.float32)
     dist.all_reduce(acc, group=world.group)
     m = x.shape[0] // world.world_size
-    return acc[world.rank * m:(world.rank + 1) * m].to(x.device).to(x.dtype)
+    return acc[world.rank * m:(world.rank + 1) * m].to(x.dtype)
