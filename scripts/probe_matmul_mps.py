@@ -13,8 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from probe_mps import run as _run  # noqa: E402
-from triton_dist.runtime import mps  # noqa: E402
+from probe_mps import each_setting  # noqa: E402
 
 PROBE = r"""
 import torch
@@ -40,19 +39,8 @@ print(torch.cuda.get_device_properties(0).multi_processor_count, "SMs;", len(bad
 """
 
 
-def run(label, env):
-    _run(label, env, code=PROBE, timeout=300)
-
-
 def main():
-    run("no MPS", mps.OPT_OUT_ENV)
-    daemon = mps.PrivateMPS.start()
-    try:
-        run("MPS client", daemon.env)
-        for pct in (50, 33, 25):
-            run(f"MPS client capped at {pct}%", dict(daemon.env, **{mps.ACTIVE_THREADS_ENV: str(pct)}))
-    finally:
-        daemon.stop()
+    each_setting(PROBE, "bad (M, layout) products", timeout=300)
 
 
 if __name__ == "__main__":

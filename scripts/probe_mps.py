@@ -29,22 +29,34 @@ def run(label, env, code=SMS, timeout=60):
     print(f"{label:<44} {res}  ({time.time() - t:.1f} s)", flush=True)
 
 
-def main():
-    print("control binary:", mps.control_binary(), "| running daemon:", mps.running_pipe_dir())
-    run("no MPS: SMs, 50 matmuls 4096^3", mps.OPT_OUT_ENV)
+def each_setting(code, what, timeout=60, then=None):
+    """Run ``code`` in a fresh process without MPS, as a client of a private MPS daemon, and as a client capped at
+    50 / 33 / 25 % of the SMs (``what``: the label's end); ``then(daemon)`` runs before the daemon stops."""
+    run(f"no MPS: {what}", mps.OPT_OUT_ENV, code, timeout)
     daemon = mps.PrivateMPS.start()
     try:
-        run("MPS client: SMs, time", daemon.env)
+        run(f"MPS client: {what}", daemon.env, code, timeout)
         for pct in (50, 33, 25):
-            run(f"MPS client capped at {pct}%: SMs, time", dict(daemon.env, **{mps.ACTIVE_THREADS_ENV: str(pct)}))
-        holder = subprocess.Popen([sys.executable, "-c", HOLD], env=dict(os.environ, **daemon.env))
-        time.sleep(3)
-        run("non-MPS client while an MPS client lives", mps.OPT_OUT_ENV)
-        holder.wait(30)
+            run(f"MPS client capped at {pct}%: {what}", dict(daemon.env, **{mps.ACTIVE_THREADS_ENV: str(pct)}), code,
+                timeout)
+        if then is not None:
+            then(daemon)
     finally:
         t = time.time()
         daemon.stop()
         print(f"daemon stopped in {time.time() - t:.1f} s; processes left: {mps._daemon_pids(daemon.pipe_dir)}")
+
+
+def _beside_an_mps_client(daemon):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD], env=dict(os.environ, **daemon.env))
+    time.sleep(3)
+    run("non-MPS client while an MPS client lives", mps.OPT_OUT_ENV)
+    holder.wait(30)
+
+
+def main():
+    print("control binary:", mps.control_binary(), "| running daemon:", mps.running_pipe_dir())
+    each_setting(SMS, "SMs, 50 matmuls 4096^3", then=_beside_an_mps_client)
 
 
 if __name__ == "__main__":

@@ -341,6 +341,15 @@ def _calls_that_differ():
     return got
 
 
+def _cpu_world(why: str, **env):
+    """A fresh 2-rank CPU world for the tests whose calls stop kernels (skipped on GPUs, where a trap ends the
+    process's CUDA context: ``why`` says what covers the case there)."""
+    from conftest import BACKEND, new_world
+    if BACKEND != "cpu":
+        pytest.skip(f"a GPU trap ends the process's CUDA context; {why}")
+    return new_world(2, env=env)
+
+
 def _methods_that_differ():
     """Rank 0 calls all_reduce with LL, the others with one_shot: two protocols that never meet. The LL rank sees,
     in its slow path, that its peer is in a staged call of the same context and raises CallMismatch naming both
@@ -356,10 +365,7 @@ def _methods_that_differ():
 
 
 def test_calls_in_different_protocols_are_named():
-    from conftest import BACKEND, new_world
-    if BACKEND != "cpu":
-        pytest.skip("a GPU trap ends the process's CUDA context; the GPU watchdog message uses the same labels")
-    with new_world(2, env={"TRITON_DIST_WAIT_TIMEOUT_S": "2"}) as w:
+    with _cpu_world("the GPU watchdog message uses the same labels", TRITON_DIST_WAIT_TIMEOUT_S="2") as w:
         ll_side, pad_side = w.run(_methods_that_differ, timeout=120)
     assert ll_side[0] == "CallMismatch" and "rank 0 makes an LL call" in ll_side[1], ll_side
     assert "rank 1 is making a staged call of the same context" in ll_side[1], ll_side
@@ -394,25 +400,19 @@ def _named_barriers():
 
 
 def test_a_collective_step_only_one_rank_takes_is_named():
-    from conftest import BACKEND, new_world
-    if BACKEND != "cpu":
-        pytest.skip("a GPU trap ends the process's CUDA context; the CPU world checks the host side")
-    with new_world(2, env={"TRITON_DIST_WAIT_TIMEOUT_S": "2"}) as w:
+    with _cpu_world("the CPU world checks the host side", TRITON_DIST_WAIT_TIMEOUT_S="2") as w:
         grew, stayed = w.run(_one_rank_grows_a_context, timeout=120)
     assert grew[0] == "CallMismatch" and "closing a context of all_reduce" in grew[1], grew
     assert "waited 2 s for ranks [1], which did not come" in grew[1], grew
     assert stayed[0] == "SignalTimeout" and "all_reduce's LL call header from rank 0" in stayed[1], stayed
-    with new_world(2) as w:
+    with _cpu_world("the CPU world checks the host side") as w:
         a, b = w.run(_named_barriers, timeout=60)
     assert "rank 0: step A, but rank 1 was step B" in a, a
     assert "rank 1: step B, but rank 0 was step A" in b, b
 
 
 def test_calls_that_differ_across_ranks_raise_everywhere():
-    from conftest import BACKEND, new_world
-    if BACKEND != "cpu":
-        pytest.skip("a GPU trap ends the process's CUDA context: the shared-GPU suite checks one case per world")
-    with new_world(2) as w:
+    with _cpu_world("the shared-GPU suite checks one case per world") as w:
         for rank, msgs in enumerate(w.run(_calls_that_differ, timeout=120)):
             for msg in msgs:
                 assert msg is not None, (rank, msgs)
