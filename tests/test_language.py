@@ -114,6 +114,11 @@ def _clock_kernel(out_ptr):
 
 
 @triton.jit
+def _wait_timeout_kernel(out_ptr):
+    tl.store(out_ptr, dl.wait_timeout_ns())
+
+
+@triton.jit
 def _never_signalled_kernel(sig_ptr):
     token = dl.wait(sig_ptr + 1, 1, "sys", "acquire", 1)
     tl.store(dl.consume_token(sig_ptr, token), 5)
@@ -269,6 +274,20 @@ def test_timer_tid_smid(world2):
     for t0, t1, tid, sm in world2.run(_clock):
         assert 0 < t0 <= t1
         assert tid >= 0 and sm >= 0
+
+
+def _wait_timeout():
+    w = this_world()
+    out = torch.full((1,), -1, dtype=torch.int64, device=w.device)
+    _wait_timeout_kernel[(1,)](out)
+    return int(out.item()), int(w.config.wait_timeout_s * 1e9)
+
+
+def test_wait_timeout_ns_is_the_watchdog_timeout():
+    from conftest import new_world
+    with new_world(2, env={"TRITON_DIST_WAIT_TIMEOUT_S": "3.5"}) as w:
+        for got, want in w.run(_wait_timeout):
+            assert got == want == 3_500_000_000
 
 
 def _never_signalled():
