@@ -29,14 +29,14 @@ def run(label, env, code=SMS, timeout=60):
     print(f"{label:<44} {res}  ({time.time() - t:.1f} s)", flush=True)
 
 
-def each_setting(code, what, timeout=60, then=None):
+def each_setting(code, what, timeout=60, then=None, percentages=(50, 33, 25)):
     """Run ``code`` in a fresh process without MPS, as a client of a private MPS daemon, and as a client capped at
-    50 / 33 / 25 % of the SMs (``what``: the label's end); ``then(daemon)`` runs before the daemon stops."""
+    each of ``percentages`` of the SMs (``what``: the label's end); ``then(daemon)`` runs before the daemon stops."""
     run(f"no MPS: {what}", mps.OPT_OUT_ENV, code, timeout)
     daemon = mps.PrivateMPS.start()
     try:
         run(f"MPS client: {what}", daemon.env, code, timeout)
-        for pct in (50, 33, 25):
+        for pct in percentages:
             run(f"MPS client capped at {pct}%: {what}", dict(daemon.env, **{mps.ACTIVE_THREADS_ENV: str(pct)}), code,
                 timeout)
         if then is not None:

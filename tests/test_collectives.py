@@ -353,7 +353,8 @@ def _cpu_world(why: str, **env):
 def _methods_that_differ():
     """Rank 0 calls all_reduce with LL, the others with one_shot: two protocols that never meet. The LL rank sees,
     in its slow path, that its peer is in a staged call of the same context and raises CallMismatch naming both
-    calls; the staged rank's timeout names the op, the signal and the rank that did not arrive."""
+    calls and reports it to the world; the staged rank's wait times out and raises CallMismatch quoting that report,
+    with its own labelled wait (the op, the signal, the rank that did not arrive)."""
     w = this_world()
     ctx = ar.AllReduceContext(64, torch.float32, num_programs=1)
     try:
@@ -371,7 +372,11 @@ def test_calls_in_different_protocols_are_named():
     assert "rank 1 is making a staged call of the same context" in ll_side[1], ll_side
     assert "all_reduce(method=ll, float32, 40 elements)" in ll_side[1], ll_side
     assert "all_reduce(method=one_shot, float32, 44 elements, a call this rank made before)" not in ll_side[1]
-    assert pad_side[0] == "SignalTimeout", pad_side
+    # the staged rank's wait times out; rank 0 reported its mismatch meanwhile, so rank 1 raises CallMismatch too,
+    # quoting it, with its own wait's labelled message
+    assert pad_side[0] == "CallMismatch", pad_side
+    assert "rank 1: the call was stopped because rank 0 found the ranks' calls differ" in pad_side[1], pad_side
+    assert "rank 0 makes an LL call" in pad_side[1], pad_side
     assert "all_reduce's READY signal of program 0 from rank 0" in pad_side[1], pad_side
     assert "rank 0 has not reached call 1 of this all_reduce context" in pad_side[1], pad_side
 
@@ -379,7 +384,8 @@ def test_calls_in_different_protocols_are_named():
 def _one_rank_grows_a_context():
     """Both ranks make the all_reduce context with a first call; then rank 0 calls with more elements than it holds
     (so it replaces the context: a collective step) while rank 1 calls with the old size. Rank 0's named barrier
-    names rank 1 as missing; rank 1's kernel times out on rank 0's LL call header (auto: LL), labelled."""
+    names rank 1 as missing; rank 1's kernel times out on rank 0's LL call header (auto: LL), labelled, and raises
+    CallMismatch quoting rank 0's report."""
     w = this_world()
     ops.all_reduce(torch.ones(100))
     try:
@@ -404,7 +410,9 @@ def test_a_collective_step_only_one_rank_takes_is_named():
         grew, stayed = w.run(_one_rank_grows_a_context, timeout=120)
     assert grew[0] == "CallMismatch" and "closing a context of all_reduce" in grew[1], grew
     assert "waited 2 s for ranks [1], which did not come" in grew[1], grew
-    assert stayed[0] == "SignalTimeout" and "all_reduce's LL call header from rank 0" in stayed[1], stayed
+    # rank 1 waits on rank 0's LL call header, which never comes; rank 0's named barrier reported the mismatch
+    assert stayed[0] == "CallMismatch" and "all_reduce's LL call header from rank 0" in stayed[1], stayed
+    assert "rank 0 found the ranks' calls differ: rank 0: closing a context of all_reduce" in stayed[1], stayed
     with _cpu_world("the CPU world checks the host side") as w:
         a, b = w.run(_named_barriers, timeout=60)
     assert "rank 0: step A, but rank 1 was step B" in a, a

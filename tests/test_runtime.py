@@ -155,16 +155,16 @@ def _mismatched_ops():
     from triton_dist import ops
     w = this_world()
     got = []
-    rows = 8 if w.rank == 0 else 16
-    for call in (lambda: ops.reduce_scatter(torch.ones(rows, 3)),
-                 lambda: ops.all_reduce(torch.ones(4), method="one_shot" if w.rank == 0 else "two_shot"),
-                 lambda: ops.all_to_all_v(torch.ones(3 + w.rank, 2), [1 + w.rank, 2], [1, 2 + w.rank])):
+    rows, dev = 8 if w.rank == 0 else 16, w.device
+    for call in (lambda: ops.reduce_scatter(torch.ones(rows, 3, device=dev)),
+                 lambda: ops.all_reduce(torch.ones(4, device=dev), method="one_shot" if w.rank == 0 else "two_shot"),
+                 lambda: ops.all_to_all_v(torch.ones(3 + w.rank, 2, device=dev), [1 + w.rank, 2], [1, 2 + w.rank])):
         try:
             call()
             got.append(None)
         except triton_dist.CallMismatch as err:
             got.append(str(err))
-    same = ops.all_reduce(torch.full((4,), 1.0 + w.rank))
+    same = ops.all_reduce(torch.full((4,), 1.0 + w.rank, device=dev))
     got.append(same.tolist())
     return got
 
@@ -177,3 +177,28 @@ def test_debug_mode_names_calls_that_differ_across_ranks():
             assert "method=one_shot" in ar and "method=two_shot" in ar, ar
             assert "rank 1 sends 2 rows to rank 1, which expects 3" in a2av, a2av
             assert same == [3.0] * 4
+
+
+def _mismatch_reports():
+    """Rank 0 reports a mismatch; rank 1's timeouts during that window become CallMismatch quoting it, a timeout
+    whose wait began after the report stays a SignalTimeout."""
+    import time
+    w = this_world()
+    if w.rank == 0:
+        w.report_mismatch("rank 0 saw signature 0x1 against 0x2")
+    w.barrier()
+    got = []
+    if w.rank == 1:
+        got.append(w.timeout_error("rank 1 waited 5 s on READY", waited_s=5.0))
+        time.sleep(1.5)
+        got.append(w.timeout_error("rank 1 waited 0.2 s on READY", waited_s=0.2))
+    w.barrier()
+    return [(type(e).__name__, str(e)) for e in got]
+
+
+def test_a_reported_mismatch_turns_a_peers_timeout_into_call_mismatch(world2):
+    _, (during, after) = world2.run(_mismatch_reports)
+    assert during[0] == "CallMismatch", during
+    assert "rank 1: the call was stopped because rank 0 found the ranks' calls differ: rank 0 saw signature 0x1" \
+        in during[1] and "(this rank's own wait: rank 1 waited 5 s on READY)" in during[1], during
+    assert after == ("SignalTimeout", "rank 1 waited 0.2 s on READY"), after

@@ -94,8 +94,8 @@ def spin(addr: int, cty, done, what: str, timeout_s: float, expected=None, shown
             time.sleep(0.0002)
         if time.monotonic() > deadline:
             w = current_world()
-            raise SignalTimeout(w.heap.timeout_message(w.rank, f"{timeout_s:g}", addr, what, expected, shown(seen),
-                                                       _program_note()))
+            raise w.timeout_error(w.heap.timeout_message(w.rank, f"{timeout_s:g}", addr, what, expected,
+                                                         shown(seen), _program_note()), timeout_s, wait_s=1.0)
     return seen
 
 
@@ -243,6 +243,9 @@ def check_agree(mine, theirs, peer, code):
     bad = np.nonzero(a != b)[0]
     if bad.size:
         i = int(bad[0])
-        raise CallMismatch(describe_mismatch(current_world().rank, _int(code), int(a[i]), int(b[i]), int(p[i])))
+        w = current_world()
+        err = CallMismatch(describe_mismatch(w.rank, _int(code), int(a[i]), int(b[i]), int(p[i])))
+        w.report_mismatch(str(err))
+        raise err
     return mine
 

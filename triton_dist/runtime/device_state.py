@@ -80,17 +80,29 @@ def _error(rec) -> Exception | None:
     return None
 
 
+def _raised(rec) -> Exception | None:
+    """:func:`_error`, told to the peers: a mismatch is reported to them (``World.report_mismatch``) and a timeout
+    becomes a ``CallMismatch`` when a peer reported one while this rank waited (``World.timeout_error``)."""
+    err = _error(rec)
+    if err is None or _world is None:
+        return err
+    if isinstance(err, CallMismatch):
+        _world.report_mismatch(str(err))
+        return err
+    return _world.timeout_error(str(err), _world.config.wait_timeout_s, wait_s=1.0)
+
+
 def check() -> None:
     """Raise :class:`SignalTimeout` if a device wait of this process timed out (:class:`CallMismatch` if a device-side
-    agreement check failed)."""
-    err = _error(_record.tolist()) if _record is not None else None
+    agreement check failed, or if the wait was for a call that a peer stopped with one)."""
+    err = _raised(_record.tolist()) if _record is not None else None
     if err is not None:
         raise err
 
 
 def check_after(err: BaseException) -> None:
     """Called with a CUDA error: raise the record's error from it if a kernel was stopped (the likely cause)."""
-    found = _error(_record.tolist()) if _record is not None else None
+    found = _raised(_record.tolist()) if _record is not None else None
     if found is not None:
         raise found from err
 

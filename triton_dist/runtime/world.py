@@ -12,6 +12,7 @@ resident at once. Timings there are not performance.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from . import mps
-from .errors import CallMismatch
+from .errors import CallMismatch, SignalTimeout
 from .config import DEFAULT_HEAP_BYTES, SHARE_GPUS_ENV, Config
 from .heap import RESERVED_BYTES, RESERVED_PAD_BYTES, CPUArena, CUDAArena, SharedGPUArena, SymmetricHeap, fmt_bytes
 
@@ -103,6 +104,10 @@ class World:
                 from . import device_state
                 device_state.check_after(err)
                 if self.shared_gpu and self.mps:  # this rank's record is empty: the fault came from elsewhere
+                    why = self.timeout_error("its kernel was stopped by another MPS client's trap on this GPU",
+                                             self.config.wait_timeout_s, wait_s=2.0)
+                    if isinstance(why, CallMismatch):  # that trap was a peer's mismatch check
+                        raise why from err
                     err.add_note("triton_dist: in a shared-GPU world under MPS, a fault or watchdog trap of any rank "
                                  "on this GPU stops every rank's kernels, and this rank's watchdog record is empty: "
                                  "the cause is in another rank's message (the first 'triton_dist watchdog' line); "
@@ -130,19 +135,69 @@ class World:
         while not self.store.check(keys):
             if time.monotonic() > deadline:
                 missing = [r for r, k in enumerate(keys) if not self.store.check([k])]
-                raise CallMismatch(
+                raise self._reported(CallMismatch(
                     f"rank {self.rank}: {what} (a collective step) waited {self.config.wait_timeout_s:g} s for ranks "
                     f"{missing}, which did not come: they made another call (a smaller size, another op or none). "
                     "Every rank must make the same sequence of op calls with the same shapes (TRITON_DIST_DEBUG=1 "
-                    "checks each call on the host). This world is out of step now: finalize() and init() again.")
+                    "checks each call on the host). This world is out of step now: finalize() and init() again."))
             time.sleep(0.0005)
         others = {r: self.store.get(k).decode() for r, k in enumerate(keys) if r != self.rank}
         differ = {r: v for r, v in others.items() if v != what}
         if differ:
-            raise CallMismatch(
+            raise self._reported(CallMismatch(
                 f"rank {self.rank}: {what}, but " + "; ".join(f"rank {r} was {v}" for r, v in differ.items())
                 + ": the ranks made different calls. Every rank must make the same sequence of op calls with the "
-                  "same shapes (TRITON_DIST_DEBUG=1 checks each call on the host).")
+                  "same shapes (TRITON_DIST_DEBUG=1 checks each call on the host)."))
+
+    def report_mismatch(self, message: str) -> None:
+        """Tell the peers that this rank stopped a call with :class:`~triton_dist.CallMismatch` (``message``), through
+        the world's store: a peer whose wait in the same call then times out, or whose kernel another MPS client's
+        trap stopped, raises ``CallMismatch`` quoting it (:meth:`timeout_error`) instead of a bare timeout. Error path
+        only; best effort (the mismatch itself is raised either way)."""
+        if self.store is None or self.world_size == 1:
+            return
+        try:
+            self.store.set(f"mismatch/{self.rank}", json.dumps([time.time(), message]))
+        except Exception:  # noqa: BLE001  (a store that is gone must not hide the error being raised)
+            pass
+
+    def _reported(self, err: CallMismatch) -> CallMismatch:
+        self.report_mismatch(str(err))
+        return err
+
+    def peer_mismatches(self, since: float, wait_s: float = 0.0) -> list[tuple[int, str]]:
+        """``(rank, message)`` of every peer that reported a mismatch (:meth:`report_mismatch`) at or after
+        ``since`` (``time.time()``), polling up to ``wait_s`` seconds for the first one."""
+        if self.store is None or self.world_size == 1:
+            return []
+        deadline = time.monotonic() + wait_s
+        while True:
+            found = []
+            for r in range(self.world_size):
+                key = f"mismatch/{r}"
+                try:
+                    if r == self.rank or not self.store.check([key]):
+                        continue
+                    stamp, message = json.loads(self.store.get(key))
+                except Exception:  # noqa: BLE001  (no store: nothing to add to the error)
+                    return []
+                if stamp >= since:
+                    found.append((r, message))
+            if found or time.monotonic() >= deadline:
+                return found
+            time.sleep(0.05)
+
+    def timeout_error(self, message: str, waited_s: float, wait_s: float = 0.0) -> Exception:
+        """The error of a wait that timed out after ``waited_s`` seconds: :class:`~triton_dist.CallMismatch` if a peer
+        reported a mismatch meanwhile (this rank waited for a call the peer stopped, e.g. the staged side of a call
+        that the peer made with the LL protocol), naming it; else :class:`~triton_dist.SignalTimeout`."""
+        found = self.peer_mismatches(time.time() - waited_s - 1.0, wait_s)
+        if not found:
+            return SignalTimeout(message)
+        return CallMismatch(
+            f"rank {self.rank}: the call was stopped because " + "; ".join(
+                f"rank {r} found the ranks' calls differ: {m}" for r, m in found)
+            + f" (this rank's own wait: {message})")
 
     def stream_barrier(self) -> None:
         """Device barrier on the current stream (no host sync on GPU); a host barrier in the CPU world."""

@@ -71,6 +71,31 @@ def _worker(rank: int, world_size: int, env: dict, conn) -> None:
     triton_dist.finalize()
 
 
+def _proc_state(pid: int) -> str:
+    """Where the threads of ``pid`` are, from /proc (Linux): each thread's name, state and kernel wait channel, e.g.
+    "threads: python3 S futex_wait_queue; cuda-EvtHandlr D uvm_..." (state D: blocked in the kernel, a driver call)."""
+    rows = []
+    try:
+        tids = sorted(os.listdir(f"/proc/{pid}/task"), key=int)
+    except OSError as err:
+        return f"no /proc entry ({err.strerror})"
+    for tid in tids:
+        base = f"/proc/{pid}/task/{tid}"
+        try:
+            with open(f"{base}/stat") as f:
+                stat = f.read()
+            name, state = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2]
+            try:
+                with open(f"{base}/wchan") as f:
+                    wchan = f.read().strip() or "-"
+            except OSError:
+                wchan = "?"
+            rows.append(f"{name} {state} {wchan}")
+        except (OSError, ValueError, IndexError):
+            continue
+    return "threads (name, state, kernel wait channel): " + "; ".join(rows)
+
+
 class ProcessWorld:
     """``n`` rank processes kept alive across calls; see the module docstring."""
 
@@ -155,7 +180,9 @@ class ProcessWorld:
                     text = f.read().strip()
             except OSError:
                 text = ""
-            out.append(f"--- rank {r} was stuck here:\n{text or '(no stack: the process did not answer)'}")
+            if not text:  # e.g. blocked in the kernel (a driver call): what /proc says about its threads
+                text = f"(no stack: the process did not answer; {_proc_state(self._procs[r].pid)})"
+            out.append(f"--- rank {r} was stuck here:\n{text}")
         return "\n".join(out)
 
     def _kill(self) -> None:
