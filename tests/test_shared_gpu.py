@@ -10,9 +10,10 @@ import time
 import pytest
 import torch
 
+import triton_dist
 from triton_dist import cli
 from triton_dist.runtime import heap, launcher, mps, world
-from triton_dist.runtime.config import SHARE_GPUS_ENV
+from triton_dist.runtime.config import SHARE_GPUS_ENV, Config
 from triton_dist.testing import ProcessWorld
 
 # A stand-in for nvidia-cuda-mps-control: `-d` starts a "daemon" (a shell of the same name that lives while the
@@ -47,7 +48,8 @@ def test_private_daemon_starts_serves_and_stops(fake_control, monkeypatch):
     daemon = mps.for_shared_world(ranks_per_gpu=3)
     assert isinstance(daemon, mps.PrivateMPS)
     assert set(daemon.env) == {mps.PIPE_ENV, mps.LOG_ENV, mps.ACTIVE_THREADS_ENV}
-    assert daemon.env[mps.ACTIVE_THREADS_ENV] == "33", "each of 3 ranks is capped at its share of the SMs"
+    # each of 3 ranks is capped at most at its share of the SMs, at a cap where cuBLAS is right (25 %, not 33 %)
+    assert daemon.env[mps.ACTIVE_THREADS_ENV] == "25"
     assert mps.client_env_active(daemon.env) and not mps.client_env_active({})
     assert mps._daemon_pids(daemon.pipe_dir), "the daemon process is found by its pipe directory"
     with daemon as env:
@@ -57,6 +59,22 @@ def test_private_daemon_starts_serves_and_stops(fake_control, monkeypatch):
         time.sleep(0.05)
     assert not mps._daemon_pids(daemon.pipe_dir) and not os.path.exists(daemon.root)
     daemon.stop()  # idempotent
+
+
+def test_share_percentage_leaves_each_rank_its_share_at_a_cap_where_cublas_is_right():
+    got = {n: mps.share_percentage(n) for n in (1, 2, 3, 4, 5, 8)}
+    assert got == {1: 100, 2: 50, 3: 25, 4: 25, 5: 20, 8: 12}, got
+    assert all(n * p <= 100 for n, p in got.items())
+
+
+def test_a_cap_with_no_known_safe_value_warns(fake_control, monkeypatch, capsys):
+    monkeypatch.delenv(mps.ACTIVE_THREADS_ENV, raising=False)
+    daemon = mps.for_shared_world(ranks_per_gpu=5)
+    try:
+        assert daemon.env[mps.ACTIVE_THREADS_ENV] == "20"
+        assert "torch.matmul (cuBLAS) may return wrong results" in capsys.readouterr().err
+    finally:
+        daemon.stop()
 
 
 def test_no_second_daemon_when_one_serves(fake_control, monkeypatch):
@@ -150,7 +168,7 @@ class _FakeProps:
 def test_num_sms_is_the_ranks_share(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: _FakeProps())
     w = world.World(0, 4, 0, 4, torch.device("cuda", 0), None, "cuda", None, shared_gpu=True, ranks_per_device=3)
-    assert w.num_sms == 42  # 33 % of 132 SMs, whole TPCs
+    assert w.num_sms == 32  # the launcher's cap for 3 ranks (25 %, where cuBLAS is right) of 132 SMs, whole TPCs
     w.ranks_per_device = 2
     assert w.num_sms == 66
     w.ranks_per_device = 4
@@ -241,7 +259,7 @@ def test_a_world_that_fits_its_gpus_starts_no_daemon(fake_control, monkeypatch):
     assert isinstance(mps.for_world(2, 2), mps.NoMPS) and mps.for_world(2, 2).env == {}
     daemon = mps.for_world(5, 2)  # 3 ranks on a GPU at most
     try:
-        assert isinstance(daemon, mps.PrivateMPS) and daemon.env[mps.ACTIVE_THREADS_ENV] == "33"
+        assert isinstance(daemon, mps.PrivateMPS) and daemon.env[mps.ACTIVE_THREADS_ENV] == "25"
     finally:
         daemon.stop()
     assert mps.for_world(4, 1, use_mps=False).env == mps.OPT_OUT_ENV
@@ -265,3 +283,26 @@ def test_a_fault_from_another_mps_client_says_where_to_look(monkeypatch):
     with pytest.raises(RuntimeError) as info:
         w.synchronize()
     assert not getattr(info.value, "__notes__", [])
+    # a peer reported a mismatch (its check trapped, which stopped this rank's kernel): CallMismatch quoting it
+    store = _DictStore()
+    peer = world.World(1, 2, 1, 2, torch.device("cuda", 0), None, "cuda", None, store=store)
+    peer.report_mismatch("rank 1 saw signature 0x7 against 0x9")
+    w.mps, w.store, w.config = True, store, Config("cuda", None, False, 5.0)
+    with pytest.raises(triton_dist.CallMismatch, match="rank 1 found the ranks' calls differ: rank 1 saw signature"):
+        w.synchronize()
+
+
+class _DictStore:
+    """The three calls of a c10d store that the mismatch reports use."""
+
+    def __init__(self):
+        self.kv = {}
+
+    def set(self, key, value):
+        self.kv[key] = value.encode() if isinstance(value, str) else value
+
+    def check(self, keys):
+        return all(k in self.kv for k in keys)
+
+    def get(self, key):
+        return self.kv[key]

@@ -17,7 +17,7 @@ import triton.language as tl
 from triton.runtime import interpreter as _interpreter
 from triton.runtime.interpreter import TensorHandle
 
-from ..runtime.errors import CallMismatch, SignalTimeout, describe_mismatch
+from ..runtime.errors import CallMismatch, describe_mismatch
 from ..runtime.world import current_world
 
 _CTYPES = {tl.int32: ctypes.c_int32, tl.uint32: ctypes.c_uint32, tl.int64: ctypes.c_int64, tl.uint64: ctypes.c_uint64}

@@ -31,7 +31,8 @@ PIPE_ENV = "CUDA_MPS_PIPE_DIRECTORY"
 LOG_ENV = "CUDA_MPS_LOG_DIRECTORY"
 # Each client's cap on the SMs it may use. Kernels of one rank whose programs wait for another rank's (a consumer
 # grid larger than the GPU, spinning on a producer grid launched later by a peer) deadlock under MPS if one rank's
-# grid can take every SM; a cap of 100 / (ranks per GPU) percent leaves every rank its share.
+# grid can take every SM; a cap of at most 100 / (ranks per GPU) percent leaves every rank its share
+# (:func:`share_percentage` picks one under which cuBLAS is right).
 ACTIVE_THREADS_ENV = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
 DEFAULT_PIPE_DIR = "/tmp/nvidia-mps"  # what clients and daemons use when PIPE_ENV is unset
 
@@ -172,9 +173,23 @@ class NoMPS:
 OPT_OUT_ENV = {PIPE_ENV: "/nonexistent/triton_dist_no_mps"}
 
 
+# The caps under which torch.matmul (cuBLAS) gave right answers on an H200 (driver 580.159, torch 2.11 + cu130,
+# ``scripts/probe_matmul_mps.py``, 2026-12-01): 960 bf16 products each, none wrong uncapped or at 50 % or 25 %, but
+# 48 to 905 wrong (errors of ~100 where rounding explains < 1, sometimes NaN) at 20, 28, 30-36, 40 and 45 %. A 3-rank
+# world at 33 % made the tests' torch references wrong, not our kernels.
+CUBLAS_SAFE_PERCENTAGES = (50, 25)
+
+
 def share_percentage(ranks_per_gpu: int) -> int:
-    """The ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` of each of ``ranks_per_gpu`` ranks on one GPU."""
-    return max(1, 100 // max(1, ranks_per_gpu))
+    """The ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` of each of ``ranks_per_gpu`` ranks on one GPU: the largest of
+    :data:`CUBLAS_SAFE_PERCENTAGES` that leaves every rank its share (at most ``100 // ranks_per_gpu``), so 50 for 2
+    ranks and 25 for 3 or 4 (3 ranks then leave a quarter of the SMs idle: correct beats busy). With more than 4 ranks
+    per GPU no safe cap is known: ``100 // ranks_per_gpu`` (:func:`for_shared_world` warns)."""
+    n = max(1, ranks_per_gpu)
+    if n == 1:
+        return 100
+    fair = max(1, 100 // n)
+    return max([p for p in CUBLAS_SAFE_PERCENTAGES if p <= fair], default=fair)
 
 
 def for_world(nranks: int, gpus: int, use_mps: bool = True) -> "PrivateMPS | NoMPS":
@@ -198,7 +213,14 @@ def for_shared_world(use_mps: bool = True, ranks_per_gpu: int = 1) -> "PrivateMP
         print(f"triton-dist: {err}; the ranks time-slice the GPU instead", file=sys.stderr, flush=True)
         return NoMPS()
     if client_env_active(dict(os.environ, **daemon.env)) and ACTIVE_THREADS_ENV not in os.environ:
-        daemon.env[ACTIVE_THREADS_ENV] = str(share_percentage(ranks_per_gpu))
+        pct = share_percentage(ranks_per_gpu)
+        daemon.env[ACTIVE_THREADS_ENV] = str(pct)
+        if pct not in CUBLAS_SAFE_PERCENTAGES and pct != 100:
+            print(f"triton-dist: warning: {ranks_per_gpu} ranks per GPU run as MPS clients capped at {pct} % of the "
+                  "SMs, where torch.matmul (cuBLAS) may return wrong results (seen on an H200 at most caps other than "
+                  f"{' and '.join(map(str, CUBLAS_SAFE_PERCENTAGES))} %): check with "
+                  f"`python3 scripts/probe_matmul_mps.py {pct}`, or use at most 4 ranks per GPU", file=sys.stderr,
+                  flush=True)
     return daemon
 
 

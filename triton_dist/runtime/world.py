@@ -84,14 +84,14 @@ class World:
         """SMs this rank may fill with a persistent grid: the GPU's, or on a shared GPU this rank's share, so that the
         programs of every rank are resident at once (kernels whose programs wait for their peers' need that). Under
         MPS with a cap (``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``, set by the launcher) the device reports the capped
-        count itself (seen on an H200: 66 / 42 / 32 SMs at 50 / 33 / 25 %); otherwise it is what a cap of
-        ``100 // ranks_per_device`` percent gives, in whole TPCs of 2 SMs. 1 in the CPU world."""
+        count itself (seen on an H200: 66 / 42 / 32 SMs at 50 / 33 / 25 %); otherwise it is what the launcher's cap
+        (``mps.share_percentage``) gives, in whole TPCs of 2 SMs. 1 in the CPU world."""
         if self.device.type != "cuda":
             return 1
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         if self.ranks_per_device == 1 or (self.mps and os.environ.get(mps.ACTIVE_THREADS_ENV)):
             return sms
-        share = sms * (100 // self.ranks_per_device) // 100
+        share = sms * mps.share_percentage(self.ranks_per_device) // 100
         return max(1, share - share % 2)
 
     def synchronize(self) -> None:
@@ -104,10 +104,11 @@ class World:
                 from . import device_state
                 device_state.check_after(err)
                 if self.shared_gpu and self.mps:  # this rank's record is empty: the fault came from elsewhere
-                    why = self.timeout_error("its kernel was stopped by another MPS client's trap on this GPU",
-                                             self.config.wait_timeout_s, wait_s=2.0)
-                    if isinstance(why, CallMismatch):  # that trap was a peer's mismatch check
-                        raise why from err
+                    if self.store is not None:
+                        why = self.timeout_error("its kernel was stopped by another MPS client's trap on this GPU",
+                                                 self.config.wait_timeout_s, wait_s=2.0)
+                        if isinstance(why, CallMismatch):  # that trap was a peer's mismatch check
+                            raise why from err
                     err.add_note("triton_dist: in a shared-GPU world under MPS, a fault or watchdog trap of any rank "
                                  "on this GPU stops every rank's kernels, and this rank's watchdog record is empty: "
                                  "the cause is in another rank's message (the first 'triton_dist watchdog' line); "
