@@ -306,3 +306,27 @@ class _DictStore:
 
     def get(self, key):
         return self.kv[key]
+
+
+def test_a_trapped_kernel_whose_sync_never_returns_raises_the_record(monkeypatch):
+    """Time-sliced shared GPU (no MPS): when a kernel trapped (the record is filled) but torch.cuda.synchronize
+    blocks for good, synchronize raises the record's error after TRAP_GRACE_S instead of hanging."""
+    import threading
+    from triton_dist.runtime import device_state
+    release = threading.Event()
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: release.wait(30))
+    rec = torch.zeros(8, dtype=torch.int64)
+    rec[:8] = torch.tensor([3, 0, 1, 4, 3, 1, 5, 66])  # a failed split check (code 1) of rank 0, program 5 of 66
+    monkeypatch.setattr(device_state, "_record", rec)
+    monkeypatch.setattr(device_state, "_world", None)
+    monkeypatch.setattr(world, "TRAP_GRACE_S", 0.2)
+    w = world.World(0, 2, 0, 2, torch.device("cuda", 0), None, "cuda", None, shared_gpu=True, ranks_per_device=2)
+    t = time.monotonic()
+    with pytest.raises(triton_dist.CallMismatch, match="rank 0 expects 4 rows from rank 1") as info:
+        w.synchronize()
+    release.set()
+    assert time.monotonic() - t < 5
+    assert any("torch.cuda.synchronize had not returned" in n for n in info.value.__notes__)
+    rec[0] = 0  # nothing recorded: the sync's own outcome
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    w.synchronize()

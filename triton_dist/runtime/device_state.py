@@ -92,6 +92,16 @@ def _raised(rec) -> Exception | None:
     return _world.timeout_error(str(err), _world.config.wait_timeout_s, wait_s=1.0)
 
 
+def recorded() -> bool:
+    """True when a kernel of this process filled the watchdog record (a timed-out wait or a failed check)."""
+    return _record is not None and int(_record[0]) in (2, 3)
+
+
+def recorded_error() -> Exception | None:
+    """The record's exception (reported to the peers as :func:`check` does), or None."""
+    return _raised(_record.tolist()) if _record is not None else None
+
+
 def check() -> None:
     """Raise :class:`SignalTimeout` if a device wait of this process timed out (:class:`CallMismatch` if a device-side
     agreement check failed, or if the wait was for a call that a peer stopped with one)."""

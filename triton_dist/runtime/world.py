@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -30,6 +31,7 @@ from .heap import RESERVED_BYTES, RESERVED_PAD_BYTES, CPUArena, CUDAArena, Share
 _REQUIRED_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _HOST_TIMEOUT = timedelta(seconds=120)
 _current: "World | None" = None
+TRAP_GRACE_S = 3.0  # how long a trapped kernel's synchronize may take before the record's error is raised anyway
 _store = None  # the launcher's rendezvous store, kept for the life of the process
 _generation = 0  # how many worlds this process has joined (every rank counts alike)
 _world_store = None  # the PrefixStore of the world being made (None when the process group came from elsewhere)
@@ -96,10 +98,15 @@ class World:
 
     def synchronize(self) -> None:
         """Wait for this rank's queued GPU work. If a kernel was stopped by the hang watchdog, raise
-        :class:`SignalTimeout` naming the rank and signal instead of a bare CUDA error."""
+        :class:`SignalTimeout` naming the rank and signal instead of a bare CUDA error (:class:`CallMismatch` for a
+        failed agreement check, or when a peer reported one)."""
         if self.device.type == "cuda":
+            stuck = None
             try:
-                torch.cuda.synchronize(self.device)
+                if self.shared_gpu and not self.mps:  # time-sliced ranks: a trapped kernel's sync may never return
+                    stuck = self._sync_watching_the_record()
+                else:
+                    torch.cuda.synchronize(self.device)
             except Exception as err:  # torch.AcceleratorError on newer torch
                 from . import device_state
                 device_state.check_after(err)
@@ -114,6 +121,40 @@ class World:
                                  "the cause is in another rank's message (the first 'triton_dist watchdog' line); "
                                  "if no rank printed one, a kernel faulted (e.g. an illegal address) on some rank.")
                 raise
+            if stuck is not None:
+                raise stuck
+
+    def _sync_watching_the_record(self) -> Exception | None:
+        """``torch.cuda.synchronize`` in a helper thread while this one watches the watchdog record; returns None when
+        the sync returned (its CUDA error re-raised here), or the record's error when a kernel trapped and the sync had
+        not returned :data:`TRAP_GRACE_S` later. Used on time-sliced shared GPUs (no MPS), where two ranks' kernels
+        trapping together left one rank's synchronize blocked for good (H200, 2026-12-01: the all_to_all_v
+        disagreeing-splits test)."""
+        from . import device_state
+        done, failed = threading.Event(), []
+
+        def sync():
+            try:
+                torch.cuda.synchronize(self.device)
+            except BaseException as err:  # noqa: BLE001  (handed to the caller)
+                failed.append(err)
+            finally:
+                done.set()
+
+        threading.Thread(target=sync, daemon=True, name="triton_dist-sync").start()
+        trapped_at = None
+        while not done.wait(0.05):
+            if device_state.recorded():
+                trapped_at = trapped_at or time.monotonic()
+                if time.monotonic() - trapped_at > TRAP_GRACE_S:
+                    err = device_state.recorded_error()
+                    err.add_note(f"triton_dist: the kernel trapped and torch.cuda.synchronize had not returned "
+                                 f"{TRAP_GRACE_S:g} s later (seen on time-sliced shared GPUs): this process's CUDA "
+                                 "context is unusable; end the process (finalize() cannot clean it up).")
+                    return err
+        if failed:
+            raise failed[0]
+        return None
 
     def barrier(self, what: str | None = None) -> None:
         """Host barrier: returns once every rank reached it and this rank's queued GPU work finished.
