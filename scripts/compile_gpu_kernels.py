@@ -6,6 +6,7 @@ only the unresolved NVSHMEM symbols may fail (libnvshmem_device.bc is not on CPU
 libshmem_device kernels again with the cuda backend's flavour (``_compile.install(shmem="triton_dist")``: our
 triton_dist_shmem.ll) all the way to a cubin, and checks that every libshmem_device name was linked that way."""
 import importlib.util
+import itertools
 import os
 import re
 import sys
@@ -15,6 +16,7 @@ os.environ["TRITON_DIST_TEST_BACKEND"] = "cuda"  # keeps tests/conftest.py (impo
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -36,6 +38,7 @@ from triton_dist.kernels import _common as C  # noqa: E402
 from triton_dist.kernels import all_gather as AG  # noqa: E402
 from triton_dist.kernels import all_reduce as AR  # noqa: E402
 from triton_dist.kernels import all_to_all as A2A  # noqa: E402
+from triton_dist.kernels import decode_gemm as DG  # noqa: E402
 from triton_dist.kernels import gemm as GEMM  # noqa: E402
 from triton_dist.kernels import gemm_ar as GAR  # noqa: E402
 from triton_dist.kernels import gemm_rs as GRS  # noqa: E402
@@ -129,6 +132,20 @@ for tma, trans in ((True, False), (True, True), (False, False)):
     check(GAR._gemm_ar_kernel, {k: v for k, v in sig.items() if k not in unit},
           dict(BLOCK_M=dec.block_m, BLOCK_N=dec.block_n, BLOCK_K=dec.block_k, **flags, **unit),
           options=dict(num_warps=dec.num_warps, num_stages=dec.num_stages))
+# The decode core at its default GPU configs for M = 1 and M = 128 (K = 12288, N = 4096: split K), each operand
+# flavour, with that split and without.
+for m, tma, trans in itertools.product((1, 128), (True, False), (False, True)):
+    dc = DG.default_config(m, 4096, 12288, torch.bfloat16, 132)
+    if not tma and trans:
+        continue
+    for split in (1, dc.split_k):
+        ab, unit = gemm_operands(dc.block_m, dc.block_n, dc.block_k, tma, trans)
+        sig = dict(ab, c="*bf16", ws_ptr="*fp32", count_ptr="*i32", M="i32", N="i32", K="i32", **ab_strides,
+                   stride_cm="i32", stride_cn="i32", kt_per_split="i32")
+        check(DG._decode_gemm_kernel, {k: v for k, v in sig.items() if k not in unit},
+              dict(BLOCK_M=dc.block_m, BLOCK_N=dc.block_n, BLOCK_K=dc.block_k, SPLIT_K=split, USE_TMA=tma,
+                   B_TRANS=trans, DOT_PRECISION="ieee", **unit),
+              options=dict(num_warps=dc.num_warps, num_stages=dc.num_stages))
 for partial in ("bf16", "fp32"):
     check(GRS._rs_reduce_kernel, {"recv_ptr": f"*{partial}", "out_ptr": "*bf16", "flags_ptr": "*i32", "sig_ptr": "*i32",
                                   "hdr_ptr": "*i64", "epoch_ptr": "*i32", "m_loc": "i32", "N": "i32",

@@ -44,6 +44,7 @@ fi
 # that a stalled test costs one file, not the rest of the suite. TEST_FILES picks files (default: every file that
 # touches a device; the CPU-only files below, which mock the GPU or run CPU worlds, run in CI and are left out).
 CPU_ONLY="test_launcher test_shared_gpu test_gpu_compile test_tutorials test_bench_collectives test_bench_gemm"
+CPU_ONLY="$CPU_ONLY test_bench_cores"
 if [ -z "${TEST_FILES:-}" ]; then
     TEST_FILES=""
     for f in tests/test_*.py; do

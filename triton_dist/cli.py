@@ -19,7 +19,7 @@ import argparse
 import os
 import sys
 
-BENCHES = ["primitives", "collectives", "gemm"]
+BENCHES = ["primitives", "collectives", "gemm", "cores"]
 DEMO_SCRIPT = os.path.join("tutorials", "02_intra_node_allgather.py")
 EXIT_USAGE = 2
 EXIT_CODES = """exit codes:

@@ -7,7 +7,7 @@ Device helpers (``@triton.jit``):
 * :func:`chunk_tile`: tile ``t`` of a persistent loop over ``world`` row chunks, starting at chunk ``first`` and
   rotating around the ranks, grouped order inside each chunk;
 * :func:`tile_dot`: the K-loop of one output tile, fp32 accumulation, operands either TMA tensor descriptors
-  (``USE_TMA``) or plain pointers with any strides;
+  (``USE_TMA``) or plain pointers with any strides; :func:`tile_dot_span` the same over a range of K tiles (split-K);
 * :func:`store_tile`: the masked epilogue store;
 * :func:`announce_done`: the last program of a kernel tells every rank that its buffers may be overwritten;
 * :func:`fence_async_proxy`: orders an acquire (generic proxy) before later TMA loads (async proxy) on GPUs;
@@ -75,10 +75,19 @@ def tile_dot(a, b, off_m, off_n, rows_end, N, K, stride_am, stride_ak, stride_bk
     columns read as zeros. Otherwise ``a`` and ``b`` are pointers with the given strides; rows of A at or past
     ``rows_end`` and columns of B at or past ``N`` read as zeros (descriptor loads may read rows up to the end of
     A's descriptor: results of rows past ``rows_end`` must be masked at the store)."""
+    return tile_dot_span(a, b, off_m, off_n, rows_end, N, K, 0, tl.cdiv(K, BLOCK_K), stride_am, stride_ak,
+                         stride_bk, stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, B_TRANS, DOT_PRECISION)
+
+
+@triton.jit
+def tile_dot_span(a, b, off_m, off_n, rows_end, N, K, kt_lo, kt_hi, stride_am, stride_ak, stride_bk, stride_bn,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  USE_TMA: tl.constexpr, B_TRANS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """:func:`tile_dot` over the K tiles ``kt_lo <= kt < kt_hi`` only (of ``BLOCK_K`` each): one split of a split-K
+    product. Same operands and masking."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_tiles = tl.cdiv(K, BLOCK_K)
     if USE_TMA:
-        for kt in range(k_tiles):
+        for kt in range(kt_lo, kt_hi):
             k = kt * BLOCK_K
             x = a.load([off_m, k])
             if B_TRANS:
@@ -90,9 +99,10 @@ def tile_dot(a, b, off_m, off_n, rows_end, N, K, stride_am, stride_ak, stride_bk
         rm = off_m + tl.arange(0, BLOCK_M)
         rn = off_n + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
-        a_ptrs = a + rm.to(tl.int64)[:, None] * stride_am + rk[None, :] * stride_ak
-        b_ptrs = b + rk[:, None] * stride_bk + rn.to(tl.int64)[None, :] * stride_bn
-        for kt in range(k_tiles):
+        k0 = kt_lo * BLOCK_K
+        a_ptrs = a + rm.to(tl.int64)[:, None] * stride_am + (k0 + rk)[None, :] * stride_ak
+        b_ptrs = b + (k0 + rk)[:, None] * stride_bk + rn.to(tl.int64)[None, :] * stride_bn
+        for kt in range(kt_lo, kt_hi):
             k_left = K - kt * BLOCK_K
             x = tl.load(a_ptrs, mask=(rm[:, None] < rows_end) & (rk[None, :] < k_left), other=0.0)
             y = tl.load(b_ptrs, mask=(rk[:, None] < k_left) & (rn[None, :] < N), other=0.0)

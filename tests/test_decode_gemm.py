@@ -1,0 +1,118 @@
+"""The decode core (``kernels/decode_gemm.py``): skinny ``a @ b`` with split-K against fp64 and torch's own error.
+CPU: fp32 and fp16 in this process (no world needed), bf16 inside a world (the interpreter's bf16 is mended by
+``triton_dist.init()``); odd shapes, the three B layouts, split 1 and split > 1, poisoned outputs, determinism, bad
+input. GPU-only (bf16, the issue's projection shapes and every decode M) at the end."""
+import pytest
+import torch
+
+from triton_dist.kernels import decode_gemm as dg
+
+from _util import poison, rand, this_world
+from conftest import BACKEND
+from test_gemm_ops import LAYOUTS, check_gemm, make_b
+
+DEVICE = "cpu" if BACKEND == "cpu" else "cuda"  # the GPU suite runs the same tests on its GPU
+
+SPLIT2 = dg.DecodeGemmConfig(block_m=16, block_n=16, block_k=16, split_k=3, num_stages=1, num_warps=4)
+ONE = dg.DecodeGemmConfig(block_m=16, block_n=32, block_k=32, split_k=1, num_stages=1, num_warps=4)
+
+
+def _check(m, k, n, dtype, layout, cfg, seed, device=DEVICE):
+    a = rand((m, k), dtype, seed, device)
+    b = make_b(k, n, dtype, seed + 1, layout, device)
+    out = poison(torch.empty((m, n), dtype=dtype, device=device))
+    got = dg.decode_gemm(a, b, out=out, config=cfg)
+    assert got is out
+    ref = dg.decode_gemm_reference(a.float(), b.float()).to(dtype) if device == "cpu" else \
+        dg.decode_gemm_reference(a, b)
+    check_gemm(got, a.double() @ b.double(), ref, dtype, f"decode_gemm {m}x{k}x{n} {dtype} {layout} {cfg}")
+    return a, b, got
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("mkn", [(1, 96, 40), (5, 100, 24), (17, 64, 33)], ids=["m1", "m5_k100", "m17"])
+def test_decode_gemm_matches_fp64(mkn, dtype, layout):
+    m, k, n = mkn
+    for cfg in (SPLIT2, ONE, None):  # None: the default config (CPU_CONFIG: split 2)
+        _check(m, k, n, dtype, layout, cfg, seed=m * 1000 + k)
+
+
+def test_split_k_is_deterministic_and_counters_reset():
+    """Two calls give the same bits (partials summed in split order) and the per-tile counters are back at 0."""
+    a = rand((3, 160), torch.float32, 1, DEVICE)
+    b = rand((160, 48), torch.float32, 2, DEVICE)
+    first = dg.decode_gemm(a, b, config=SPLIT2)
+    second = dg.decode_gemm(a, b, config=SPLIT2)
+    assert torch.equal(first, second)
+    _, counts = dg._buffers[dg._stream_key(a.device)]
+    assert int(counts.abs().sum()) == 0, "every tile's counter was reset by its last split"
+
+
+def test_more_splits_than_k_tiles_and_m_up_to_the_limit():
+    cfg = dg.DecodeGemmConfig(block_m=64, block_n=16, block_k=64, split_k=16, num_stages=1, num_warps=4)
+    _check(70, 100, 20, torch.float32, "row", cfg, seed=5)  # 2 K tiles: 2 splits, 2 row tiles
+
+
+def test_defaults_and_candidates_are_sane():
+    for m in (1, 16, 64, 256):
+        cfg = dg.default_config(m, 4096, 12288, torch.bfloat16, 132)
+        assert isinstance(cfg, dg.DecodeGemmConfig)
+        cands = dg.candidate_configs(m, 4096, 12288, torch.bfloat16, 132)
+        assert cands and len(set(cands)) == len(cands)
+        for c in cands + [cfg]:  # every config's pipeline fits the shared memory
+            assert (c.block_m + c.block_n) * c.block_k * 2 * c.num_stages <= dg.SMEM_BUDGET, c
+    # the split that fills waves of 132 SMs best, each split >= MIN_K_TILES K tiles (GPU sizing): Qwen3-8B's down
+    # (64 column tiles, 48 K tiles) -> 2 (128 programs), its QKV (96, 16) -> 4 (384 of 396), gate/up (384) -> 1
+    assert dg._split_for(64, 48, 132) == 2 and dg._split_for(96, 16, 132) == 4 and dg._split_for(384, 16, 132) == 1
+    assert dg._split_for(8, 4, 132) == 1  # too few K tiles to split
+
+
+def test_bad_input_is_named():
+    f32 = dict(dtype=torch.float32, device=DEVICE)
+    with pytest.raises(TypeError, match="a must be a torch.Tensor"):
+        dg.decode_gemm([[1.0]], torch.ones(1, 4, **f32))
+    with pytest.raises(ValueError, match="the decode core takes 1 to 256"):
+        dg.decode_gemm(torch.ones(257, 8, **f32), torch.ones(8, 4, **f32))
+    with pytest.raises(ValueError, match="expected b.shape\\[0\\] == a.shape\\[1\\]"):
+        dg.decode_gemm(torch.ones(2, 8, **f32), torch.ones(9, 4, **f32))
+    with pytest.raises(TypeError, match="same dtype"):
+        dg.decode_gemm(torch.ones(2, 8, **f32), torch.ones(8, 4, dtype=torch.float16, device=DEVICE))
+    with pytest.raises(ValueError, match="a must be contiguous"):
+        dg.decode_gemm(torch.ones(8, 2, **f32).t(), torch.ones(8, 4, **f32))
+    with pytest.raises(ValueError, match="out must be a contiguous \\(2, 4\\)"):
+        dg.decode_gemm(torch.ones(2, 8, **f32), torch.ones(8, 4, **f32), out=torch.empty(4, 2, **f32))
+    with pytest.raises(TypeError, match="int8"):
+        dg.decode_gemm(torch.ones(2, 8, dtype=torch.int8, device=DEVICE), torch.ones(8, 4, dtype=torch.int8,
+                                                                                      device=DEVICE))
+    with pytest.raises(ValueError, match="split_k must be an int >= 1"):
+        dg.DecodeGemmConfig(split_k=0)
+    with pytest.raises(ValueError, match="block_n must be a power of two"):
+        dg.DecodeGemmConfig(block_n=48)
+
+
+def _bf16_in_a_world(seed):
+    w = this_world()
+    for layout in LAYOUTS:
+        _check(6, 96, 40, torch.bfloat16, layout, SPLIT2, seed + w.rank, w.device)
+    return True
+
+
+def test_bf16_in_the_cpu_world(world2, seed):
+    assert all(world2.run(_bf16_in_a_world, seed))
+
+
+# ------------------------------------------------------------------------------------------------ GPU only
+# (K, N) of the issue's projections: Qwen3-8B QKV / gate-up / down, LLaMA-3-8B gate-up, a TP-8 shard of Qwen3-32B
+GPU_SHAPES = [(4096, 6144), (4096, 24576), (12288, 4096), (4096, 28672), (5120, 6400)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kn", GPU_SHAPES, ids=lambda kn: f"k{kn[0]}_n{kn[1]}")
+def test_decode_gemm_bf16_on_gpu(kn):
+    if DEVICE != "cuda":
+        pytest.skip("a GPU test: the GPU suite runs it")
+    k, n = kn
+    for m in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+        for layout in ("t", "row"):
+            _check(m, k, n, torch.bfloat16, layout, None, seed=m + k, device="cuda")

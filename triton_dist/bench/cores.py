@@ -1,0 +1,233 @@
+"""The compute cores against cuBLAS and ``torch._grouped_mm`` at world size 1: ``triton-dist bench cores -n 1``.
+
+::
+
+    triton-dist bench cores -n 1 [--cores decode,grouped] [--models qwen3-8b,qwen3-32b,llama3-8b] [--tp 1,2,4,8]
+                                 [--m 1,2,4,8,16,32,64,128,256] [--samples 20] [--graph-calls 20] [--out DIR]
+    triton-dist bench cores -n 1 --mode cpu -- --smoke     # CPU world: a plumbing check, no timings
+
+``decode``: the decode core (``kernels/decode_gemm.py``) on the projections of a model's decoder layer and its LM
+head, ``M x K @ K x N`` with ``B = w.t()`` of the ``nn.Linear`` weight ``w`` [N, K], for every M of ``--m`` and every
+tensor-parallel shard of ``--tp`` (column-parallel QKV, gate/up and LM head: N / tp; row-parallel O and down: K / tp).
+Providers: ``triton_dist:decode_gemm`` (its default config, or the tuned one where ``triton_dist.tune`` exists and is
+on) and ``cublas`` (``torch.matmul``). A row's ``gbps`` is the weight bytes over the median (the floor's measure:
+~4.3 TB/s device-to-device on an H200), ``tflops`` ``2 M N K`` over it.
+
+``grouped``: the grouped core (``kernels/grouped_gemm.py``, when present) against ``torch._grouped_mm``: prefill groups
+(E=8, 4096 rows each, K=4096, N=1792: DESIGN.md's 759 TFLOP/s case) and decode groups (E up to 128, 1-128 rows each).
+
+Timing: :func:`~triton_dist.bench.harness.time_call` (CUDA-graph replay of ``--graph-calls`` calls for the decode
+sizes: launch overhead is what decode pays in a captured step; the slowest rank's median), weights rotated over
+enough copies to cover twice the L2 cache so they come from HBM. Before timing, each provider's result on input set 0
+is checked against an fp32 ``torch.matmul``; a mismatch is noted, not timed, and makes the command exit non-zero.
+Rows go to ``<out>/<card>.jsonl`` (op ``decode_gemm`` / ``grouped_gemm``, shape ``<model>:<proj>/tp<t>:M=..,N=..,K=..``).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import zlib
+from dataclasses import dataclass
+
+from .harness import Recorder, agree, first_line, time_call
+from .report import Progress, announce_shared_gpu
+from .gemm import DTYPE_NAMES, _choices, _int_list, rotation
+
+CORES = ("decode", "grouped")
+# (hidden, intermediate, q heads, kv heads, head dim, vocab) of the decoder layers whose projections we time
+MODELS = {"qwen3-8b": (4096, 12288, 32, 8, 128, 151936), "qwen3-32b": (5120, 25600, 64, 8, 128, 151936),
+          "llama3-8b": (4096, 14336, 32, 8, 128, 128256)}
+DECODE_M = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+SMOKE_M = (1, 5)
+
+
+@dataclass(frozen=True)
+class Projection:
+    """One linear layer of a model at a tensor-parallel degree: ``M x k @ k x n``."""
+
+    model: str
+    name: str
+    tp: int
+    k: int
+    n: int
+
+    def shape(self, m: int) -> str:
+        return f"{self.model}:{self.name}/tp{self.tp}:M={m},N={self.n},K={self.k}"
+
+
+def projections(model: str, tp: int) -> list[Projection]:
+    """The decoder layer's projections and the LM head of ``model``, sharded ``tp`` ways (column-parallel: N / tp;
+    row-parallel: K / tp). A degree that does not divide a dimension raises ValueError."""
+    h, inter, q, kv, d, vocab = MODELS[model]
+    col = {"qkv": (h, (q + 2 * kv) * d), "gate_up": (h, 2 * inter), "lm_head": (h, vocab)}
+    row = {"o": (q * d, h), "down": (inter, h)}
+    out = []
+    for name in ("qkv", "o", "gate_up", "down", "lm_head"):
+        k, n = col[name] if name in col else row[name]
+        if name in col:
+            if n % tp:
+                raise ValueError(f"{model} {name}: N={n} is not divisible by tp={tp}")
+            n //= tp
+        else:
+            if k % tp:
+                raise ValueError(f"{model} {name}: K={k} is not divisible by tp={tp}")
+            k //= tp
+        out.append(Projection(model, name, tp, k, n))
+    return out
+
+
+def smoke_projections() -> list[Projection]:
+    return [Projection("tiny", "up", 1, 64, 48), Projection("tiny", "down", 1, 96, 32)]
+
+
+def decode_tolerance(dtype, k: int) -> float:
+    """Relative tolerance (of max |ref|) of a low-precision product against fp32: a few output ulps plus the
+    accumulation order's error, which grows like sqrt(K)."""
+    import torch
+    eps = torch.finfo(dtype).eps
+    return 4 * eps + 2e-3 * math.sqrt(k) * eps if dtype != torch.float32 else 1e-4
+
+
+class _CoreBench:
+    def __init__(self, world, rec: Recorder, args, dtype, progress: Progress):
+        import torch
+        self.world, self.rec, self.args, self.dtype, self.progress = world, rec, args, dtype, progress
+        self.gpu = not world.interpreted
+        self.elem = torch.empty((), dtype=dtype).element_size()
+        self.l2 = torch.cuda.get_device_properties(world.device).L2_cache_size if self.gpu else 0
+        self.notes: list[str] = []
+        self.failures: list[str] = []
+        self.steps = 0
+
+    def note(self, msg: str) -> None:
+        self.notes.append(msg)
+        if self.world.rank == 0:
+            self.progress.note(msg)
+
+    def rand(self, shape, seed: int, scale: float = 1.0):
+        import torch
+        g = torch.Generator(device=self.world.device).manual_seed(seed)
+        x = torch.rand(shape, generator=g, device=self.world.device, dtype=torch.float32) * 2 - 1
+        return (x * scale).to(self.dtype)
+
+    # ------------------------------------------------------------------ decode
+    def decode(self, proj: Projection, m: int) -> None:
+        import torch
+        from triton_dist.kernels import decode_gemm as dg
+        rot = rotation((m * proj.k + proj.k * proj.n) * self.elem, self.l2, cap=16)
+        seed = zlib.crc32(proj.shape(m).encode())
+        sets = [(self.rand((m, proj.k), seed + 2 * i),
+                 self.rand((proj.n, proj.k), seed + 2 * i + 1, 1 / math.sqrt(proj.k)).t()) for i in range(rot)]
+        a0, b0 = sets[0]
+        ref = a0.float() @ b0.float()
+        tol = decode_tolerance(self.dtype, proj.k) * ref.abs().max().item()
+        cfg = self._decode_config(dg, proj, m, sets)
+        outs = [torch.empty((m, proj.n), dtype=self.dtype, device=self.world.device) for _ in range(rot)]
+        providers = [("triton_dist:decode_gemm", lambda i: dg.decode_gemm(sets[i][0], sets[i][1], out=outs[i],
+                                                                           config=cfg)),
+                     ("cublas", lambda i: torch.matmul(sets[i][0], sets[i][1], out=outs[i]))]
+        nbytes = proj.k * proj.n * self.elem
+        for provider, call in providers:
+            self.steps += 1
+            self.progress.update(self.steps, f"decode {proj.shape(m)} {provider}")
+            err = None
+            try:
+                got = call(0)
+                self.world.synchronize()
+                diff = (got.float() - ref).abs().max().item()
+                if not diff <= tol:
+                    err = f"max error {diff:.3g} > {tol:.3g}"
+            except Exception as e:  # noqa: BLE001  (noted, the other providers still run)
+                err = first_line(e)
+            failed = agree(err, self.world.group)
+            if failed:
+                self.note(f"{proj.shape(m)} {provider}: not timed: {'; '.join(failed)}")
+                if provider.startswith("triton_dist"):
+                    self.failures.append(f"{proj.shape(m)} {provider}")
+                continue
+            samples, note = time_call(call, samples=self.args.samples, group=self.world.group, gpu=self.gpu,
+                                      rot=rot, graph_calls=self.args.graph_calls if self.gpu else 0)
+            if note:
+                self.note(f"{proj.shape(m)} {provider}: {note}")
+            self.rec.add("decode_gemm", proj.shape(m), str(self.dtype).replace("torch.", ""), provider, samples,
+                         nbytes=nbytes, flops=2 * m * proj.n * proj.k)
+
+    def _decode_config(self, dg, proj: Projection, m: int, sets):
+        """The tuned config when ``triton_dist.tune`` is there (and on), else the default."""
+        sms = dg._sms(self.world.device)
+        default = dg.default_config(m, proj.n, proj.k, self.dtype, sms)
+        try:
+            from triton_dist import tune
+        except ImportError:
+            return default
+        a0, b0 = sets[0]
+        return tune.choose("decode_gemm", (str(self.dtype), tune.bucket_pow2(m), proj.n, proj.k),
+                           dg.candidate_configs(m, proj.n, proj.k, self.dtype, sms), default,
+                           lambda cfg: dg.decode_gemm(a0, b0, config=cfg), world=self.world)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="triton-dist bench cores", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None,
+                    help="directory of <card>.jsonl [default: bench/results; with --smoke: write nothing]")
+    ap.add_argument("--cores", type=_choices(CORES), default=list(CORES), help="comma-separated subset of "
+                                                                                  + ",".join(CORES))
+    ap.add_argument("--models", type=_choices(MODELS), default=list(MODELS),
+                    help="comma-separated subset of " + ",".join(MODELS))
+    ap.add_argument("--tp", type=_int_list, default=[1, 2, 4, 8], help="tensor-parallel shards [default: 1,2,4,8]")
+    ap.add_argument("--m", type=_int_list, default=None,
+                    help=f"rows of the decode core [default: {','.join(map(str, DECODE_M))}]")
+    ap.add_argument("--dtype", choices=tuple(DTYPE_NAMES), default=None, help="[default: bf16; --smoke: fp16]")
+    ap.add_argument("--samples", type=int, default=None, help="timed samples per case [default: 20; --smoke: 2]")
+    ap.add_argument("--graph-calls", type=int, default=20, help="decode calls captured per CUDA graph (0: direct)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny shapes, allowed in the CPU world (wall-clock timing): checks the plumbing only")
+    return ap
+
+
+def main(argv=None) -> None:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.samples is not None and args.samples < 1 or args.graph_calls < 0:
+        ap.error("--samples must be positive and --graph-calls >= 0")
+    args.samples = args.samples or (2 if args.smoke else 20)
+    args.dtype = args.dtype or ("fp16" if args.smoke else "bf16")
+    ms = args.m or list(SMOKE_M if args.smoke else DECODE_M)
+    import torch
+
+    import triton_dist
+    dtype = getattr(torch, DTYPE_NAMES[args.dtype])
+    world = triton_dist.init()
+    if world.interpreted and not args.smoke:
+        raise SystemExit("triton-dist bench cores needs a GPU (the CPU world has no meaningful timings; --smoke runs "
+                         "tiny shapes there as a plumbing check)")
+    if world.world_size != 1:
+        raise SystemExit(f"triton-dist bench cores times single-GPU kernels: run it with -n 1 (got {world.world_size} "
+                         "ranks)")
+    announce_shared_gpu(world)
+    rec = Recorder(args.out or os.path.join("bench", "results"), world.world_size, world.rank,
+                   shared_gpu=world.shared_gpu)
+    projs = smoke_projections() if args.smoke else [p for model in args.models for tp in args.tp
+                                                    for p in projections(model, tp)]
+    progress = Progress(len(projs) * len(ms) * 2 * ("decode" in args.cores), enabled=world.rank == 0)
+    bench = _CoreBench(world, rec, args, dtype, progress)
+    if "decode" in args.cores:
+        for proj in projs:
+            for m in ms:
+                bench.decode(proj, m)
+    if "grouped" in args.cores:
+        bench.note("grouped: not benchmarked yet (the grouped core's bench lands with it)")
+    progress.finish()
+    if world.rank == 0:
+        print(rec.table(bench.notes))
+        if not args.smoke or args.out:
+            print("rows:", rec.write())
+    triton_dist.finalize()
+    if bench.failures:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

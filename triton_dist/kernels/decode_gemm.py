@@ -1,0 +1,257 @@
+"""The decode core: ``a @ b`` for few rows (M from 1 to a few hundred), bound by reading the weights ``b``.
+
+At decode a projection multiplies M = batch rows (1-256) by a weight of K x N (``b = w.t()`` of an ``nn.Linear``
+weight ``w`` [N, K], or a row-major K x N). Every weight byte is read once, so the floor is ``K * N * elem / HBM
+bandwidth`` (Qwen3-8B's 4096 -> 24576 gate/up in bf16: 201 MB, 47 us at 4.3 TB/s). A dense GEMM tiled for large M
+launches ``cdiv(N, 256)`` programs there (96 for that shape, fewer for the down projection), too few to keep 132 SMs
+streaming; this kernel splits K as well:
+
+* grid ``(tiles_m * tiles_n, SPLIT_K)``: program ``(t, s)`` computes output tile ``t`` over the K tiles of split
+  ``s`` (:func:`~triton_dist.kernels.gemm.tile_dot_span`), so ``tiles * SPLIT_K`` programs share the weight stream;
+  consecutive programs are the row tiles of one column block (they read the same weights, from L2 after the first);
+* ``SPLIT_K == 1``: the program stores its tile;
+* ``SPLIT_K > 1``: it stores its fp32 partial in a workspace, then counts itself on the tile's counter (a barrier,
+  then an acq_rel atomic); the last of the ``SPLIT_K`` programs of a tile sums the partials **in split order**
+  (deterministic: the same bits for the same inputs on every call and every rank), stores the tile and resets the
+  counter to 0 for the next call. One launch, no host sync, no per-call allocation once the buffers exist: CUDA-graph
+  capturable after a first call on the capturing stream's device.
+
+Workspace and counters are cached per (device, stream), so calls on one stream run in order. In the CPU world the
+programs run one after another in pid order, so the last split of a tile is always the one that reduces.
+
+Configs (:class:`DecodeGemmConfig`): ``split_k`` and block sizes; :func:`default_config` picks the split whose
+programs fill their waves of SMs best, each split at least ``MIN_K_TILES`` K tiles; :func:`candidate_configs` lists
+what an autotuner may try.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from triton import knobs
+
+import triton_dist
+from .gemm import DTYPES, dot_precision, operands, store_tile, tile_dot_span
+
+MAX_M = 256  # the decode regime; larger M belongs to the dense core
+MIN_K_TILES = 4  # a split streams at least this many K tiles, so its prologue and epilogue stay small
+
+
+@dataclass(frozen=True)
+class DecodeGemmConfig:
+    """Tile shape, K split and launch parameters of :func:`decode_gemm`. Blocks are powers of two >= 16."""
+
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 256
+    split_k: int = 1
+    num_stages: int = 4
+    num_warps: int = 4
+    use_tma: bool = True
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 16 or v & (v - 1):
+                raise ValueError(f"DecodeGemmConfig: {name} must be a power of two >= 16, got {v!r}")
+        if not isinstance(self.split_k, int) or self.split_k < 1:
+            raise ValueError(f"DecodeGemmConfig: split_k must be an int >= 1, got {self.split_k!r}")
+        if self.num_stages < 1 or self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"DecodeGemmConfig: need num_stages >= 1 and num_warps in (1, 2, 4, 8, 16), got "
+                             f"{self.num_stages}, {self.num_warps}")
+
+
+# The interpreter costs ~0.1 ms per op per program: few, mid-sized tiles (split 2 keeps the reduction path tested).
+CPU_CONFIG = DecodeGemmConfig(block_m=16, block_n=32, block_k=32, split_k=2, num_stages=1, num_warps=4)
+
+
+def _block_m(m: int) -> int:
+    return min(64, max(16, triton.next_power_of_2(m)))
+
+
+def _split_for(tiles: int, k_tiles: int, sms: int) -> int:
+    """The power-of-two split (each split >= MIN_K_TILES K tiles) whose ``tiles * split`` programs fill their waves of
+    ``sms`` best (one program per SM: a program's pipelined weight stream keeps ~100 KB in flight, more than an SM
+    needs); ties go to the smaller split (less reduction traffic)."""
+    best, best_fill, split = 1, 0.0, 1
+    while split == 1 or k_tiles // split >= MIN_K_TILES:
+        progs = tiles * split
+        fill = progs / (-(-progs // sms) * sms)
+        if fill > best_fill + 1e-9:
+            best, best_fill = split, fill
+        split *= 2
+    return best
+
+
+def default_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> DecodeGemmConfig:
+    """A config for an ``m x k @ k x n`` product on ``sms`` SMs without tuning (the CPU world: :data:`CPU_CONFIG`)."""
+    if knobs.runtime.interpret:
+        return CPU_CONFIG
+    block_m = _block_m(m)
+    block_n = 64 if m <= 64 else 128
+    block_k = 256 if m <= 16 and dtype != torch.float32 else 128
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    split = _split_for(tiles, triton.cdiv(k, block_k), sms)
+    return DecodeGemmConfig(block_m, block_n, block_k, split, num_stages=_stages(block_m, block_n, block_k, dtype),
+                            num_warps=4)
+
+
+SMEM_BUDGET = 200 << 10  # of the H100/H200's 227 KB per block, leaving room for the epilogue's scratch
+
+
+def _stages(block_m: int, block_n: int, block_k: int, dtype: torch.dtype, most: int = 5) -> int:
+    """Pipeline stages whose A and B tiles fit :data:`SMEM_BUDGET`."""
+    per_stage = (block_m + block_n) * block_k * torch.empty((), dtype=dtype).element_size()
+    return max(1, min(most, SMEM_BUDGET // per_stage))
+
+
+def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> list[DecodeGemmConfig]:
+    """Configs an autotuner may time for this shape: block N x block K x split around :func:`default_config`'s."""
+    block_m = _block_m(m)
+    out = []
+    for block_n in (64, 128):  # few candidates: each new one is a compile (~1 s) at the first tuning
+        for block_k in ((64, 128) if dtype == torch.float32 else (128, 256)):
+            tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+            base = _split_for(tiles, triton.cdiv(k, block_k), sms)
+            for split in sorted({max(1, base // 2), base, base * 2}):
+                if triton.cdiv(triton.cdiv(k, block_k), split) < 2:
+                    continue
+                out.append(DecodeGemmConfig(block_m, block_n, block_k, split, _stages(block_m, block_n, block_k,
+                                                                                      dtype), 4))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- kernel
+@triton.jit
+def _decode_gemm_kernel(a, b, c, ws_ptr, count_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                        stride_cm, stride_cn, kt_per_split,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        SPLIT_K: tl.constexpr, USE_TMA: tl.constexpr, B_TRANS: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    pid_m = tile % tiles_m  # the row tiles of one column block are neighbours: they read the same weights
+    pid_n = tile // tiles_m
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    kt_lo = split * kt_per_split
+    kt_hi = tl.minimum(kt_lo + kt_per_split, tl.cdiv(K, BLOCK_K))
+    acc = tile_dot_span(a, b, off_m, off_n, M, N, K, kt_lo, kt_hi, stride_am, stride_ak, stride_bk, stride_bn,
+                        BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, B_TRANS, DOT_PRECISION)
+    if SPLIT_K == 1:
+        store_tile(c, acc, off_m, off_n, M, N, stride_cm, stride_cn, BLOCK_M, BLOCK_N)
+    else:
+        tiles = tl.num_programs(0)
+        cell = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        part = ws_ptr + tile.to(tl.int64) * (BLOCK_M * BLOCK_N)
+        tl.store(part + split.to(tl.int64) * tiles * (BLOCK_M * BLOCK_N) + cell, acc)
+        tl.debug_barrier()  # every thread's partial is stored before the count (release below)
+        if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in range(SPLIT_K):  # split order: deterministic sums
+                total += tl.load(part + s * tiles * (BLOCK_M * BLOCK_N) + cell, cache_modifier=".cg")
+            store_tile(c, total, off_m, off_n, M, N, stride_cm, stride_cn, BLOCK_M, BLOCK_N)
+            tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")  # for the next call (stream order)
+
+
+# ---------------------------------------------------------------------------------------------- host side
+_buffers: dict = {}  # (device, stream) -> (fp32 workspace, int32 counters), grown on demand
+
+
+def _stream_key(device: torch.device):
+    if device.type != "cuda":
+        return (str(device), 0)
+    return (str(device), torch.cuda.current_stream(device).cuda_stream)
+
+
+def _scratch(device: torch.device, ws_numel: int, tiles: int):
+    key = _stream_key(device)
+    ws, counts = _buffers.get(key, (None, None))
+    if ws is None or ws.numel() < ws_numel:
+        ws = torch.empty(max(ws_numel, 1), dtype=torch.float32, device=device)
+    if counts is None or counts.numel() < tiles:
+        counts = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)  # counters reset themselves
+    _buffers[key] = (ws, counts)
+    return ws, counts
+
+
+def release_buffers() -> None:
+    """Drop the cached workspaces and counters (e.g. before a memory-hungry phase); the next call makes new ones."""
+    _buffers.clear()
+
+
+def _sms(device: torch.device) -> int:
+    if knobs.runtime.interpret or device.type != "cuda":
+        return 4
+    if triton_dist.is_initialized():
+        return triton_dist.current_world().num_sms  # a shared GPU's rank: its share
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def check_decode_operands(what: str, a, b) -> None:
+    """Types, dtypes, devices and shapes of ``a @ b`` for the decode core (no world needed)."""
+    for name, t in (("a", a), ("b", b)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{what}: {name} must be 2-D, got shape {tuple(t.shape)}")
+        if t.dtype not in DTYPES:
+            raise TypeError(f"{what}: {name} has dtype {t.dtype}; expected bfloat16, float16 or float32")
+    if a.dtype != b.dtype:
+        raise TypeError(f"{what}: a and b must have the same dtype, got {a.dtype} and {b.dtype}")
+    if a.device != b.device:
+        raise ValueError(f"{what}: a is on {a.device} and b on {b.device}; expected one device")
+    if not a.is_contiguous():
+        raise ValueError(f"{what}: a must be contiguous (call .contiguous() first)")
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"{what}: a is {tuple(a.shape)} and b is {tuple(b.shape)}; expected b.shape[0] == "
+                         "a.shape[1]")
+    if not 1 <= a.shape[0] <= MAX_M:
+        raise ValueError(f"{what}: a has {a.shape[0]} rows; the decode core takes 1 to {MAX_M} (larger M: the "
+                         "dense core, e.g. torch.matmul or ops.ag_gemm at world size 1)")
+
+
+def decode_gemm(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None,
+                config: DecodeGemmConfig | None = None) -> torch.Tensor:
+    """``a @ b`` for ``a`` of 1 to :data:`MAX_M` rows: ``a`` (M x K) contiguous, ``b`` (K x N) row-major or
+    ``w.t()`` of a row-major ``w`` (N x K, an ``nn.Linear`` weight) or any strides (pointer path); bf16, fp16 or
+    fp32, fp32 accumulation. Returns ``out`` (M x N, contiguous, ``a``'s dtype; a new tensor when None).
+
+    Deterministic: the K splits are summed in a fixed order, so equal inputs give equal bits. ``config``: a
+    :class:`DecodeGemmConfig` (default: :func:`default_config` for the shape). No world is needed."""
+    what = "decode_gemm"
+    check_decode_operands(what, a, b)
+    m, k = a.shape
+    n = b.shape[1]
+    if out is None:
+        out = torch.empty((m, n), dtype=a.dtype, device=a.device)
+    elif (not isinstance(out, torch.Tensor) or tuple(out.shape) != (m, n) or out.dtype != a.dtype
+          or out.device != a.device or not out.is_contiguous()):
+        got = f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor) else \
+            type(out).__name__
+        raise ValueError(f"{what}: out must be a contiguous ({m}, {n}) {a.dtype} tensor on {a.device}, got {got}")
+    cfg = config or default_config(m, n, k, a.dtype, _sms(a.device))
+    if not isinstance(cfg, DecodeGemmConfig):
+        raise TypeError(f"{what}: config must be a DecodeGemmConfig, got {type(cfg).__name__}")
+    k_tiles = triton.cdiv(k, cfg.block_k)
+    split = min(cfg.split_k, k_tiles)
+    kt_per_split = triton.cdiv(k_tiles, split)
+    split = triton.cdiv(k_tiles, kt_per_split)  # no empty split
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    ws, counts = _scratch(a.device, tiles * split * cfg.block_m * cfg.block_n if split > 1 else 1, tiles)
+    a_arg, b_arg, use_tma, b_trans = operands(a, b, cfg)
+    _decode_gemm_kernel[(tiles, split)](
+        a_arg, b_arg, out, ws, counts, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        out.stride(0), out.stride(1), kt_per_split,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, USE_TMA=use_tma,
+        B_TRANS=b_trans, DOT_PRECISION=dot_precision(a.dtype), num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps)
+    return out
+
+
+def decode_gemm_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.matmul(a, b)`` (cuBLAS on GPUs: the baseline)."""
+    return torch.matmul(a, b)
