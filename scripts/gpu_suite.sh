@@ -17,6 +17,8 @@ mkdir -p "$OUT_DIR"
 # NVLink multicast stays off on shared machines.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# the autotuner's cache of this run (not a stale ~/.cache from another commit)
+export TRITON_DIST_CACHE_DIR=${TRITON_DIST_CACHE_DIR:-$OUT_DIR/tune_cache}
 PY=${PYTHON:-python3}
 NGPU=$($PY -c "import torch; print(torch.cuda.device_count())")
 echo "GPUs: $NGPU"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -n 8

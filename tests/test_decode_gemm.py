@@ -102,6 +102,39 @@ def test_bf16_in_the_cpu_world(world2, seed):
     assert all(world2.run(_bf16_in_a_world, seed))
 
 
+def _tuned_in_a_world(cache_dir):
+    """decode_gemm without a config asks the autotuner, collectively; forced to measure here (the CPU world uses
+    defaults) with a fake timer that favours the widest block and the largest split: every rank gets that config
+    and the right result, and the choice lands in the cache file."""
+    import os
+    from triton_dist import tune
+    os.environ["TRITON_DIST_CACHE_DIR"] = cache_dir
+    tune._reset()
+    real = tune.choose
+    chosen = []
+
+    def forced(*args, **kwargs):
+        cfg = real(*args, force=True, timer=lambda c, run: (run(), 1000.0 - c.block_n - c.split_k)[1], **kwargs)
+        chosen.append(cfg)
+        return cfg
+
+    tune.choose = forced
+    try:
+        w = this_world()
+        _check(3, 1024, 128, torch.float32, "t", None, seed=7, device=w.device)
+    finally:
+        tune.choose = real
+        tune._reset()
+    cands = dg.candidate_configs(3, 128, 1024, torch.float32, dg._sms(w.device))
+    best = max(cands, key=lambda c: (c.block_n + c.split_k, -cands.index(c)))
+    return chosen == [best], os.path.exists(os.path.join(cache_dir, "tune.json"))
+
+
+def test_no_config_asks_the_autotuner(world2, tmp_path):
+    got = world2.run(_tuned_in_a_world, str(tmp_path))
+    assert got == [(True, True), (True, True)], got
+
+
 # ------------------------------------------------------------------------------------------------ GPU only
 # (K, N) of the issue's projections: Qwen3-8B QKV / gate-up / down, LLaMA-3-8B gate-up, a TP-8 shard of Qwen3-32B
 GPU_SHAPES = [(4096, 6144), (4096, 24576), (12288, 4096), (4096, 28672), (5120, 6400)]
@@ -116,3 +149,31 @@ def test_decode_gemm_bf16_on_gpu(kn):
     for m in (1, 2, 4, 8, 16, 32, 64, 128, 256):
         for layout in ("t", "row"):
             _check(m, k, n, torch.bfloat16, layout, None, seed=m + k, device="cuda")
+
+
+@pytest.mark.gpu
+def test_decode_gemm_replays_in_a_cuda_graph():
+    """Captured once (after a warm-up call on the capturing stream), replayed on new data: the split-K counters
+    reset themselves, so every replay is right."""
+    if DEVICE != "cuda":
+        pytest.skip("a GPU test: the GPU suite runs it")
+    m, k, n = 4, 12288, 4096
+    a = rand((m, k), torch.bfloat16, 1, "cuda")
+    b = rand((n, k), torch.bfloat16, 2, "cuda").t()
+    out = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
+    cfg = dg.default_config(m, n, k, torch.bfloat16, dg._sms(a.device))
+    assert cfg.split_k > 1, "the shape exercises the split-K reduction"
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        dg.decode_gemm(a, b, out=out, config=cfg)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        dg.decode_gemm(a, b, out=out, config=cfg)
+    for seed in range(3):
+        a.copy_(rand((m, k), torch.bfloat16, 10 + seed, "cuda"))
+        poison(out)
+        graph.replay()
+        torch.cuda.synchronize()
+        check_gemm(out, a.double() @ b.double(), torch.matmul(a, b), torch.bfloat16, f"replay {seed}")

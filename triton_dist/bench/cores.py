@@ -9,8 +9,8 @@
 ``decode``: the decode core (``kernels/decode_gemm.py``) on the projections of a model's decoder layer and its LM
 head, ``M x K @ K x N`` with ``B = w.t()`` of the ``nn.Linear`` weight ``w`` [N, K], for every M of ``--m`` and every
 tensor-parallel shard of ``--tp`` (column-parallel QKV, gate/up and LM head: N / tp; row-parallel O and down: K / tp).
-Providers: ``triton_dist:decode_gemm`` (its default config, or the tuned one where ``triton_dist.tune`` exists and is
-on) and ``cublas`` (``torch.matmul``). A row's ``gbps`` is the weight bytes over the median (the floor's measure:
+Providers: ``triton_dist:decode_gemm`` (the autotuner's config: tuned at the first call of each shape bucket, cached;
+``TRITON_DIST_AUTOTUNE=0`` for the defaults) and ``cublas`` (``torch.matmul``). A row's ``gbps`` is the weight bytes over the median (the floor's measure:
 ~4.3 TB/s device-to-device on an H200), ``tflops`` ``2 M N K`` over it.
 
 ``grouped``: the grouped core (``kernels/grouped_gemm.py``, when present) against ``torch._grouped_mm``: prefill groups
@@ -123,10 +123,9 @@ class _CoreBench:
         a0, b0 = sets[0]
         ref = a0.float() @ b0.float()
         tol = decode_tolerance(self.dtype, proj.k) * ref.abs().max().item()
-        cfg = self._decode_config(dg, proj, m, sets)
         outs = [torch.empty((m, proj.n), dtype=self.dtype, device=self.world.device) for _ in range(rot)]
-        providers = [("triton_dist:decode_gemm", lambda i: dg.decode_gemm(sets[i][0], sets[i][1], out=outs[i],
-                                                                           config=cfg)),
+        # config None: the autotuner's choice (its first call, in the check below, tunes the shape bucket)
+        providers = [("triton_dist:decode_gemm", lambda i: dg.decode_gemm(sets[i][0], sets[i][1], out=outs[i])),
                      ("cublas", lambda i: torch.matmul(sets[i][0], sets[i][1], out=outs[i]))]
         nbytes = proj.k * proj.n * self.elem
         for provider, call in providers:
@@ -153,19 +152,6 @@ class _CoreBench:
                 self.note(f"{proj.shape(m)} {provider}: {note}")
             self.rec.add("decode_gemm", proj.shape(m), str(self.dtype).replace("torch.", ""), provider, samples,
                          nbytes=nbytes, flops=2 * m * proj.n * proj.k)
-
-    def _decode_config(self, dg, proj: Projection, m: int, sets):
-        """The tuned config when ``triton_dist.tune`` is there (and on), else the default."""
-        sms = dg._sms(self.world.device)
-        default = dg.default_config(m, proj.n, proj.k, self.dtype, sms)
-        try:
-            from triton_dist import tune
-        except ImportError:
-            return default
-        a0, b0 = sets[0]
-        return tune.choose("decode_gemm", (str(self.dtype), tune.bucket_pow2(m), proj.n, proj.k),
-                           dg.candidate_configs(m, proj.n, proj.k, self.dtype, sms), default,
-                           lambda cfg: dg.decode_gemm(a0, b0, config=cfg), world=self.world)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,10 +33,12 @@ import triton.language as tl
 from triton import knobs
 
 import triton_dist
+from triton_dist import tune
 from .gemm import DTYPES, dot_precision, operands, store_tile, tile_dot_span
 
 MAX_M = 256  # the decode regime; larger M belongs to the dense core
 MIN_K_TILES = 4  # a split streams at least this many K tiles, so its prologue and epilogue stay small
+KERNEL_VERSION = "1"  # the autotuner's cache key: bump when the kernel changes
 
 
 @dataclass(frozen=True)
@@ -221,7 +223,10 @@ def decode_gemm(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = 
     fp32, fp32 accumulation. Returns ``out`` (M x N, contiguous, ``a``'s dtype; a new tensor when None).
 
     Deterministic: the K splits are summed in a fixed order, so equal inputs give equal bits. ``config``: a
-    :class:`DecodeGemmConfig` (default: :func:`default_config` for the shape). No world is needed."""
+    :class:`DecodeGemmConfig`; None: the autotuner's choice for the shape (``triton_dist.tune``: on GPUs the first
+    call of a shape bucket times :func:`candidate_configs` on every rank, collectively, so every rank must make it:
+    call once per shape before CUDA-graph capture), or :func:`default_config` where nothing is tuned (the CPU world,
+    ``TRITON_DIST_AUTOTUNE=0``, no ``triton_dist.init()``). No world is needed."""
     what = "decode_gemm"
     check_decode_operands(what, a, b)
     m, k = a.shape
@@ -233,9 +238,31 @@ def decode_gemm(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = 
         got = f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor) else \
             type(out).__name__
         raise ValueError(f"{what}: out must be a contiguous ({m}, {n}) {a.dtype} tensor on {a.device}, got {got}")
-    cfg = config or default_config(m, n, k, a.dtype, _sms(a.device))
-    if not isinstance(cfg, DecodeGemmConfig):
-        raise TypeError(f"{what}: config must be a DecodeGemmConfig, got {type(cfg).__name__}")
+    if config is None:
+        cfg = _tuned_config(a, b, out)
+    elif isinstance(config, DecodeGemmConfig):
+        cfg = config
+    else:
+        raise TypeError(f"{what}: config must be a DecodeGemmConfig, got {type(config).__name__}")
+    _launch(a, b, out, cfg)
+    return out
+
+
+def _tuned_config(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> DecodeGemmConfig:
+    """The autotuner's choice for this shape bucket (``triton_dist.tune``: measured once per world on GPUs, then a
+    lookup), or :func:`default_config` where it does not tune (the CPU world, ``TRITON_DIST_AUTOTUNE=0``, no world)."""
+    m, k = a.shape
+    n = b.shape[1]
+    sms = _sms(a.device)
+    layout = "row" if b.stride(1) == 1 else "t" if b.stride(0) == 1 else "strided"
+    return tune.choose("decode_gemm", (str(a.dtype), tune.bucket_pow2(m, hi=MAX_M), n, k, layout),
+                       candidate_configs(m, n, k, a.dtype, sms), default_config(m, n, k, a.dtype, sms),
+                       lambda c: _launch(a, b, out, c), version=KERNEL_VERSION)
+
+
+def _launch(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, cfg: DecodeGemmConfig) -> None:
+    m, k = a.shape
+    n = b.shape[1]
     k_tiles = triton.cdiv(k, cfg.block_k)
     split = min(cfg.split_k, k_tiles)
     kt_per_split = triton.cdiv(k_tiles, split)
@@ -249,7 +276,6 @@ def decode_gemm(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = 
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, USE_TMA=use_tma,
         B_TRANS=b_trans, DOT_PRECISION=dot_precision(a.dtype), num_stages=cfg.num_stages,
         num_warps=cfg.num_warps)
-    return out
 
 
 def decode_gemm_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
