@@ -42,7 +42,9 @@ from triton_dist.kernels import decode_gemm as DG  # noqa: E402
 from triton_dist.kernels import gemm as GEMM  # noqa: E402
 from triton_dist.kernels import gemm_ar as GAR  # noqa: E402
 from triton_dist.kernels import gemm_rs as GRS  # noqa: E402
+from triton_dist.kernels import grouped_gemm as GG  # noqa: E402
 from triton_dist.kernels import reduce_scatter as RS  # noqa: E402
+from triton_dist.kernels import routing as RT  # noqa: E402
 from triton_dist.kernels import stream_barrier as SB  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -146,6 +148,40 @@ for m, tma, trans in itertools.product((1, 128), (True, False), (False, True)):
               dict(BLOCK_M=dc.block_m, BLOCK_N=dc.block_n, BLOCK_K=dc.block_k, SPLIT_K=split, USE_TMA=tma,
                    B_TRANS=trans, DOT_PRECISION="ieee", **unit),
               options=dict(num_warps=dc.num_warps, num_stages=dc.num_stages))
+# The grouped core at its default configs for prefill (4096 rows per expert) and decode groups (1, 16, 128 rows), bf16
+# and fp32, each weight flavour (3-D TMA descriptor [E, K, N] or [E, N, K], or pointers), with and without split K.
+gg_cases = [(torch.bfloat16, 4096, 1792, 4096, 8), (torch.float32, 4096, 1792, 4096, 8),
+            (torch.bfloat16, 1, 1792, 4096, 8), (torch.bfloat16, 16, 1536, 2048, 128),
+            (torch.bfloat16, 128, 1536, 2048, 128), (torch.float32, 16, 1536, 2048, 128)]
+gg_seen = set()
+for (dt, rows, n, k, act), (tma, trans) in itertools.product(gg_cases, ((True, False), (True, True), (False, False))):
+    gc = GG.default_config(dt, rows, n=n, k=k, active_experts=act, sms=132)
+    el = "bf16" if dt == torch.bfloat16 else "fp32"
+    for split in sorted({1, gc.split_k}):
+        if (el, gc, split, tma, trans) in gg_seen:
+            continue
+        gg_seen.add((el, gc, split, tma, trans))
+        if tma:
+            wd = [gc.block_n, gc.block_k] if trans else [gc.block_k, gc.block_n]
+            xw, unit = {"x": f"tensordesc<{el}[{gc.block_m}, {gc.block_k}]>",
+                        "w": f"tensordesc<{el}[1, {wd[0]}, {wd[1]}]>"}, {}
+        else:
+            xw, unit = {"x": f"*{el}", "w": f"*{el}"}, {"stride_xk": 1, "stride_wn": 1}
+        sig = dict(xw, out=f"*{el}", offs_ptr="*i32", ws_ptr="*fp32", count_ptr="*i32", R="i32", N="i32", K="i32",
+                   E="i32", stride_xm="i32", stride_xk="i32", stride_we="i32", stride_wk="i32", stride_wn="i32",
+                   stride_om="i32", stride_on="i32", row_tile_bound="i32", kt_per_split="i32")
+        check(GG._grouped_gemm_kernel, {k_: v for k_, v in sig.items() if k_ not in unit and k_ != "stride_on"},
+              dict(BLOCK_M=gc.block_m, BLOCK_N=gc.block_n, BLOCK_K=gc.block_k, GROUP_M=gc.group_m, SPLIT_K=split,
+                   E_BLOCK=128, USE_TMA=tma, W_TRANS=trans, DOT_PRECISION="ieee", stride_on=1, **unit),
+              options=dict(num_warps=gc.num_warps, num_stages=gc.num_stages))
+check(RT._gather_rows_kernel, {"x_ptr": "*bf16", "idx_ptr": "*i32", "out_ptr": "*bf16", "rows": "i32", "H": "i32",
+                               "stride_x": "i32", "stride_o": "i32"}, {"BLOCK_R": 8, "BLOCK_H": 1024},
+      options=dict(num_warps=4))
+for weighted in (True, False):
+    check(RT._scatter_combine_kernel, {"y_ptr": "*bf16", "idx_ptr": "*i32", "w_ptr": "*fp32", "out_ptr": "*bf16",
+                                       "T": "i32", "H": "i32", "stride_y": "i32", "stride_o": "i32",
+                                       "stride_wt": "i32", "stride_wk": "i32"},
+          {"TOPK": 8, "WEIGHTED": weighted, "BLOCK_T": 4, "BLOCK_H": 1024}, options=dict(num_warps=4))
 for partial in ("bf16", "fp32"):
     check(GRS._rs_reduce_kernel, {"recv_ptr": f"*{partial}", "out_ptr": "*bf16", "flags_ptr": "*i32", "sig_ptr": "*i32",
                                   "hdr_ptr": "*i64", "epoch_ptr": "*i32", "m_loc": "i32", "N": "i32",
@@ -204,6 +240,13 @@ check(T6.after_copy, {"arrived_ptr": "*i32", "dst": "i32", "call": "i32"}, optio
 check(T6.reduce_kernel, {"own_ptr": "*bf16", "recv_ptr": "*bf16", "out_ptr": "*bf16", "arrived_ptr": "*i32",
                          "n": "i32", "call": "i32"}, {"BLOCK": 8192}, options=dict(num_warps=8))
 check(T6.finish, {"done_ptr": "*i32", "call": "i32"}, options=dict(num_warps=1))
+
+_spec = importlib.util.spec_from_file_location("tutorial_07", os.path.join(ROOT, "tutorials", "07_split_k_decode.py"))
+T7 = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(T7)
+check(T7.split_k_gemv_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "part_ptr": "*fp32",
+                               "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32"},
+      {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT": 4})
 
 
 def check_vectorised(fn, sig, const, min_v4):

@@ -1,5 +1,6 @@
-"""The compute-cores benchmark: model projections and their tensor-parallel shards, the tolerance, and its --smoke path
-end to end on a one-rank CPU world (the decode core against torch.matmul, each checked before it is timed)."""
+"""The compute-cores benchmark: model projections and their tensor-parallel shards, the group cases, the tolerance, and
+its --smoke path end to end on a one-rank CPU world (the decode core against torch.matmul, the grouped core against
+torch._grouped_mm, each checked before it is timed)."""
 import json
 import os
 import subprocess
@@ -27,6 +28,12 @@ def test_projections_of_the_issue_models_and_their_shards():
         C.projections("qwen3-8b", 3)
 
 
+def test_group_cases_are_the_issue_shapes():
+    cases = {c.shape() for c in C.group_cases()}
+    assert "prefill:E=8,rows=4096,N=1792,K=4096" in cases and "decode:E=128,rows=16,N=1536,K=2048" in cases
+    assert C.smoke_group_cases()[0].shape() == "tiny:E=3,rows=var,N=48,K=64"  # an empty expert in the middle
+
+
 def test_tolerance_grows_with_k_and_is_tight_for_fp32():
     assert C.decode_tolerance(torch.bfloat16, 16384) > C.decode_tolerance(torch.bfloat16, 64) > 0
     assert C.decode_tolerance(torch.float32, 4096) == 1e-4
@@ -40,14 +47,18 @@ def test_smoke_times_the_decode_core_and_the_baseline(tmp_path):
                          timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "cpu.jsonl").read_text().splitlines()]
-    shapes = {p.shape(m) for p in C.smoke_projections() for m in C.SMOKE_M}
+    want = {("decode_gemm", p.shape(m)): {"triton_dist:decode_gemm", "cublas"} for p in C.smoke_projections()
+            for m in C.SMOKE_M}
+    # torch._grouped_mm where this torch has it (its wrapper says why not otherwise: noted, not timed)
+    grouped = {"triton_dist:grouped_gemm"} | ({"torch_grouped_mm"} if hasattr(torch, "_grouped_mm") else set())
+    want.update({("grouped_gemm", c.shape()): grouped for c in C.smoke_group_cases()})
     got = {}
     for r in rows:
-        got.setdefault(r["shape"], set()).add(r["provider"])
-        assert r["op"] == "decode_gemm" and r["world_size"] == 1 and r["dtype"] == "float16"
+        got.setdefault((r["op"], r["shape"]), set()).add(r["provider"])
+        assert r["world_size"] == 1 and r["dtype"] == "float16"
         assert r["gbps"] is not None and r["tflops"] is not None
-    assert got == {s: {"triton_dist:decode_gemm", "cublas"} for s in shapes}, got
-    assert "not timed" not in out.stderr
+    assert got == want, got
+    assert "triton_dist:" not in "".join(line for line in out.stderr.splitlines() if "not timed" in line)
 
 
 def test_more_than_one_rank_is_refused(tmp_path):

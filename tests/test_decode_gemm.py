@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from triton_dist.kernels import decode_gemm as dg
+from triton_dist.kernels import gemm
 
 from _util import poison, rand, this_world
 from conftest import BACKEND
@@ -45,7 +46,7 @@ def test_split_k_is_deterministic_and_counters_reset():
     first = dg.decode_gemm(a, b, config=SPLIT2)
     second = dg.decode_gemm(a, b, config=SPLIT2)
     assert torch.equal(first, second)
-    _, counts = dg._buffers[dg._stream_key(a.device)]
+    _, counts = gemm._split_k_buffers[gemm._stream_key(a.device)]
     assert int(counts.abs().sum()) == 0, "every tile's counter was reset by its last split"
 
 
@@ -125,7 +126,7 @@ def _tuned_in_a_world(cache_dir):
     finally:
         tune.choose = real
         tune._reset()
-    cands = dg.candidate_configs(3, 128, 1024, torch.float32, dg._sms(w.device))
+    cands = dg.candidate_configs(3, 128, 1024, torch.float32, gemm.core_sms(w.device))
     best = max(cands, key=lambda c: (c.block_n + c.split_k, -cands.index(c)))
     return chosen == [best], os.path.exists(os.path.join(cache_dir, "tune.json"))
 
@@ -161,7 +162,7 @@ def test_decode_gemm_replays_in_a_cuda_graph():
     a = rand((m, k), torch.bfloat16, 1, "cuda")
     b = rand((n, k), torch.bfloat16, 2, "cuda").t()
     out = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
-    cfg = dg.default_config(m, n, k, torch.bfloat16, dg._sms(a.device))
+    cfg = dg.default_config(m, n, k, torch.bfloat16, gemm.core_sms(a.device))
     assert cfg.split_k > 1, "the shape exercises the split-K reduction"
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

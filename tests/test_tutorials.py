@@ -32,8 +32,9 @@ def test_tutorial_02_allgather_is_the_demo():
 
 @pytest.mark.parametrize("n", [2, 3])
 @pytest.mark.parametrize("script", ["tutorials/03_ag_gemm.py", "tutorials/04_gemm_rs.py",
-                                    "tutorials/05_ll_allreduce.py", "tutorials/06_gemm_rs_decomposed.py"])
-def test_tutorials_03_to_06_match_torch(script, n):
+                                    "tutorials/05_ll_allreduce.py", "tutorials/06_gemm_rs_decomposed.py",
+                                    "tutorials/07_split_k_decode.py"])
+def test_tutorials_03_to_07_match_torch(script, n):
     out = _run(["run", "-n", str(n), "--mode", "cpu", script])
     assert out.returncode == 0, out.stderr[-3000:]
     verdicts = [line.split()[-1] for line in out.stdout.splitlines() if line.strip().startswith("match")]

@@ -10,17 +10,20 @@
 head, ``M x K @ K x N`` with ``B = w.t()`` of the ``nn.Linear`` weight ``w`` [N, K], for every M of ``--m`` and every
 tensor-parallel shard of ``--tp`` (column-parallel QKV, gate/up and LM head: N / tp; row-parallel O and down: K / tp).
 Providers: ``triton_dist:decode_gemm`` (the autotuner's config: tuned at the first call of each shape bucket, cached;
-``TRITON_DIST_AUTOTUNE=0`` for the defaults) and ``cublas`` (``torch.matmul``). A row's ``gbps`` is the weight bytes over the median (the floor's measure:
-~4.3 TB/s device-to-device on an H200), ``tflops`` ``2 M N K`` over it.
+``TRITON_DIST_AUTOTUNE=0`` for the defaults) and ``cublas`` (``torch.matmul``). A row's ``gbps`` is the weight bytes
+over the median (the floor's measure: ~4.3 TB/s device-to-device on an H200), ``tflops`` ``2 M N K`` over it.
 
-``grouped``: the grouped core (``kernels/grouped_gemm.py``, when present) against ``torch._grouped_mm``: prefill groups
-(E=8, 4096 rows each, K=4096, N=1792: DESIGN.md's 759 TFLOP/s case) and decode groups (E up to 128, 1-128 rows each).
+``grouped``: the grouped core (``kernels/grouped_gemm.py``, tuned like the decode core) against ``torch._grouped_mm``
+(provider ``torch_grouped_mm``; skipped with a note where torch lacks it): prefill groups (E=8, 4096 rows each,
+K=4096, N=1792: DESIGN.md's 759 TFLOP/s case) and decode groups (1, 16, 128 rows per expert; E=8 of that shape and
+E=128 of Qwen3-30B-A3B's gate/up, K=2048 N=1536), ``gbps`` over the active experts' weight bytes.
 
 Timing: :func:`~triton_dist.bench.harness.time_call` (CUDA-graph replay of ``--graph-calls`` calls for the decode
 sizes: launch overhead is what decode pays in a captured step; the slowest rank's median), weights rotated over
 enough copies to cover twice the L2 cache so they come from HBM. Before timing, each provider's result on input set 0
 is checked against an fp32 ``torch.matmul``; a mismatch is noted, not timed, and makes the command exit non-zero.
-Rows go to ``<out>/<card>.jsonl`` (op ``decode_gemm`` / ``grouped_gemm``, shape ``<model>:<proj>/tp<t>:M=..,N=..,K=..``).
+Rows go to ``<out>/<card>.jsonl`` (op ``decode_gemm``, shape ``<model>:<proj>/tp<t>:M=..,N=..,K=..``; op
+``grouped_gemm``, shape ``<prefill|decode>:E=..,rows=..,N=..,K=..``).
 """
 from __future__ import annotations
 
@@ -78,6 +81,39 @@ def projections(model: str, tp: int) -> list[Projection]:
     return out
 
 
+@dataclass(frozen=True)
+class GroupCase:
+    """A grouped GEMM: ``counts[e]`` rows for expert ``e`` (sorted by expert), ``[R, k] @ [E, k, n]``."""
+
+    name: str
+    counts: tuple
+    k: int
+    n: int
+
+    @property
+    def rows(self) -> int:
+        return sum(self.counts)
+
+    def shape(self) -> str:
+        e = len(self.counts)
+        per = self.counts[0] if len(set(self.counts)) == 1 else "var"
+        return f"{self.name}:E={e},rows={per},N={self.n},K={self.k}"
+
+
+def group_cases() -> list[GroupCase]:
+    """Prefill (DESIGN.md's torch._grouped_mm case: 8 experts x 4096 rows, K=4096, N=1792) and decode groups (1, 16
+    and 128 rows per expert; 8 experts of that shape, and 128 experts of Qwen3-30B-A3B's gate/up, K=2048 N=1536)."""
+    cases = [GroupCase("prefill", (4096,) * 8, 4096, 1792)]
+    for r in (1, 16, 128):
+        cases.append(GroupCase("decode", (r,) * 8, 4096, 1792))
+        cases.append(GroupCase("decode", (r,) * 128, 2048, 1536))
+    return cases
+
+
+def smoke_group_cases() -> list[GroupCase]:
+    return [GroupCase("tiny", (5, 0, 7), 64, 48), GroupCase("tiny", (3, 3), 96, 32)]
+
+
 def smoke_projections() -> list[Projection]:
     return [Projection("tiny", "up", 1, 64, 48), Projection("tiny", "down", 1, 96, 32)]
 
@@ -127,10 +163,16 @@ class _CoreBench:
         # config None: the autotuner's choice (its first call, in the check below, tunes the shape bucket)
         providers = [("triton_dist:decode_gemm", lambda i: dg.decode_gemm(sets[i][0], sets[i][1], out=outs[i])),
                      ("cublas", lambda i: torch.matmul(sets[i][0], sets[i][1], out=outs[i]))]
-        nbytes = proj.k * proj.n * self.elem
+        self._time("decode_gemm", proj.shape(m), providers, ref, tol, rot, nbytes=proj.k * proj.n * self.elem,
+                   flops=2 * m * proj.n * proj.k, graph=self.args.graph_calls if self.gpu else 0)
+
+    def _time(self, op: str, shape: str, providers, ref, tol: float, rot: int, *, nbytes: int, flops: int,
+              graph: int) -> None:
+        """Check each provider's result on input set 0 against ``ref`` (max error <= ``tol``), then time it; a
+        failure is noted (ours: also a failure of the run) and not timed."""
         for provider, call in providers:
             self.steps += 1
-            self.progress.update(self.steps, f"decode {proj.shape(m)} {provider}")
+            self.progress.update(self.steps, f"{op} {shape} {provider}")
             err = None
             try:
                 got = call(0)
@@ -142,17 +184,46 @@ class _CoreBench:
                 err = first_line(e)
             failed = agree(err, self.world.group)
             if failed:
-                self.note(f"{proj.shape(m)} {provider}: not timed: {'; '.join(failed)}")
+                self.note(f"{shape} {provider}: not timed: {'; '.join(failed)}")
                 if provider.startswith("triton_dist"):
-                    self.failures.append(f"{proj.shape(m)} {provider}")
+                    self.failures.append(f"{shape} {provider}")
                 continue
             samples, note = time_call(call, samples=self.args.samples, group=self.world.group, gpu=self.gpu,
-                                      rot=rot, graph_calls=self.args.graph_calls if self.gpu else 0)
+                                      rot=rot, graph_calls=graph)
             if note:
-                self.note(f"{proj.shape(m)} {provider}: {note}")
-            self.rec.add("decode_gemm", proj.shape(m), str(self.dtype).replace("torch.", ""), provider, samples,
-                         nbytes=nbytes, flops=2 * m * proj.n * proj.k)
+                self.note(f"{shape} {provider}: {note}")
+            self.rec.add(op, shape, str(self.dtype).replace("torch.", ""), provider, samples, nbytes=nbytes,
+                         flops=flops)
 
+    # ------------------------------------------------------------------ grouped
+    def grouped(self, case: GroupCase) -> None:
+        import torch
+        from triton_dist.kernels import grouped_gemm as gg
+        e = len(case.counts)
+        seed = zlib.crc32(case.shape().encode())
+        rot = rotation((case.rows * case.k + e * case.k * case.n) * self.elem, self.l2, cap=8)
+        offs = torch.tensor([0] + list(case.counts), dtype=torch.int64).cumsum(0).to(torch.int32).to(
+            self.world.device)
+        sets = [(self.rand((case.rows, case.k), seed + 2 * i),
+                 self.rand((e, case.k, case.n), seed + 2 * i + 1, 1 / math.sqrt(case.k))) for i in range(rot)]
+        x0, w0 = sets[0]
+        ref = gg.grouped_gemm_reference(x0.float(), w0.float(), offs.cpu().to(self.world.device)).float()
+        tol = decode_tolerance(self.dtype, case.k) * max(ref.abs().max().item(), 1e-30)
+        outs = [torch.empty((case.rows, case.n), dtype=self.dtype, device=self.world.device) for _ in range(rot)]
+
+        def torch_mm(i):
+            got, why = gg.torch_grouped_mm(sets[i][0], sets[i][1], offs)
+            if got is None:
+                raise RuntimeError(f"skipped: {why}")
+            return got
+
+        providers = [("triton_dist:grouped_gemm", lambda i: gg.grouped_gemm(sets[i][0], sets[i][1], offs,
+                                                                             out=outs[i])),
+                     ("torch_grouped_mm", torch_mm)]
+        active = sum(1 for c in case.counts if c)
+        self._time("grouped_gemm", case.shape(), providers, ref, tol, rot,
+                   nbytes=active * case.k * case.n * self.elem, flops=2 * case.rows * case.n * case.k,
+                   graph=self.args.graph_calls if self.gpu and case.name != "prefill" else 0)
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="triton-dist bench cores", description=__doc__.splitlines()[0])
@@ -197,14 +268,17 @@ def main(argv=None) -> None:
                    shared_gpu=world.shared_gpu)
     projs = smoke_projections() if args.smoke else [p for model in args.models for tp in args.tp
                                                     for p in projections(model, tp)]
-    progress = Progress(len(projs) * len(ms) * 2 * ("decode" in args.cores), enabled=world.rank == 0)
+    groups = smoke_group_cases() if args.smoke else group_cases()
+    progress = Progress(2 * (len(projs) * len(ms) * ("decode" in args.cores) + len(groups) * ("grouped" in args.cores)),
+                        enabled=world.rank == 0)
     bench = _CoreBench(world, rec, args, dtype, progress)
     if "decode" in args.cores:
         for proj in projs:
             for m in ms:
                 bench.decode(proj, m)
     if "grouped" in args.cores:
-        bench.note("grouped: not benchmarked yet (the grouped core's bench lands with it)")
+        for case in groups:
+            bench.grouped(case)
     progress.finish()
     if world.rank == 0:
         print(rec.table(bench.notes))

@@ -32,9 +32,9 @@ import triton
 import triton.language as tl
 from triton import knobs
 
-import triton_dist
 from triton_dist import tune
-from .gemm import DTYPES, dot_precision, operands, store_tile, tile_dot_span
+from .gemm import (DTYPES, check_config, core_sms, dot_precision, operands, release_split_k_buffers,
+                   split_k_finish, split_k_scratch, tile_dot_span, wave_split)
 
 MAX_M = 256  # the decode regime; larger M belongs to the dense core
 MIN_K_TILES = 4  # a split streams at least this many K tiles, so its prologue and epilogue stay small
@@ -54,15 +54,7 @@ class DecodeGemmConfig:
     use_tma: bool = True
 
     def __post_init__(self):
-        for name in ("block_m", "block_n", "block_k"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 16 or v & (v - 1):
-                raise ValueError(f"DecodeGemmConfig: {name} must be a power of two >= 16, got {v!r}")
-        if not isinstance(self.split_k, int) or self.split_k < 1:
-            raise ValueError(f"DecodeGemmConfig: split_k must be an int >= 1, got {self.split_k!r}")
-        if self.num_stages < 1 or self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"DecodeGemmConfig: need num_stages >= 1 and num_warps in (1, 2, 4, 8, 16), got "
-                             f"{self.num_stages}, {self.num_warps}")
+        check_config(self, ("split_k", "num_stages"))
 
 
 # The interpreter costs ~0.1 ms per op per program: few, mid-sized tiles (split 2 keeps the reduction path tested).
@@ -74,17 +66,7 @@ def _block_m(m: int) -> int:
 
 
 def _split_for(tiles: int, k_tiles: int, sms: int) -> int:
-    """The power-of-two split (each split >= MIN_K_TILES K tiles) whose ``tiles * split`` programs fill their waves of
-    ``sms`` best (one program per SM: a program's pipelined weight stream keeps ~100 KB in flight, more than an SM
-    needs); ties go to the smaller split (less reduction traffic)."""
-    best, best_fill, split = 1, 0.0, 1
-    while split == 1 or k_tiles // split >= MIN_K_TILES:
-        progs = tiles * split
-        fill = progs / (-(-progs // sms) * sms)
-        if fill > best_fill + 1e-9:
-            best, best_fill = split, fill
-        split *= 2
-    return best
+    return wave_split(tiles, k_tiles, sms, MIN_K_TILES)
 
 
 def default_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> DecodeGemmConfig:
@@ -143,54 +125,16 @@ def _decode_gemm_kernel(a, b, c, ws_ptr, count_ptr, M, N, K, stride_am, stride_a
     kt_hi = tl.minimum(kt_lo + kt_per_split, tl.cdiv(K, BLOCK_K))
     acc = tile_dot_span(a, b, off_m, off_n, M, N, K, kt_lo, kt_hi, stride_am, stride_ak, stride_bk, stride_bn,
                         BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, B_TRANS, DOT_PRECISION)
-    if SPLIT_K == 1:
-        store_tile(c, acc, off_m, off_n, M, N, stride_cm, stride_cn, BLOCK_M, BLOCK_N)
-    else:
-        tiles = tl.num_programs(0)
-        cell = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        part = ws_ptr + tile.to(tl.int64) * (BLOCK_M * BLOCK_N)
-        tl.store(part + split.to(tl.int64) * tiles * (BLOCK_M * BLOCK_N) + cell, acc)
-        tl.debug_barrier()  # every thread's partial is stored before the count (release below)
-        if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
-            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for s in range(SPLIT_K):  # split order: deterministic sums
-                total += tl.load(part + s * tiles * (BLOCK_M * BLOCK_N) + cell, cache_modifier=".cg")
-            store_tile(c, total, off_m, off_n, M, N, stride_cm, stride_cn, BLOCK_M, BLOCK_N)
-            tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")  # for the next call (stream order)
+    split_stride = tl.num_programs(0).to(tl.int64) * (BLOCK_M * BLOCK_N)
+    split_k_finish(c, acc, ws_ptr, count_ptr, tile, split, split_stride, off_m, off_n, M, N, stride_cm, stride_cn,
+                   BLOCK_M, BLOCK_N, SPLIT_K)
 
 
 # ---------------------------------------------------------------------------------------------- host side
-_buffers: dict = {}  # (device, stream) -> (fp32 workspace, int32 counters), grown on demand
-
-
-def _stream_key(device: torch.device):
-    if device.type != "cuda":
-        return (str(device), 0)
-    return (str(device), torch.cuda.current_stream(device).cuda_stream)
-
-
-def _scratch(device: torch.device, ws_numel: int, tiles: int):
-    key = _stream_key(device)
-    ws, counts = _buffers.get(key, (None, None))
-    if ws is None or ws.numel() < ws_numel:
-        ws = torch.empty(max(ws_numel, 1), dtype=torch.float32, device=device)
-    if counts is None or counts.numel() < tiles:
-        counts = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)  # counters reset themselves
-    _buffers[key] = (ws, counts)
-    return ws, counts
-
-
 def release_buffers() -> None:
-    """Drop the cached workspaces and counters (e.g. before a memory-hungry phase); the next call makes new ones."""
-    _buffers.clear()
-
-
-def _sms(device: torch.device) -> int:
-    if knobs.runtime.interpret or device.type != "cuda":
-        return 4
-    if triton_dist.is_initialized():
-        return triton_dist.current_world().num_sms  # a shared GPU's rank: its share
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    """Drop the cached split-K workspaces and counters (shared with the other split-K cores); the next call makes new
+    ones."""
+    release_split_k_buffers()
 
 
 def check_decode_operands(what: str, a, b) -> None:
@@ -253,7 +197,7 @@ def _tuned_config(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> Decode
     lookup), or :func:`default_config` where it does not tune (the CPU world, ``TRITON_DIST_AUTOTUNE=0``, no world)."""
     m, k = a.shape
     n = b.shape[1]
-    sms = _sms(a.device)
+    sms = core_sms(a.device)
     layout = "row" if b.stride(1) == 1 else "t" if b.stride(0) == 1 else "strided"
     return tune.choose("decode_gemm", (str(a.dtype), tune.bucket_pow2(m, hi=MAX_M), n, k, layout),
                        candidate_configs(m, n, k, a.dtype, sms), default_config(m, n, k, a.dtype, sms),
@@ -268,7 +212,7 @@ def _launch(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, cfg: DecodeGemm
     kt_per_split = triton.cdiv(k_tiles, split)
     split = triton.cdiv(k_tiles, kt_per_split)  # no empty split
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    ws, counts = _scratch(a.device, tiles * split * cfg.block_m * cfg.block_n if split > 1 else 1, tiles)
+    ws, counts = split_k_scratch(a.device, tiles * split * cfg.block_m * cfg.block_n if split > 1 else 1, tiles)
     a_arg, b_arg, use_tma, b_trans = operands(a, b, cfg)
     _decode_gemm_kernel[(tiles, split)](
         a_arg, b_arg, out, ws, counts, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),

@@ -7,8 +7,9 @@ Device helpers (``@triton.jit``):
 * :func:`chunk_tile`: tile ``t`` of a persistent loop over ``world`` row chunks, starting at chunk ``first`` and
   rotating around the ranks, grouped order inside each chunk;
 * :func:`tile_dot`: the K-loop of one output tile, fp32 accumulation, operands either TMA tensor descriptors
-  (``USE_TMA``) or plain pointers with any strides; :func:`tile_dot_span` the same over a range of K tiles (split-K);
-* :func:`store_tile`: the masked epilogue store;
+  (``USE_TMA``) or plain pointers with any strides; :func:`tile_dot_span`: the same over a range of K tiles;
+* :func:`store_tile`: the masked epilogue store; :func:`split_k_finish` the end of a split-K tile (partial, counter,
+  the last split reduces in split order) with its cached scratch (:func:`split_k_scratch`);
 * :func:`announce_done`: the last program of a kernel tells every rank that its buffers may be overwritten;
 * :func:`fence_async_proxy`: orders an acquire (generic proxy) before later TMA loads (async proxy) on GPUs;
 
@@ -135,6 +136,28 @@ def announce_done(done_ptr, count_ptr, e, nprog):
             dl.notify(done_ptr + dl.rank(), peer, e, "set", "intra_node")
 
 
+@triton.jit
+def split_k_finish(out_ptr, acc, ws_ptr, count_ptr, tile, split, split_stride, off_m, off_n, rows_end, cols_end,
+                   stride_m, stride_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
+    """The end of one split of a split-K tile: store the fp32 partial ``acc`` at ``ws_ptr + split * split_stride +
+    tile * BM * BN``, count it on ``count_ptr[tile]`` (a barrier, then acq_rel: the partial is visible first), and if
+    this is the tile's last split, sum every split's partial **in split order** (deterministic), store the tile
+    (:func:`store_tile`) and reset the counter for the next call. ``SPLIT_K == 1``: just the store."""
+    if SPLIT_K == 1:
+        store_tile(out_ptr, acc, off_m, off_n, rows_end, cols_end, stride_m, stride_n, BLOCK_M, BLOCK_N)
+    else:
+        cell = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        part = ws_ptr + tile.to(tl.int64) * (BLOCK_M * BLOCK_N)
+        tl.store(part + split.to(tl.int64) * split_stride + cell, acc)
+        tl.debug_barrier()  # every thread's partial is stored before the count (release below)
+        if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in range(SPLIT_K):  # split order: the same bits on every call
+                total += tl.load(part + s * split_stride + cell, cache_modifier=".cg")
+            store_tile(out_ptr, total, off_m, off_n, rows_end, cols_end, stride_m, stride_n, BLOCK_M, BLOCK_N)
+            tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")  # for the next call (stream order)
+
+
 if knobs.runtime.interpret:
     @triton.jit
     def fence_async_proxy():
@@ -163,13 +186,23 @@ class GemmConfig:
     use_tma: bool = True  # use TMA descriptors when the operand layouts allow it
 
     def __post_init__(self):
-        for name in ("block_m", "block_n", "block_k"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 16 or v & (v - 1):
-                raise ValueError(f"GemmConfig: {name} must be a power of two >= 16, got {v!r}")
-        if self.group_m < 1 or self.num_stages < 1 or self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"GemmConfig: need group_m >= 1, num_stages >= 1, num_warps in 1..16 (a power of two), "
-                             f"got {self.group_m}, {self.num_stages}, {self.num_warps}")
+        check_config(self, ("group_m", "num_stages"))
+
+
+def check_config(cfg, positive: tuple = ()) -> None:
+    """Validate a tile config (a GEMM core's frozen dataclass): ``block_m/n/k`` powers of two >= 16, the fields named
+    in ``positive`` ints >= 1, ``num_warps`` one of 1, 2, 4, 8, 16; ValueError naming the class and field."""
+    what = type(cfg).__name__
+    for name in ("block_m", "block_n", "block_k"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 16 or v & (v - 1):
+            raise ValueError(f"{what}: {name} must be a power of two >= 16, got {v!r}")
+    for name in positive:
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{what}: {name} must be an int >= 1, got {v!r}")
+    if cfg.num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"{what}: num_warps must be one of 1, 2, 4, 8, 16, got {cfg.num_warps!r}")
 
 
 # Hopper, bf16/fp16: a simple Triton TMA GEMM reached 717 TFLOP/s with this on H100 (DESIGN.md).
@@ -199,6 +232,61 @@ def num_sms(world) -> int:
     if world.interpreted:
         return 4
     return world.num_sms
+
+
+# ---------------------------------------------------------------------------------------------- split-K scratch
+_split_k_buffers: dict = {}  # (device, stream) -> (fp32 workspace, int32 counters), grown on demand
+
+
+def _stream_key(device: torch.device):
+    if device.type != "cuda":
+        return (str(device), 0)
+    return (str(device), torch.cuda.current_stream(device).cuda_stream)
+
+
+def split_k_scratch(device: torch.device, ws_numel: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 workspace (at least ``ws_numel``) and the int32 tile counters (at least ``tiles``, zero between
+    calls: :func:`split_k_finish` resets them) of the split-K kernels, cached per (device, stream) so that calls on
+    one stream run in order and reuse them (nothing is allocated per call once they are large enough)."""
+    key = _stream_key(device)
+    ws, counts = _split_k_buffers.get(key, (None, None))
+    if ws is None or ws.numel() < ws_numel:
+        ws = torch.empty(max(ws_numel, 1), dtype=torch.float32, device=device)
+    if counts is None or counts.numel() < tiles:
+        counts = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+    _split_k_buffers[key] = (ws, counts)
+    return ws, counts
+
+
+def release_split_k_buffers() -> None:
+    """Drop the cached split-K workspaces and counters (e.g. before a memory-hungry phase); the next call makes new
+    ones."""
+    _split_k_buffers.clear()
+
+
+def wave_split(tiles: int, k_tiles: int, sms: int, min_k_tiles: int = 4) -> int:
+    """The power-of-two K split of a split-K kernel with ``tiles`` output tiles and ``k_tiles`` K tiles: the one whose
+    ``tiles * split`` programs fill their waves of ``sms`` best (one program per SM), each split at least
+    ``min_k_tiles`` K tiles; a larger split must fill at least 5 % more of the slots than a smaller one (splits add
+    reduction traffic, and with many waves the last one's idle slots matter little)."""
+    best, best_fill, split = 1, 0.0, 1
+    while split == 1 or k_tiles // split >= min_k_tiles:
+        progs = tiles * split
+        fill = progs / (-(-progs // sms) * sms)
+        if fill > best_fill + (0.05 if split > 1 else 0.0):
+            best, best_fill = split, fill
+        split *= 2
+    return best
+
+
+def core_sms(device: torch.device) -> int:
+    """SMs a single-GPU core fills: the world's share on a shared GPU (:attr:`World.num_sms`), the device's count
+    otherwise (no world needed); 4 in the CPU world (its programs run one after another)."""
+    if knobs.runtime.interpret or device.type != "cuda":
+        return 4
+    if triton_dist.is_initialized():
+        return triton_dist.current_world().num_sms
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 # ---------------------------------------------------------------------------------------------- operands

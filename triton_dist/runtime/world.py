@@ -413,6 +413,11 @@ def finalize() -> None:
         world.heap.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+        # A World object someone still holds (a module global, a cache) must not keep its destroyed process group
+        # alive until interpreter exit, where freeing it aborted the process ("terminate called without an active
+        # exception"; seen when the autotuner held the world, 2026-12-01).
+        world.group = None
+        world.store = None
 
 
 def current_world() -> World:

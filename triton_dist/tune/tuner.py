@@ -9,6 +9,7 @@ import statistics
 import sys
 import time
 import warnings
+import weakref
 import zlib
 from collections.abc import Mapping, Sequence
 
@@ -29,7 +30,9 @@ class TuneError(RuntimeError):
 
 _MISS = object()
 _memo: dict = {}  # (kernel, key, version, tuning?) -> the chosen candidate object
-_memo_world = None  # the world _memo belongs to (a new world starts a new memo)
+_memo_world = None  # a weak reference to the world _memo belongs to (a new world starts a new memo); weak, so that a
+# finalized world (its process group and store) is freed then, not at interpreter exit (where freeing a store's
+# threads aborted the process: "terminate called without an active exception", seen in the CPU world)
 _capture_warned: set = set()
 
 
@@ -165,9 +168,9 @@ def choose(kernel: str, key, configs, default, bench, *, world=None, version: st
         raise ValueError(f"tune.choose({kernel!r}): version must be a str, got {type(version).__name__}")
     world = world if world is not None else _current_world()
     tuning = _mode() and world is not None and (force or not world.interpreted)
-    if world is not _memo_world:
+    if (_memo_world() if _memo_world is not None else None) is not world:
         _memo.clear()
-        _memo_world = world
+        _memo_world = _weak(world) if world is not None else None
     mkey = _memo_key(kernel, key, version, tuning)
     try:
         hit = _memo.get(mkey, _MISS)
@@ -190,6 +193,14 @@ def choose(kernel: str, key, configs, default, bench, *, world=None, version: st
     chosen = _tune(call, world)
     _memo[mkey] = chosen
     return chosen
+
+
+def _weak(world):
+    """A weak reference to ``world`` (a strong one for objects that take none, e.g. the tests' stand-in worlds)."""
+    try:
+        return weakref.ref(world)
+    except TypeError:
+        return lambda: world
 
 
 def _capturing() -> bool:
