@@ -69,6 +69,14 @@ def test_defaults_and_candidates_are_sane():
     assert dg._split_for(8, 4, 132) == 1  # too few K tiles to split
 
 
+def test_empty_k_and_n():
+    a = rand((3, 8), torch.float32, 1, DEVICE)
+    out = poison(torch.empty((3, 5), dtype=torch.float32, device=DEVICE))
+    assert torch.equal(dg.decode_gemm(a[:, :0], torch.empty((0, 5), device=DEVICE), out=out), torch.zeros(3, 5,
+                                                                                                          device=DEVICE))
+    assert dg.decode_gemm(a, torch.empty((8, 0), device=DEVICE)).shape == (3, 0)
+
+
 def test_bad_input_is_named():
     f32 = dict(dtype=torch.float32, device=DEVICE)
     with pytest.raises(TypeError, match="a must be a torch.Tensor"):

@@ -182,13 +182,13 @@ def decode_gemm(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = 
         got = f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor) else \
             type(out).__name__
         raise ValueError(f"{what}: out must be a contiguous ({m}, {n}) {a.dtype} tensor on {a.device}, got {got}")
-    if config is None:
-        cfg = _tuned_config(a, b, out)
-    elif isinstance(config, DecodeGemmConfig):
-        cfg = config
-    else:
+    if config is not None and not isinstance(config, DecodeGemmConfig):
         raise TypeError(f"{what}: config must be a DecodeGemmConfig, got {type(config).__name__}")
-    _launch(a, b, out, cfg)
+    if n == 0:
+        return out
+    if k == 0:  # an empty sum
+        return out.zero_()
+    _launch(a, b, out, config or _tuned_config(a, b, out))
     return out
 
 
