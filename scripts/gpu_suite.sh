@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # The GPU suite: every test on CUDA worlds of 2, 3 and 4 ranks (and all GPUs when there are more), the GPU-only
 # tests, the tutorials (SKIP_TUTORIALS=1 skips them), then the primitive, collective and GEMM benchmarks on all
-# local GPUs. On a machine with fewer than 4 GPUs the worlds larger than the machine share GPUs (shared-GPU worlds,
-# TRITON_DIST_TEST_SHARE_GPUS=1) under one private MPS daemon started here (NO_MPS=1: none, the ranks time-slice);
-# the tutorials then run on 4 ranks sharing the GPUs, and the benchmarks at world size 1 are the no-communication
-# reference (SHARED_BENCH=1 adds a shared-world bench run, whose rows are marked shared_gpu: not performance).
+# local GPUs and the compute-core benchmark on one. On a machine with fewer than 4 GPUs the worlds larger than the
+# machine share GPUs (shared-GPU worlds, TRITON_DIST_TEST_SHARE_GPUS=1) under one private MPS daemon started here
+# (NO_MPS=1: none, the ranks time-slice); the tutorials then run on 4 ranks sharing the GPUs, and the benchmarks at
+# world size 1 are the no-communication reference (SHARED_BENCH=1 adds a shared-world bench run, whose rows are
+# marked shared_gpu: not performance).
 # Run on a machine with GPUs from the repository root:
 #     TRITON_DIST_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_suite.sh [OUT_DIR]
 # (TRITON_DIST_COMMIT names the commit in the benchmark rows where the checkout has no .git.)
 # Writes OUT_DIR/pytest.log, OUT_DIR/junit-<test file>.xml, OUT_DIR/<card>.jsonl (bench rows) and a summary table
-# (last). TEST_FILES, FILE_TIMEOUT, TEST_TIMEOUT, PYTEST_ARGS, SKIP_BENCH, BENCH_ARGS, COLL_ARGS, GEMM_ARGS adjust it.
+# (last). TEST_FILES, FILE_TIMEOUT, TEST_TIMEOUT, PYTEST_ARGS, SKIP_BENCH, BENCH_ARGS, COLL_ARGS, GEMM_ARGS, CORES_ARGS
+# adjust it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-tests/gpu_results/latest}}
@@ -91,6 +93,9 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     [ "${PIPESTATUS[0]}" -eq 0 ] || BENCH_RC=1
     $PY -m triton_dist bench gemm -n "$NGPU" --out "$OUT_DIR" --plot "$OUT_DIR/gemm.png" \
         ${GEMM_ARGS:-} 2>&1 | tee "$OUT_DIR/bench_gemm.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || BENCH_RC=1
+    # the single-GPU compute cores (decode, grouped) against cuBLAS / torch._grouped_mm, at world size 1
+    $PY -m triton_dist bench cores -n 1 --out "$OUT_DIR" ${CORES_ARGS:-} 2>&1 | tee "$OUT_DIR/bench_cores.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || BENCH_RC=1
     if [ "${SHARED_BENCH:-0}" = 1 ] && [ -n "$SHARE_ARGS" ]; then  # plumbing of the benches in a shared world
         $PY -m triton_dist bench collectives -n 2 $SHARE_ARGS --out "$OUT_DIR" ${SHARED_COLL_ARGS:-} 2>&1 \
