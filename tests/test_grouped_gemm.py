@@ -370,7 +370,7 @@ def test_grouped_gemm_decode_bf16_on_gpu(layout):
     for rows in (1, 4, 16, 64, 128):
         _gpu_check([rows] * 8, 4096, 1792, layout, dev, seed=rows)  # few experts: split K
         _gpu_check(_skewed_sizes(128, rows * 16, seed=rows, zeros=3), 2048, 1536, layout, dev, seed=rows + 1)
-    cands = gg.candidate_configs(torch.bfloat16, 16, n=1792, k=4096, active_experts=8, sms=gg.num_sms(dev))
+    cands = gg.candidate_configs(torch.bfloat16, 16, n=1792, k=4096, active_experts=8, sms=gemm.core_sms(dev))
     for cfg in cands[::3]:  # a spread of what an autotuner may pick (each config compiles for seconds)
         _gpu_check([16] * 8, 4096, 1792, layout, dev, seed=5, config=cfg)
 

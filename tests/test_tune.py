@@ -462,3 +462,23 @@ def test_tunes_with_cuda_events_and_keeps_graph_capture_working(world2, tmp_path
     got = world2.run(_tune_matmuls_on_gpu, tmp_path)
     assert got[0] == got[1] and got[0][:5] == (True, True, True, True, 1) and got[0][6:] == (True, True), got
     assert got[0][5] == torch.cuda.get_device_name(0)
+
+
+def test_callable_candidates_are_built_only_on_a_miss(monkeypatch, tmp_path):
+    """A kernel that asks at every launch passes callables: they run at the first call of a key only."""
+    monkeypatch.setenv(tune.CACHE_DIR_ENV, str(tmp_path))
+    tune._reset()
+    built = []
+
+    def configs():
+        built.append("configs")
+        return [{"block": 16}, {"block": 32}]
+
+    def default():
+        built.append("default")
+        return {"block": 16}
+
+    for _ in range(3):  # no world: the default, memoised
+        assert tune.choose("lazy", ("k",), configs, default, lambda c: None) == {"block": 16}
+    assert built == ["configs", "default"]
+    tune._reset()

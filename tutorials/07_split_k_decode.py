@@ -34,7 +34,8 @@ import triton.language as tl
 
 import triton_dist
 from triton_dist.bench.harness import median_ms
-from triton_dist.kernels.decode_gemm import decode_gemm, release_buffers
+from triton_dist.kernels.decode_gemm import decode_gemm
+from triton_dist.kernels.gemm import release_split_k_buffers
 
 
 @triton.jit
@@ -116,7 +117,7 @@ def main() -> None:
                       "of weights")
     if world.rank == 0:
         print(f"match: {'yes' if ok else 'no'}")
-    release_buffers()  # the library's cached split-K workspace and counters
+    release_split_k_buffers()  # the library's cached split-K workspace and counters
     triton_dist.finalize()
     if not ok:
         raise SystemExit(1)

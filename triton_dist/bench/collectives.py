@@ -60,7 +60,7 @@ from dataclasses import asdict
 
 from .harness import Skip as _Skip
 from .harness import agree as _agree
-from .harness import first_line, group_errors, time_call
+from .harness import first_line, group_errors, time_call, uniform
 from .report import (DEFAULT_PLOT, OPS, OURS, SHARED_GPU_NO_NCCL, SHARED_GPU_NO_SYMM_MEM, Progress, add_render_args,
                      announce_shared_gpu, default_plot_path, fmt_bytes, format_tables, load_rows, plot_rows,
                      render_recorded, report_run)
@@ -237,10 +237,7 @@ class _Bench:
         triton_dist.synchronize()
 
     def rand(self, numel: int, seed: int):
-        import torch
-        g = torch.Generator(device=self.world.device).manual_seed(seed)
-        x = torch.rand(numel, generator=g, device=self.world.device, dtype=torch.float32) * 2 - 1
-        return x.to(self.dtype)
+        return uniform(numel, seed, self.dtype, self.world.device)
 
     def rotation(self, in_bytes: int) -> int:
         """Input buffers to rotate over: enough to cover 2x L2 when ``graph_calls`` inputs would overflow it."""

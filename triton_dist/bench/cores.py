@@ -34,7 +34,7 @@ import sys
 import zlib
 from dataclasses import dataclass
 
-from .harness import Recorder, agree, first_line, time_call
+from .harness import Recorder, agree, first_line, time_call, uniform
 from .report import Progress, announce_shared_gpu
 from .gemm import DTYPE_NAMES, _choices, _int_list, rotation
 
@@ -143,10 +143,7 @@ class _CoreBench:
             self.progress.note(msg)
 
     def rand(self, shape, seed: int, scale: float = 1.0):
-        import torch
-        g = torch.Generator(device=self.world.device).manual_seed(seed)
-        x = torch.rand(shape, generator=g, device=self.world.device, dtype=torch.float32) * 2 - 1
-        return (x * scale).to(self.dtype)
+        return uniform(shape, seed, self.dtype, self.world.device, scale)
 
     # ------------------------------------------------------------------ decode
     def decode(self, proj: Projection, m: int) -> None:

@@ -77,7 +77,7 @@ import traceback
 import zlib
 from dataclasses import asdict, dataclass
 
-from .harness import Skip, agree, first_line, time_call
+from .harness import Skip, agree, first_line, time_call, uniform
 from .report import (GEMM_ALONE, GEMM_OPS, OURS, SHARED_GPU_NO_NCCL, SHARED_GPU_NO_SYMM_MEM, Progress, add_render_args,
                      announce_shared_gpu, default_gemm_plot_path, format_gemm_tables, gemm_shape, load_gemm_rows,
                      plot_gemm_rows, render_recorded, report_run)
@@ -292,10 +292,7 @@ class _GemmBench:
         return len(OUR_METHODS[op]) * hasattr(ops, op) + len(self.plan[op])
 
     def rand(self, shape, seed: int, scale: float = 1.0):
-        import torch
-        g = torch.Generator(device=self.world.device).manual_seed(seed)
-        x = torch.rand(shape, generator=g, device=self.world.device, dtype=torch.float32) * 2 - 1
-        return (x * scale).to(self.dtype)
+        return uniform(shape, seed, self.dtype, self.world.device, scale)
 
     def inputs(self, case: Case) -> list[tuple]:
         """``rot`` input sets (A, B), different on every rank."""

@@ -98,6 +98,13 @@ def _quantile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+def uniform(shape, seed: int, dtype, device, scale: float = 1.0) -> torch.Tensor:
+    """Benchmark input: uniform in ``[-scale, scale)``, drawn in fp32 on ``device`` from ``seed``, cast to ``dtype``."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.rand(shape, generator=g, device=device, dtype=torch.float32) * 2 - 1
+    return (x * scale).to(dtype)
+
+
 def time_op(fn, *, iters: int = 30, warmup: int = 5, group=None, inner: int = 1,
             sleep_cycles: int = 1_000_000) -> list[float]:
     """Per-sample microseconds of ``fn`` on this rank: barrier, a GPU sleep of ``sleep_cycles`` while the host

@@ -33,7 +33,7 @@ import triton.language as tl
 from triton import knobs
 
 from triton_dist import tune
-from .gemm import (DTYPES, check_config, core_sms, dot_precision, operands, release_split_k_buffers,
+from .gemm import (DTYPES, check_config, check_out, core_sms, dot_precision, operands,
                    split_k_finish, split_k_scratch, tile_dot_span, wave_split)
 
 MAX_M = 256  # the decode regime; larger M belongs to the dense core
@@ -131,12 +131,6 @@ def _decode_gemm_kernel(a, b, c, ws_ptr, count_ptr, M, N, K, stride_am, stride_a
 
 
 # ---------------------------------------------------------------------------------------------- host side
-def release_buffers() -> None:
-    """Drop the cached split-K workspaces and counters (shared with the other split-K cores); the next call makes new
-    ones."""
-    release_split_k_buffers()
-
-
 def check_decode_operands(what: str, a, b) -> None:
     """Types, dtypes, devices and shapes of ``a @ b`` for the decode core (no world needed)."""
     for name, t in (("a", a), ("b", b)):
@@ -175,13 +169,7 @@ def decode_gemm(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = 
     check_decode_operands(what, a, b)
     m, k = a.shape
     n = b.shape[1]
-    if out is None:
-        out = torch.empty((m, n), dtype=a.dtype, device=a.device)
-    elif (not isinstance(out, torch.Tensor) or tuple(out.shape) != (m, n) or out.dtype != a.dtype
-          or out.device != a.device or not out.is_contiguous()):
-        got = f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor) else \
-            type(out).__name__
-        raise ValueError(f"{what}: out must be a contiguous ({m}, {n}) {a.dtype} tensor on {a.device}, got {got}")
+    out = check_out(what, out, (m, n), a.dtype, a.device)
     if config is not None and not isinstance(config, DecodeGemmConfig):
         raise TypeError(f"{what}: config must be a DecodeGemmConfig, got {type(config).__name__}")
     if n == 0:
@@ -197,10 +185,10 @@ def _tuned_config(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> Decode
     lookup), or :func:`default_config` where it does not tune (the CPU world, ``TRITON_DIST_AUTOTUNE=0``, no world)."""
     m, k = a.shape
     n = b.shape[1]
-    sms = core_sms(a.device)
     layout = "row" if b.stride(1) == 1 else "t" if b.stride(0) == 1 else "strided"
     return tune.choose("decode_gemm", (str(a.dtype), tune.bucket_pow2(m, hi=MAX_M), n, k, layout),
-                       candidate_configs(m, n, k, a.dtype, sms), default_config(m, n, k, a.dtype, sms),
+                       lambda: candidate_configs(m, n, k, a.dtype, core_sms(a.device)),
+                       lambda: default_config(m, n, k, a.dtype, core_sms(a.device)),
                        lambda c: _launch(a, b, out, c), version=KERNEL_VERSION)
 
 

@@ -335,13 +335,14 @@ def check_operands(what: str, a, b) -> None:
 
 
 def check_out(what: str, out, shape, dtype, device) -> torch.Tensor:
-    """``out`` if given (must be a contiguous ``shape`` tensor of ``dtype``), else a new one."""
+    """``out`` if given (must be a contiguous ``shape`` tensor of ``dtype`` on ``device``), else a new one."""
     if out is None:
         return torch.empty(shape, dtype=dtype, device=device)
     if (not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape) or out.dtype != dtype
-            or not out.is_contiguous()):
-        got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"{what}: out must be a contiguous {tuple(shape)} {dtype} tensor, got {got}")
+            or out.device != torch.device(device) or not out.is_contiguous()):
+        got = f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor) else \
+            type(out).__name__
+        raise ValueError(f"{what}: out must be a contiguous {tuple(shape)} {dtype} tensor on {device}, got {got}")
     return out
 
 

@@ -48,7 +48,7 @@ from triton import knobs
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from triton_dist import tune
-from .gemm import (DTYPES, check_config, core_sms, dot_precision, grouped_tile, release_split_k_buffers,
+from .gemm import (DTYPES, check_config, check_out, core_sms, dot_precision, grouped_tile,
                    split_k_finish, split_k_scratch, tile_dot_span, wave_split)
 
 W_LAYOUTS = ("ekn", "enk")
@@ -232,17 +232,6 @@ def _grouped_gemm_kernel(x, w, out, offs_ptr, ws_ptr, count_ptr, R, N, K, E,
 
 
 # ---------------------------------------------------------------------------------------------- host side
-def release_buffers() -> None:
-    """Drop the cached split-K workspaces and counters (shared with the other split-K cores); the next call makes new
-    ones."""
-    release_split_k_buffers()
-
-
-def num_sms(device: torch.device) -> int:
-    """SMs a persistent grid fills (:func:`~triton_dist.kernels.gemm.core_sms`)."""
-    return core_sms(device)
-
-
 def _tma_ok(t: torch.Tensor) -> bool:
     """``t`` can back a TMA descriptor: unit last stride, 16-byte aligned base and other strides, no empty dim."""
     return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s > 0 for s in t.shape)
@@ -319,13 +308,7 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor,
     e = w.shape[0]
     wk = w if w_layout == "ekn" else w.transpose(1, 2)  # logical [E, K, N]
     n = wk.shape[2]
-    if out is None:
-        out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
-    elif (not isinstance(out, torch.Tensor) or tuple(out.shape) != (rows, n) or out.dtype != x.dtype
-          or out.device != x.device or not out.is_contiguous()):
-        got = f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor) else \
-            type(out).__name__
-        raise ValueError(f"{what}: out must be a contiguous ({rows}, {n}) {x.dtype} tensor on {x.device}, got {got}")
+    out = check_out(what, out, (rows, n), x.dtype, x.device)
     if config is not None and not isinstance(config, GroupedGemmConfig):
         raise TypeError(f"{what}: config must be a GroupedGemmConfig, got {type(config).__name__}")
     if rows == 0 or n == 0 or e == 0:
@@ -343,17 +326,17 @@ def _tuned_config(x, w, wk, expert_offsets, out, w_layout) -> GroupedGemmConfig:
     rows, k = x.shape
     e, n = wk.shape[0], wk.shape[2]
     hint = triton.cdiv(rows, e)
-    sms = num_sms(x.device)
-    kw = dict(n=n, k=k, active_experts=min(e, rows), sms=sms)
+    kw = dict(n=n, k=k, active_experts=min(e, rows))
     return tune.choose("grouped_gemm", (str(x.dtype), tune.bucket_pow2(hint), e, n, k, w_layout, w.stride(-1) == 1),
-                       candidate_configs(x.dtype, hint, **kw), default_config(x.dtype, hint, **kw),
+                       lambda: candidate_configs(x.dtype, hint, sms=core_sms(x.device), **kw),
+                       lambda: default_config(x.dtype, hint, sms=core_sms(x.device), **kw),
                        lambda c: _launch(x, wk, expert_offsets, out, c), version=KERNEL_VERSION)
 
 
 def _launch(x, wk, expert_offsets, out, cfg: GroupedGemmConfig) -> None:
     rows, k = x.shape
     e, n = wk.shape[0], wk.shape[2]
-    sms = num_sms(x.device)
+    sms = core_sms(x.device)
     bound_m = max_row_tiles(rows, e, cfg.block_m)
     tiles_n = triton.cdiv(n, cfg.block_n)
     k_tiles = triton.cdiv(k, cfg.block_k)

@@ -55,6 +55,7 @@ import triton.language as tl
 from triton import knobs
 
 import triton_dist
+from .gemm import check_out
 
 ID_DTYPES = (torch.int32, torch.int64)
 ROW_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -271,17 +272,6 @@ def _check_rows(what: str, name: str, t, rows: int | None, device) -> None:
         raise ValueError(f"{what}: {name} must have unit stride along hidden (call .contiguous() first)")
 
 
-def _check_out(what: str, out, shape, dtype, device) -> torch.Tensor:
-    if out is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    if (not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape) or out.dtype != dtype
-            or out.device != device or not out.is_contiguous()):
-        got = f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor) else \
-            type(out).__name__
-        raise ValueError(f"{what}: out must be a contiguous {tuple(shape)} {dtype} tensor on {device}, got {got}")
-    return out
-
-
 def gather_rows(x: torch.Tensor, routing: Routing, *, padded: bool = False,
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """The rows of ``x`` ([T, H]) in the routing's sorted order: ``out[r] = x[gather_index[r]]`` ([T*k, H]); with
@@ -291,7 +281,7 @@ def gather_rows(x: torch.Tensor, routing: Routing, *, padded: bool = False,
     _check_rows(what, "x", x, routing.num_tokens, routing.device)
     idx = routing.padded_gather_index if padded else routing.gather_index
     rows, h = idx.numel(), x.shape[1]
-    out = _check_out(what, out, (rows, h), x.dtype, x.device)
+    out = check_out(what, out, (rows, h), x.dtype, x.device)
     if rows and h:
         block_r, block_h = _blocks(h, 8)
         _gather_rows_kernel[(triton.cdiv(rows, block_r), triton.cdiv(h, block_h))](
@@ -328,7 +318,7 @@ def scatter_combine(y: torch.Tensor, routing: Routing, topk_weights: torch.Tenso
         if topk_weights.device != y.device:
             raise ValueError(f"{what}: topk_weights is on {topk_weights.device}, y on {y.device}")
     h = y.shape[1]
-    out = _check_out(what, out, (t, h), y.dtype, y.device)
+    out = check_out(what, out, (t, h), y.dtype, y.device)
     if t and h:
         block_t, block_h = _blocks(h, 4)
         w = topk_weights if topk_weights is not None else y

@@ -136,9 +136,10 @@ def choose(kernel: str, key, configs, default, bench, *, world=None, version: st
         key: a tuple (or dict) of JSON values naming the shape bucket, e.g. ``("bf16", bucket_pow2(m), n, k)``;
             every rank must pass the same key.
         configs: the candidates: frozen dataclass instances or dicts that round-trip through JSON. Empty: the
-            default is the only choice (returned without measuring).
+            default is the only choice (returned without measuring). Or a callable returning them, called only
+            when the key is not memoised yet (so a kernel calling ``choose`` at every launch builds no list then).
         default: what is returned without tuning (``TRITON_DIST_AUTOTUNE=0``, the CPU world, no world, during
-            CUDA-graph capture); it need not be one of ``configs``.
+            CUDA-graph capture); it need not be one of ``configs``. May be a callable too, like ``configs``.
         bench: ``bench(config)`` runs the kernel once with ``config`` on representative inputs. An exception
             (compile error, out of resources) rules that config out on every rank.
         world: the world (default: the current one; without ``triton_dist.init()`` there is none: ``default``).
@@ -179,6 +180,10 @@ def choose(kernel: str, key, configs, default, bench, *, world=None, version: st
                          f"{key!r}") from None
     if hit is not _MISS:
         return hit
+    if callable(configs):  # built only on a miss: a kernel's per-call cost stays the memo lookup
+        configs = configs()
+    if callable(default):
+        default = default()
     call = _Call(kernel, key, configs, default, bench, version, warmup, iters, timer)
     if not tuning or not call.configs:  # nothing to measure, or nothing to choose from
         _memo[mkey] = default
