@@ -33,7 +33,7 @@ import triton.language as tl
 from triton import knobs
 
 from triton_dist import tune
-from .gemm import (DTYPES, check_config, check_out, core_sms, dot_precision, operands,
+from .gemm import (check_config, check_operands, check_out, core_sms, dot_precision, operands,
                    split_k_finish, split_k_scratch, tile_dot_span, wave_split)
 
 MAX_M = 256  # the decode regime; larger M belongs to the dense core
@@ -132,23 +132,9 @@ def _decode_gemm_kernel(a, b, c, ws_ptr, count_ptr, M, N, K, stride_am, stride_a
 
 # ---------------------------------------------------------------------------------------------- host side
 def check_decode_operands(what: str, a, b) -> None:
-    """Types, dtypes, devices and shapes of ``a @ b`` for the decode core (no world needed)."""
-    for name, t in (("a", a), ("b", b)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{what}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 2:
-            raise ValueError(f"{what}: {name} must be 2-D, got shape {tuple(t.shape)}")
-        if t.dtype not in DTYPES:
-            raise TypeError(f"{what}: {name} has dtype {t.dtype}; expected bfloat16, float16 or float32")
-    if a.dtype != b.dtype:
-        raise TypeError(f"{what}: a and b must have the same dtype, got {a.dtype} and {b.dtype}")
-    if a.device != b.device:
-        raise ValueError(f"{what}: a is on {a.device} and b on {b.device}; expected one device")
-    if not a.is_contiguous():
-        raise ValueError(f"{what}: a must be contiguous (call .contiguous() first)")
-    if a.shape[1] != b.shape[0]:
-        raise ValueError(f"{what}: a is {tuple(a.shape)} and b is {tuple(b.shape)}; expected b.shape[0] == "
-                         "a.shape[1]")
+    """:func:`~triton_dist.kernels.gemm.check_operands` on ``a``'s device (no world needed), and 1 to :data:`MAX_M`
+    rows."""
+    check_operands(what, a, b, a.device if isinstance(a, torch.Tensor) else None)
     if not 1 <= a.shape[0] <= MAX_M:
         raise ValueError(f"{what}: a has {a.shape[0]} rows; the decode core takes 1 to {MAX_M} (larger M: the "
                          "dense core, e.g. torch.matmul or ops.ag_gemm at world size 1)")

@@ -313,16 +313,21 @@ def operands(a: torch.Tensor, b: torch.Tensor, cfg: GemmConfig):
     return a, b, False, False
 
 
-def check_operands(what: str, a, b) -> None:
-    """Types, devices, dtypes and shapes of ``a @ b``; A must be contiguous, B may have any strides."""
-    world = triton_dist.current_world()
+def check_operands(what: str, a, b, device=None) -> None:
+    """Types, devices, dtypes and shapes of ``a @ b``; A must be contiguous, B may have any strides. ``device``: where
+    both must be (default: this rank's device; the single-GPU cores pass ``a``'s, needing no world)."""
     for name, t in (("a", a), ("b", b)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{what}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if device is None:
+        device, where = triton_dist.current_world().device, "this rank's device"
+    else:
+        where = "a's device"
+    for name, t in (("a", a), ("b", b)):
         if t.dim() != 2:
             raise ValueError(f"{what}: {name} must be 2-D, got shape {tuple(t.shape)}")
-        if t.device.type != world.device.type or (t.device.type == "cuda" and t.device.index != world.device.index):
-            raise ValueError(f"{what}: {name} is on {t.device}, expected this rank's device {world.device}")
+        if t.device.type != device.type or (t.device.type == "cuda" and t.device.index != device.index):
+            raise ValueError(f"{what}: {name} is on {t.device}, expected {where} {device}")
         if t.dtype not in DTYPES:
             raise TypeError(f"{what}: {name} has dtype {t.dtype}; expected bfloat16, float16 or float32")
     if a.dtype != b.dtype:
