@@ -1,6 +1,7 @@
 """Compile every GPU kernel of the library, the tests and the benchmarks for sm_90 with Triton's own ptxas, on a
 machine without GPUs (``python scripts/compile_gpu_kernels.py``; run by tests/test_gpu_compile.py in a process without TRITON_INTERPRET). Catches what the
-interpreter accepts but the compiler does not (non-constexpr globals, type errors in PTX builtins, ...).
+interpreter accepts but the compiler does not (non-constexpr globals, type errors in PTX builtins, ...), and kernels
+whose shared memory exceeds the H100/H200's 227 KB per block (which only a launch would report).
 Prints one line per kernel; exits non-zero if any kernel fails. NVSHMEM kernels are compiled down to ptxas, where
 only the unresolved NVSHMEM symbols may fail (libnvshmem_device.bc is not on CPU machines). A second pass compiles the
 libshmem_device kernels again with the cuda backend's flavour (``_compile.install(shmem="triton_dist")``: our
@@ -48,6 +49,7 @@ from triton_dist.kernels import routing as RT  # noqa: E402
 from triton_dist.kernels import stream_barrier as SB  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
+SMEM_LIMIT = 232448  # dynamic shared memory per block on H100/H200 (227 KB): compiling does not check it, launching does
 failures = []
 
 
@@ -57,7 +59,11 @@ def check(fn, sig, const=None, nvshmem=False, options=None):
     attrs = {(i,): [["tt.divisibility", 16]] for i, (k, v) in enumerate(full.items()) if v.startswith("*")}
     name = f"{fn.__name__}{const or ''}"
     try:
-        triton.compile(ASTSource(fn, full, constexprs=const, attrs=attrs), target=TARGET, options=options)
+        kernel = triton.compile(ASTSource(fn, full, constexprs=const, attrs=attrs), target=TARGET, options=options)
+        if kernel.metadata.shared > SMEM_LIMIT:  # the launch would fail with OutOfResources on the GPU
+            failures.append(name)
+            print("FAIL", name, f"shared memory {kernel.metadata.shared} > {SMEM_LIMIT} bytes per block")
+            return
         print("ok  ", name)
     except Exception as e:  # report every kernel, then fail
         msg = str(e)
@@ -118,15 +124,19 @@ def gemm_operands(block_m, block_n, block_k, tma, trans):
 for tma, trans in ((True, False), (True, True), (False, False)):
     ab, unit = gemm_operands(G16.block_m, G16.block_n, G16.block_k, tma, trans)
     flags = dict(USE_TMA=tma, B_TRANS=trans, DOT_PRECISION="ieee")
-    sig = dict(ab, c_ptr="*bf16", sig_ptr="*i32", epoch_ptr="*i32", m_loc="i32", N="i32", K="i32", **ab_strides,
-               stride_cm="i32", stride_cn="i32")
-    check(AGG._ag_gemm_kernel, {k: v for k, v in sig.items() if k not in unit}, dict(gemm_const, **flags, **unit),
-          options=gemm_opts)
-    for partial in ("bf16", "fp32"):
-        sig = dict(ab, recv_ptr=f"*{partial}", flags_ptr="*i32", sig_ptr="*i32", hdr_ptr="*i64", epoch_ptr="*i32",
-                   m_loc="i32", N="i32", K="i32", **ab_strides, slot_stride="i32", call_sig="i32")
-        check(GRS._gemm_rs_kernel, {k: v for k, v in sig.items() if k not in unit}, dict(gemm_const, **flags, **unit),
-              options=gemm_opts)
+    c_desc = f"tensordesc<bf16[{G16.block_m}, {G16.block_n // 2}]>"
+    for tma_store in ((False, True) if tma else (False,)):
+        sig = dict(ab, c_ptr="*bf16", c_desc=c_desc if tma_store else "*bf16", sig_ptr="*i32", epoch_ptr="*i32",
+                   m_loc="i32", N="i32", K="i32", **ab_strides, stride_cm="i32", stride_cn="i32")
+        check(AGG._ag_gemm_kernel, {k: v for k, v in sig.items() if k not in unit},
+              dict(gemm_const, **flags, **unit, TMA_STORE=tma_store), options=gemm_opts)
+    for partial, direct in (("bf16", False), ("fp32", False), ("bf16", True)):
+        tma_store = direct and tma
+        sig = dict(ab, recv_ptr=f"*{partial}", c_desc=c_desc if tma_store else f"*{partial}", flags_ptr="*i32",
+                   sig_ptr="*i32", hdr_ptr="*i64", epoch_ptr="*i32", m_loc="i32", N="i32", K="i32", **ab_strides,
+                   slot_stride="i32", call_sig="i32")
+        check(GRS._gemm_rs_kernel, {k: v for k, v in sig.items() if k not in unit},
+              dict(gemm_const, **flags, **unit, DIRECT=direct, TMA_STORE=tma_store), options=gemm_opts)
     dec = GAR.GemmConfig(64, 64, 128, group_m=1, num_stages=4, num_warps=4)  # decode_config(64, bf16) on GPUs
     ab, unit = gemm_operands(dec.block_m, dec.block_n, dec.block_k, tma, trans)
     sig = dict(ab, out_ptr="*bf16", slots_ptr="*bf16", flags_ptr="*i32", pad_ptr="*i32", hdr_ptr="*i64",
@@ -134,6 +144,14 @@ for tma, trans in ((True, False), (True, True), (False, False)):
     check(GAR._gemm_ar_kernel, {k: v for k, v in sig.items() if k not in unit},
           dict(BLOCK_M=dec.block_m, BLOCK_N=dec.block_n, BLOCK_K=dec.block_k, **flags, **unit),
           options=dict(num_warps=dec.num_warps, num_stages=dec.num_stages))
+# The narrow dense config (gemm.GPU_CONFIG_16BIT_NARROW: output shapes whose waves 256-wide tiles fill badly)
+GN = GEMM.GPU_CONFIG_16BIT_NARROW
+ab, unit = gemm_operands(GN.block_m, GN.block_n, GN.block_k, True, True)
+check(AGG._ag_gemm_kernel, dict(ab, c_ptr="*bf16", c_desc=f"tensordesc<bf16[{GN.block_m}, {GN.block_n}]>",
+                                sig_ptr="*i32", epoch_ptr="*i32", m_loc="i32", N="i32", K="i32", **ab_strides,
+                                stride_cm="i32", stride_cn="i32"),
+      dict(BLOCK_M=GN.block_m, BLOCK_N=GN.block_n, BLOCK_K=GN.block_k, GROUP_M=GN.group_m, USE_TMA=True, B_TRANS=True,
+           DOT_PRECISION="ieee", TMA_STORE=True), options=dict(num_warps=GN.num_warps, num_stages=GN.num_stages))
 # The decode core at its default GPU configs for M = 1 and M = 128 (K = 12288, N = 4096: split K), each operand
 # flavour, with that split and without.
 for m, tma, trans in itertools.product((1, 128), (True, False), (False, True)):

@@ -134,8 +134,9 @@ def test_ag_gemm(world, method, dtype, seed):
 
 
 def test_ag_gemm_small_tiles(world, seed):
-    """16x16x16 tiles (several row tiles per chunk, grouped order), three pull programs."""
-    assert all(world.run(_ag_gemm, ("sm", "copy_engine"), torch.float16, [37, 19], 40, 40, seed, SMALL, 3))
+    """16x16x16 tiles (several row tiles per chunk, grouped order), three pull programs; the third call's chunks are
+    a whole number of row tiles (32 rows), so its tiles are TMA stores (gemm.store_c)."""
+    assert all(world.run(_ag_gemm, ("sm", "copy_engine"), torch.float16, [37, 19, 32], 40, 40, seed, SMALL, 3))
 
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=["fp32", "fp16", "bf16"])
@@ -415,3 +416,46 @@ def test_gemm_calls_that_differ_across_ranks_raise():
         # every rank that compares raises; in the CPU world each rank compares every peer's call
         assert all(m is not None and "called differently across ranks" in m for m in msgs), (name, msgs)
     assert "gemm_rs(method=fused" in per_rank[0]["gemm_rs fused"], per_rank[0]["gemm_rs fused"]
+
+
+def _world_of_one(seed):
+    """World size 1: ag_gemm reads A itself and gemm_rs stores straight into out (no communication), every method,
+    both layouts, odd shapes; and an A whose base is not 16-byte aligned (TMA cannot read it: both A operands of
+    the kernel take the pointer path)."""
+    w = this_world()
+    for dtype in (torch.float32, torch.bfloat16):
+        _ag_gemm(agm.METHODS, dtype, [13, 64, 6], 32, 40, seed)  # 64 rows: whole row tiles, TMA stores
+        _gemm_rs(grs.METHODS, dtype, [13, 40, 6], 32, 40, seed)
+    ctx = agm.AGGemmContext(16, 32, 24, torch.float32)
+    a = rand((16 * 32 + 1,), torch.float32, seed, w.device)[1:].view(16, 32)
+    b = rand((32, 24), torch.float32, seed + 1, w.device)
+    for method in ("copy_engine", "sm"):
+        got = agm.ag_gemm(a, b, ctx=ctx, method=method, out=poison(torch.empty((16, 24), device=w.device)))
+        sync()
+        check_gemm(got, a.double() @ b.double(), a @ b, torch.float32, f"misaligned A, {method}")
+    ctx.close()
+    return True
+
+
+def test_dense_config_follows_the_waves():
+    """128 x 256 tiles unless 128 x 128 ones fill the waves of the SMs >= 6 % better (M=1024 N=29568 on 132 SMs:
+    928 wide tiles are 7.03 waves, 1848 narrow ones exactly 14); fp32 and the CPU world have their own."""
+    from types import SimpleNamespace
+    from triton_dist.kernels import gemm
+    wide, narrow = gemm.GPU_CONFIG_16BIT, gemm.GPU_CONFIG_16BIT_NARROW
+    assert abs(gemm.wave_efficiency(1024, 29568, wide, 132) - 0.875) < 1e-3
+    assert gemm.wave_efficiency(1024, 29568, narrow, 132) == 1.0
+    gpu = SimpleNamespace(interpreted=False, num_sms=132)
+    assert gemm.default_config(torch.bfloat16, gpu, m=1024, n=29568) == narrow
+    for m, n in ((8192, 7168), (4096, 2048), (2048, 8192), (1024, 4096)):
+        assert gemm.default_config(torch.bfloat16, gpu, m=m, n=n) == wide, (m, n)
+    assert gemm.default_config(torch.bfloat16, gpu) == wide
+    assert gemm.default_config(torch.float32, gpu, m=1024, n=29568) == gemm.GPU_CONFIG_FP32
+    assert gemm.default_config(torch.bfloat16, SimpleNamespace(interpreted=True), m=1024, n=29568) == \
+        gemm.CPU_CONFIG
+
+
+def test_world_of_one(seed):
+    from conftest import new_world
+    with new_world(1) as w:
+        assert w.run(_world_of_one, seed, timeout=600) == [True]

@@ -15,7 +15,10 @@ from triton_dist.kernels import grouped_gemm as gg
 from triton_dist.kernels import routing as rt
 
 from _util import poison, rand
+from conftest import BACKEND
 from test_gemm_ops import check_gemm
+
+DEVICE = "cpu" if BACKEND == "cpu" else "cuda"  # the GPU suite runs the same tests on its GPU
 
 SPLIT = gg.GroupedGemmConfig(block_m=16, block_n=16, block_k=16, group_m=2, split_k=3, num_stages=1, num_warps=4,
                              persistent=False)
@@ -29,14 +32,14 @@ FIELDS = ("counts", "expert_offsets", "sorted_slots", "gather_index", "scatter_i
           "padded_gather_index", "padded_scatter_index", "block_expert")
 
 
-def offsets_of(sizes, start=0, device="cpu"):
+def offsets_of(sizes, start=0, device=DEVICE):
     out = [start]
     for s in sizes:
         out.append(out[-1] + s)
     return torch.tensor(out, dtype=torch.int32, device=device)
 
 
-def make_w(e, k, n, dtype, seed, layout, device="cpu"):
+def make_w(e, k, n, dtype, seed, layout, device=DEVICE):
     """Weights in ``layout``'s logical shape: 'ekn' [E, K, N] and 'enk' [E, N, K] contiguous, 'ekn_t' the [E, K, N]
     view of [E, N, K] storage (TMA on the transposed descriptor), 'strided' every other column (pointer path)."""
     if layout == "ekn":
@@ -72,7 +75,7 @@ def check_grouped(x, w, offs, w_layout, cfg, what, rows_lo=None, rows_hi=None):
 
 
 # ------------------------------------------------------------------------------------------------ routing
-def random_ids(t, k, e, seed, empty=(), device="cpu"):
+def random_ids(t, k, e, seed, empty=(), device=DEVICE):
     """[t, k] expert ids (distinct per token where k <= E), avoiding the experts in ``empty``."""
     g = torch.Generator().manual_seed(seed)
     allowed = torch.tensor([x for x in range(e) if x not in empty])
@@ -97,9 +100,10 @@ def test_routing_matches_reference_exactly(case, block):
         ref = rt.routing_reference(ids, e, block=block)
         for f in FIELDS if block else FIELDS[:5]:
             a, b = getattr(got, f), getattr(ref, f)
-            assert a.dtype == torch.int32 and a.shape == b.shape and torch.equal(a, b), f"{case}: {f}: {a} vs {b}"
+            same = a.dtype == torch.int32 and a.shape == b.shape and torch.equal(a.cpu(), b.cpu())
+            assert same, f"{case}: {f}: {a} vs {b}"
         assert (got.num_tokens, got.topk, got.num_experts, got.num_rows) == (t, k, e, t * k)
-        flat = torch.arange(t * k, dtype=torch.int32)
+        flat = torch.arange(t * k, dtype=torch.int32, device=DEVICE)
         assert torch.equal(got.sorted_slots[got.scatter_index.reshape(-1).long()], flat)
         for x in range(e):  # stable: inside an expert, (token, slot) order
             s = got.sorted_slots[got.expert_offsets[x]:got.expert_offsets[x + 1]]
@@ -110,6 +114,7 @@ def test_routing_matches_reference_exactly(case, block):
 
 
 def test_routing_ids_out_of_range_and_bad_arguments_are_named():
+    """Input checks (CPU tensors on every backend: each check raises before anything runs)."""
     ids = torch.tensor([[0, 1], [2, 4]])
     with pytest.raises(ValueError, match=r"topk_ids\[1, 1\] = 4 is not an expert; expected ids in \[0, 4\)"):
         rt.build_routing(ids, 4)
@@ -152,18 +157,19 @@ def test_gather_rows_and_scatter_combine(padded, dtype):
     t, k, e, h = 11, 3, 7, 40
     ids = random_ids(t, k, e, seed=3, empty=(0, 4))
     r = rt.build_routing(ids, e, block=4 if padded else None)
-    x = rand((t, h), dtype, 4, "cpu")
+    x = rand((t, h), dtype, 4, DEVICE)
     rows = r.padded_rows if padded else r.num_rows
-    got = rt.gather_rows(x, r, padded=padded, out=poison(torch.empty((rows, h), dtype=dtype)))
+    got = rt.gather_rows(x, r, padded=padded, out=poison(torch.empty((rows, h), dtype=dtype, device=DEVICE)))
     assert torch.equal(got, rt.gather_rows_reference(x, r, padded=padded))  # every row written; pads are zero
     if padded:
         assert torch.all(got[r.padded_gather_index < 0] == 0)
-    y = rand((rows, h), dtype, 5, "cpu")
+    y = rand((rows, h), dtype, 5, DEVICE)
     if padded:
         y[r.padded_gather_index < 0] = float("nan")  # pad rows are never read
-    wts = torch.rand((t, k), generator=torch.Generator().manual_seed(6))
+    wts = torch.rand((t, k), generator=torch.Generator().manual_seed(6)).to(DEVICE)
     for weights in (wts, wts.to(torch.float16), None):
-        out = rt.scatter_combine(y, r, weights, padded=padded, out=poison(torch.empty((t, h), dtype=dtype)))
+        out = poison(torch.empty((t, h), dtype=dtype, device=DEVICE))
+        out = rt.scatter_combine(y, r, weights, padded=padded, out=out)
         ref = rt.scatter_combine_reference(y, r, weights, padded=padded)
         assert out.dtype == dtype and torch.isfinite(out).all()
         torch.testing.assert_close(out, ref, rtol=1e-6 if dtype == torch.float32 else 1e-3, atol=1e-6)
@@ -181,7 +187,7 @@ def test_grouped_gemm_matches_fp64(sizes, dtype, layout):
     rows = SIZES[sizes]
     k, n = 40, 24
     offs = offsets_of(rows)
-    x = rand((int(offs[-1]), k), dtype, len(rows), "cpu")
+    x = rand((int(offs[-1]), k), dtype, len(rows), DEVICE)
     w, w_layout = make_w(len(rows), k, n, dtype, 10 + len(rows), layout)
     for name, cfg in CONFIGS.items():
         check_grouped(x, w, offs, w_layout, cfg, f"{sizes} {dtype} {layout} {name}")
@@ -189,16 +195,16 @@ def test_grouped_gemm_matches_fp64(sizes, dtype, layout):
 
 def test_rows_outside_the_experts_stay_untouched_and_int64_offsets():
     """Offsets from 3 to R-4 (int64): the first 3 and last 4 rows stay poisoned, with every config."""
-    x = rand((30, 40), torch.float32, 1, "cpu")
-    w = rand((3, 40, 24), torch.float32, 2, "cpu")
+    x = rand((30, 40), torch.float32, 1, DEVICE)
+    w = rand((3, 40, 24), torch.float32, 2, DEVICE)
     offs = offsets_of([9, 0, 14], start=3).long()
     for cfg in CONFIGS.values():
         check_grouped(x, w, offs, "ekn", cfg, f"partial range {cfg}")
 
 
 def test_split_k_is_deterministic_and_counters_reset():
-    x = rand((19, 96), torch.float32, 1, "cpu")
-    w = rand((3, 96, 24), torch.float32, 2, "cpu")
+    x = rand((19, 96), torch.float32, 1, DEVICE)
+    w = rand((3, 96, 24), torch.float32, 2, DEVICE)
     offs = offsets_of([4, 0, 15])
     first = gg.grouped_gemm(x, w, offs, config=SPLIT)
     second = gg.grouped_gemm(x, w, offs, config=SPLIT)
@@ -208,11 +214,11 @@ def test_split_k_is_deterministic_and_counters_reset():
 
 
 def test_degenerate_sizes():
-    f32 = dict(dtype=torch.float32)
-    w = rand((3, 40, 24), torch.float32, 2, "cpu")
+    f32 = dict(dtype=torch.float32, device=DEVICE)
+    w = rand((3, 40, 24), torch.float32, 2, DEVICE)
     assert gg.grouped_gemm(torch.empty((0, 40), **f32), w, offsets_of([0, 0, 0])).shape == (0, 24)
     out = poison(torch.empty((5, 24), **f32))  # no expert has rows: nothing written
-    gg.grouped_gemm(rand((5, 40), torch.float32, 1, "cpu"), w, offsets_of([0, 0, 0]), out=out)
+    gg.grouped_gemm(rand((5, 40), torch.float32, 1, DEVICE), w, offsets_of([0, 0, 0]), out=out)
     assert torch.isnan(out).all()
     out = poison(torch.empty((5, 24), **f32))  # K = 0: the product is zero
     gg.grouped_gemm(torch.empty((5, 0), **f32), torch.empty((3, 0, 24), **f32), offsets_of([2, 0, 3]), out=out)
@@ -223,10 +229,10 @@ def test_padded_routing_feeds_the_grouped_gemm():
     """The padded layout (vLLM's): pad rows are zero inputs, rows past padded_offsets[E] are never written."""
     t, k, e, h, n = 9, 2, 5, 40, 24
     r = rt.build_routing(random_ids(t, k, e, seed=8, empty=(2,)), e, block=16)
-    xp = rt.gather_rows(rand((t, h), torch.float32, 1, "cpu"), r, padded=True)
-    w = rand((e, n, h), torch.float32, 2, "cpu")
+    xp = rt.gather_rows(rand((t, h), torch.float32, 1, DEVICE), r, padded=True)
+    w = rand((e, n, h), torch.float32, 2, DEVICE)
     got = check_grouped(xp, w, r.padded_offsets, "enk", None, "padded routing")
-    pad = (r.padded_gather_index < 0) & (torch.arange(r.padded_rows) < int(r.padded_offsets[-1]))
+    pad = (r.padded_gather_index < 0) & (torch.arange(r.padded_rows, device=DEVICE) < int(r.padded_offsets[-1]))
     assert torch.all(got[pad] == 0)
 
 
@@ -235,9 +241,9 @@ def test_moe_layer_against_a_dense_per_token_loop(dtype):
     """route -> gather -> grouped GEMM -> weighted combine equals sum_j w[t, j] * x[t] @ W[ids[t, j]]."""
     t, k, e, h, n = 10, 2, 6, 40, 24
     ids = random_ids(t, k, e, seed=11, empty=(5,))
-    x = rand((t, h), dtype, 1, "cpu")
-    w = rand((e, h, n), dtype, 2, "cpu") / 8
-    wts = torch.softmax(torch.randn((t, k), generator=torch.Generator().manual_seed(3)), -1)
+    x = rand((t, h), dtype, 1, DEVICE)
+    w = rand((e, h, n), dtype, 2, DEVICE) / 8
+    wts = torch.softmax(torch.randn((t, k), generator=torch.Generator().manual_seed(3)), -1).to(DEVICE)
     r = rt.build_routing(ids, e)
     y = gg.grouped_gemm(rt.gather_rows(x, r), w, r.expert_offsets)
     got = rt.scatter_combine(y, r, wts)
@@ -248,18 +254,19 @@ def test_moe_layer_against_a_dense_per_token_loop(dtype):
 
 
 @pytest.mark.parametrize("layout", ["ekn", "enk"])
+@pytest.mark.skipif(BACKEND != "cpu", reason="the wrapper's fp32 CPU path; on GPUs (bf16 only) the bench checks it")
 def test_torch_grouped_mm_wrapper(layout):
     if not hasattr(torch, "_grouped_mm"):
         got, why = gg.torch_grouped_mm(torch.ones(2, 8), torch.ones(1, 8, 8), offsets_of([2]))
         assert got is None and "no torch._grouped_mm" in why
         return
     offs = offsets_of([5, 0, 13, 1])
-    x = rand((19, 40), torch.float32, 1, "cpu")
+    x = rand((19, 40), torch.float32, 1, DEVICE)
     w, w_layout = make_w(4, 40, 24, torch.float32, 2, layout)
     got, why = gg.torch_grouped_mm(x, w, offs, w_layout)
     assert why is None, why
     torch.testing.assert_close(got, gg.grouped_gemm_reference(x, w, offs, w_layout), rtol=1e-5, atol=1e-4)
-    got, why = gg.torch_grouped_mm(x, rand((4, 41, 24), torch.float32, 3, "cpu"), offs)  # K mismatch: refused
+    got, why = gg.torch_grouped_mm(x, rand((4, 41, 24), torch.float32, 3, DEVICE), offs)  # K mismatch: refused
     assert got is None and "torch._grouped_mm refused" in why
 
 
@@ -289,7 +296,7 @@ def test_configs_and_tile_bound():
 
 def test_grouped_gemm_bad_input_is_named():
     f32 = dict(dtype=torch.float32)
-    x, w, offs = torch.ones(6, 8, **f32), torch.ones(2, 8, 4, **f32), offsets_of([2, 4])
+    x, w, offs = torch.ones(6, 8, **f32), torch.ones(2, 8, 4, **f32), offsets_of([2, 4], device="cpu")
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         gg.grouped_gemm([[1.0]], w, offs)
     with pytest.raises(ValueError, match="w_layout must be one of"):

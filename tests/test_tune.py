@@ -482,3 +482,35 @@ def test_callable_candidates_are_built_only_on_a_miss(monkeypatch, tmp_path):
         assert tune.choose("lazy", ("k",), configs, default, lambda c: None) == {"block": 16}
     assert built == ["configs", "default"]
     tune._reset()
+
+
+def test_gpu_sleep_covers_the_host_enqueue_time(monkeypatch):
+    """On GPUs the timed runs queue behind a sleep long enough for the host to enqueue all of them (1.5x their
+    measured host time), so a kernel shorter than its Python launch is timed by the GPU, not by the host."""
+    from triton_dist.tune import tuner
+    slept, events = [], []
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            self.t = 0.0
+
+        def record(self):
+            self.t = len(events) * 0.01  # 10 us apart, in ms
+            events.append(self)
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return other.t - self.t
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "_sleep", slept.append, raising=False)
+    world = types.SimpleNamespace(device=torch.device("cuda", 0))
+    t = tuner._time_runs(lambda: time.sleep(0.002), world, warmup=1, iters=10)
+    assert t == pytest.approx(10.0)  # the events' spacing, in us
+    assert len(slept) == 1 and slept[0] >= 1.5 * 11 * 0.002 * tuner.GPU_CLOCK_HZ * 0.9, slept
+    slept.clear()
+    tuner._time_runs(lambda: None, world, warmup=1, iters=10)
+    assert slept == [tuner.SLEEP_CYCLES]  # a fast host: the minimum sleep

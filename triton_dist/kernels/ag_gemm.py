@@ -6,8 +6,11 @@ row A) and its own ``b`` (``K x N``, any strides, e.g. ``w.t()`` of an ``nn.Line
 
 The context's symmetric ``gathered`` buffer (``max_m x K``) receives A: each rank writes its shard into its own rows
 (chunk ``rank``) and copies the other chunks from the peers' buffers. The GEMM is one persistent kernel on the main
-stream whose tiles run chunk by chunk, starting at this rank's chunk (ready first) and rotating (``rank``,
-``rank+1``, ...); a tile waits only for the flag of its own chunk, so the GEMM runs while later chunks arrive.
+stream whose tiles run chunk by chunk, starting at this rank's chunk and rotating (``rank``, ``rank+1``, ...); the
+tiles of a chunk wait only for that chunk's flag (one wait per program and chunk), so the GEMM runs while later
+chunks arrive. At world size 1 there is nothing to gather: the GEMM reads ``a`` itself on every SM, waiting on a
+chunk flag raised once for all at the context's creation (any method; ``sequential`` is ``torch.matmul``; no epoch
+bump, no per-call kernel but the GEMM), and the gathered buffer is filled only for ``return_gathered``.
 
 Signals (``signals``, int32, on the symmetric heap; ``e`` is the call's epoch, bumped on the stream; every wait is
 ``>=``, nothing is ever reset between calls):
@@ -48,8 +51,8 @@ import triton_dist.language as dl
 
 from ._common import (REGIONS, SIG, SIGNATURE_CHECK, announce, await_all, call_signature, check_signatures,
                       copy_blocks, label_pad, label_words, publish_signature)
-from .gemm import (OverlapContext, announce_done, check_method, check_operands, check_out, chunk_tile,
-                   dot_precision, fence_async_proxy, num_sms, operands, store_tile, tile_dot)
+from .gemm import (OverlapContext, announce_done, check_method, check_operands, check_out, chunk_tiles,
+                   dot_precision, fence_async_proxy, num_sms, operands, store_operand)
 
 METHODS = ("copy_engine", "sm", "sequential")
 # auto, from the 4x H100 run of 2026-11-28 (docs/perf/NOTES.md): "sm" won for M < 8192 on 5 of 6 model shapes,
@@ -133,28 +136,28 @@ def _ce_step_kernel(sig_ptr, pad_ptr, epoch_ptr, arrived, next_src, sig, PUBLISH
 
 
 @triton.jit
-def _ag_gemm_kernel(a, b, c_ptr, sig_ptr, epoch_ptr, m_loc, N, K,
+def _ag_gemm_kernel(a, b, c_ptr, c_desc, sig_ptr, epoch_ptr, m_loc, N, K,
                     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                    USE_TMA: tl.constexpr, B_TRANS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Persistent GEMM over the gathered A: tiles of chunk ``rank`` first, then ``rank+1``, ...; each tile waits for
-    its chunk's flag. ``a`` is the gathered buffer (descriptor or pointer), rows of chunk c at ``c*m_loc``."""
+                    USE_TMA: tl.constexpr, B_TRANS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    TMA_STORE: tl.constexpr):
+    """Persistent GEMM over the gathered A, chunk by chunk: chunk ``rank`` first, then ``rank+1``, ...; before its
+    first tile of a chunk a program waits for that chunk's flag, then runs its tiles of the chunk in one flattened
+    loop (:func:`~triton_dist.kernels.gemm.chunk_tiles`). ``a`` is the gathered buffer (descriptor or pointer),
+    rows of chunk c at ``c*m_loc``; ``TMA_STORE``: tiles are stored through ``c_desc`` (``m_loc`` is a multiple of
+    ``BLOCK_M``, so no tile crosses into the next chunk's rows), else masked pointer stores into ``c_ptr``."""
     rank = dl.rank()
     world = dl.num_ranks()
     e = tl.load(epoch_ptr)
-    tiles_m = tl.cdiv(m_loc, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    for t in range(tl.program_id(0), world * tiles_m * tiles_n, tl.num_programs(0)):
-        src, pid_m, pid_n = chunk_tile(t, tiles_m, tiles_n, rank, world, GROUP_M)
+    for i in range(world):
+        src = (rank + i) % world
         token = dl.wait(sig_ptr + world + src, 1, "sys", "acquire", e, cmp="ge")
         a_src = dl.consume_token(a, token)
         if USE_TMA:
             fence_async_proxy()  # the peers' chunk was written by the generic proxy, TMA reads by the async one
-        off_m = src * m_loc + pid_m * BLOCK_M
-        rows_end = src * m_loc + m_loc
-        acc = tile_dot(a_src, b, off_m, pid_n * BLOCK_N, rows_end, N, K, stride_am, stride_ak, stride_bk, stride_bn,
-                       BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, B_TRANS, DOT_PRECISION)
-        store_tile(c_ptr, acc, off_m, pid_n * BLOCK_N, rows_end, N, stride_cm, stride_cn, BLOCK_M, BLOCK_N)
+        chunk_tiles(a_src, b, c_ptr, c_desc, i, src * m_loc, src * m_loc, m_loc, N, K, stride_am, stride_ak,
+                    stride_bk, stride_bn, stride_cm, stride_cn, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, USE_TMA, B_TRANS,
+                    DOT_PRECISION, TMA_STORE)
 
 
 class AGGemmContext(OverlapContext):
@@ -186,6 +189,8 @@ class AGGemmContext(OverlapContext):
             (f"flag of chunk {i - world} (that rank's rows are in my gathered buffer)", None) if i < 2 * world else
             ("chunk copy counter", None)))
         self.peer_gathered = [triton_dist.peer_view(self.gathered, p) for p in range(world)]
+        if world == 1:  # the one chunk is always there: its flag stays raised (no per-call kernel to raise it)
+            self.signals[1].fill_(2 ** 31 - 1)
         self.world.barrier(f"creating a context of {self.op}")  # every rank's signals are zero before anyone raises one
 
 
@@ -228,7 +233,14 @@ def ag_gemm(a: torch.Tensor, b: torch.Tensor, *, ctx: AGGemmContext, method: str
     if m == 0 or n == 0:
         return (out, gathered) if return_gathered else out
     method = pick_method(m, n) if method == "auto" else method
-    epoch = ctx.next_epoch()
+    if world == 1 and method == "sequential":  # nothing to gather: torch.matmul alone (no signal is touched at
+        # world size 1, whatever the method)
+        torch.matmul(a, b, out=out)
+        if return_gathered:
+            gathered.copy_(a)
+        return (out, gathered) if return_gathered else out
+    # world size 1: no signal changes, so no epoch either (the chunk flag stays raised, see AGGemmContext)
+    epoch = ctx.next_epoch() if world > 1 else ctx.epoch
     sig = call_signature("ag_gemm", method, a.dtype, m_loc * k, k)  # N may differ across ranks (own B)
     if method == "sequential":
         _ag_pull_kernel[(ctx.num_programs,)](a, ctx.gathered, ctx.signals, ctx.pad, epoch, m_loc * k, sig,
@@ -236,7 +248,25 @@ def ag_gemm(a: torch.Tensor, b: torch.Tensor, *, ctx: AGGemmContext, method: str
         torch.matmul(gathered, b, out=out)
         return (out, gathered) if return_gathered else out
     cfg = ctx.config
-    a_arg, b_arg, use_tma, b_trans = operands(gathered, b, cfg)
+    if world == 1:  # nothing to gather: the GEMM reads a itself, on every SM (its chunk wait stays in the kernel,
+        # on the flag that is always raised); the gathered A is copied only when asked for
+        a_arg, b_arg, use_tma, b_trans = operands(a, b, cfg)
+        budget = ctx.num_programs
+    else:
+        a_arg, b_arg, use_tma, b_trans = operands(gathered, b, cfg)
+        budget = ctx.num_programs - (ctx.comm_programs if method == "sm" else 1)
+    c_desc, tma_store = store_operand(out, cfg, use_tma and m_loc % cfg.block_m == 0)
+    tiles = world * triton.cdiv(m_loc, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    gemm_args = (a_arg, b_arg, out, c_desc, ctx.signals, epoch, m_loc, n, k, gathered.stride(0), gathered.stride(1),
+                 b.stride(0), b.stride(1), out.stride(0), out.stride(1))
+    gemm_meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+                     USE_TMA=use_tma, B_TRANS=b_trans, DOT_PRECISION=dot_precision(a.dtype), TMA_STORE=tma_store,
+                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if world == 1:
+        _ag_gemm_kernel[(min(budget, tiles),)](*gemm_args, **gemm_meta)
+        if return_gathered:
+            gathered.copy_(a)
+        return (out, gathered) if return_gathered else out
     with ctx.forked():
         with ctx.side_stream():
             if method == "sm":
@@ -244,14 +274,7 @@ def ag_gemm(a: torch.Tensor, b: torch.Tensor, *, ctx: AGGemmContext, method: str
                                                       sig, BLOCK=ctx.block, num_warps=8)
             else:
                 _gather_copy_engine(ctx, a, m_loc, epoch, sig)
-        budget = ctx.num_programs - (ctx.comm_programs if method == "sm" else 1)
-        tiles = world * triton.cdiv(m_loc, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-        _ag_gemm_kernel[(min(budget, tiles),)](
-            a_arg, b_arg, out, ctx.signals, epoch, m_loc, n, k, gathered.stride(0), gathered.stride(1),
-            b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            USE_TMA=use_tma, B_TRANS=b_trans, DOT_PRECISION=dot_precision(a.dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        _ag_gemm_kernel[(min(budget, tiles),)](*gemm_args, **gemm_meta)
     return (out, gathered) if return_gathered else out
 
 

@@ -38,7 +38,7 @@ from .gemm import (check_config, check_operands, check_out, core_sms, dot_precis
 
 MAX_M = 256  # the decode regime; larger M belongs to the dense core
 MIN_K_TILES = 4  # a split streams at least this many K tiles, so its prologue and epilogue stay small
-KERNEL_VERSION = "1"  # the autotuner's cache key: bump when the kernel changes
+KERNEL_VERSION = "2"  # the autotuner's cache key: bump when the kernel changes
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,10 @@ CPU_CONFIG = DecodeGemmConfig(block_m=16, block_n=32, block_k=32, split_k=2, num
 
 
 def _block_m(m: int) -> int:
-    return min(64, max(16, triton.next_power_of_2(m)))
+    """Row tile: the rows rounded up to a power of two in 16-64; 128 above 64 rows (M=128 and 256 are compute-bound
+    enough on an H200 that cuBLAS-like 128-row tiles and 8 warps matter: 64 x 64 tiles took 2x cuBLAS's time at
+    M=128 N=24576 K=4096)."""
+    return 128 if m > 64 else min(64, max(16, triton.next_power_of_2(m)))
 
 
 def _split_for(tiles: int, k_tiles: int, sms: int) -> int:
@@ -74,12 +77,14 @@ def default_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> Deco
     if knobs.runtime.interpret:
         return CPU_CONFIG
     block_m = _block_m(m)
-    block_n = 64 if m <= 64 else 128
-    block_k = 256 if m <= 16 and dtype != torch.float32 else 128
+    if block_m == 128:  # the dense core's tile, split only where the tiles do not fill the SMs
+        block_n, block_k, warps = 128, 64, 8
+    else:
+        block_n, block_k, warps = (64 if m <= 64 else 128), (256 if m <= 16 and dtype != torch.float32 else 128), 4
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     split = _split_for(tiles, triton.cdiv(k, block_k), sms)
     return DecodeGemmConfig(block_m, block_n, block_k, split, num_stages=_stages(block_m, block_n, block_k, dtype),
-                            num_warps=4)
+                            num_warps=warps)
 
 
 SMEM_BUDGET = 200 << 10  # of the H100/H200's 227 KB per block, leaving room for the epilogue's scratch
@@ -92,18 +97,23 @@ def _stages(block_m: int, block_n: int, block_k: int, dtype: torch.dtype, most: 
 
 
 def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> list[DecodeGemmConfig]:
-    """Configs an autotuner may time for this shape: block N x block K x split around :func:`default_config`'s."""
-    block_m = _block_m(m)
+    """Configs an autotuner may time for this shape: block N x block K x split around :func:`default_config`'s
+    (above 64 rows also 128-row tiles: block N 128 or 256, 8 warps)."""
+    narrow = [(min(64, _block_m(m)), bn, bk, 4) for bn in (64, 128)
+              for bk in ((64, 128) if dtype == torch.float32 else (128, 256))]
+    wide = [(128, bn, bk, 8) for bn in (128, 256) for bk in ((32, 64) if dtype == torch.float32 else (64, 128))]
+    # above 64 rows both: 128-row tiles won where N is large (gate/up, LM head at M=128), 64-row ones where it is
+    # small (O, down); measured on an H200, docs/perf/NOTES.md "Decode core"
+    shapes = (wide + narrow) if _block_m(m) == 128 else narrow
     out = []
-    for block_n in (64, 128):  # few candidates: each new one is a compile (~1 s) at the first tuning
-        for block_k in ((64, 128) if dtype == torch.float32 else (128, 256)):
-            tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-            base = _split_for(tiles, triton.cdiv(k, block_k), sms)
-            for split in sorted({max(1, base // 2), base, base * 2}):
-                if triton.cdiv(triton.cdiv(k, block_k), split) < 2:
-                    continue
-                out.append(DecodeGemmConfig(block_m, block_n, block_k, split, _stages(block_m, block_n, block_k,
-                                                                                      dtype), 4))
+    for block_m, block_n, block_k, warps in shapes:  # each new candidate is a compile (~1 s) at the first tuning
+        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+        base = _split_for(tiles, triton.cdiv(k, block_k), sms)
+        for split in sorted({max(1, base // 2), base, base * 2}):
+            if triton.cdiv(triton.cdiv(k, block_k), split) < 2:
+                continue
+            out.append(DecodeGemmConfig(block_m, block_n, block_k, split, _stages(block_m, block_n, block_k, dtype),
+                                        warps))
     return out
 
 

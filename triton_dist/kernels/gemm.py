@@ -8,15 +8,19 @@ Device helpers (``@triton.jit``):
   rotating around the ranks, grouped order inside each chunk;
 * :func:`tile_dot`: the K-loop of one output tile, fp32 accumulation, operands either TMA tensor descriptors
   (``USE_TMA``) or plain pointers with any strides; :func:`tile_dot_span`: the same over a range of K tiles;
-* :func:`store_tile`: the masked epilogue store; :func:`split_k_finish` the end of a split-K tile (partial, counter,
-  the last split reduces in split order) with its cached scratch (:func:`split_k_scratch`);
+* :func:`chunk_tiles`: a program's tiles of one row chunk in a flattened persistent loop (the dense core), each
+  stored by :func:`store_c` (a TMA store, or :func:`store_tile`: the masked epilogue store);
+* :func:`split_k_finish`: the end of a split-K tile (partial, counter, the last split reduces in split order) with
+  its cached scratch (:func:`split_k_scratch`);
 * :func:`announce_done`: the last program of a kernel tells every rank that its buffers may be overwritten;
 * :func:`fence_async_proxy`: orders an acquire (generic proxy) before later TMA loads (async proxy) on GPUs;
 
-A persistent kernel loops ``for t in range(tl.program_id(0), num_tiles, tl.num_programs(0))`` and calls these.
+A persistent kernel loops over chunks and, inside a chunk, over its tiles (``chunk_tiles``; ``gemm_ar`` and the
+split-K cores use plain ``for t in range(tl.program_id(0), num_tiles, tl.num_programs(0))`` loops) and calls these.
 
-Host helpers: :class:`GemmConfig` (block sizes, stages, warps; frozen and validated), :func:`default_config`,
-:func:`operands` (descriptors when the layouts allow TMA, pointers otherwise), input checks, and
+Host helpers: :class:`GemmConfig` (block sizes, stages, warps; frozen and validated), :func:`default_config` (by the
+output's shape: :func:`wave_efficiency`), :func:`operands` (descriptors when the layouts allow TMA, pointers
+otherwise), :func:`store_operand` (the output's descriptor), input checks, and
 :class:`OverlapContext`, the base of the ops' contexts (symmetric buffers, epoch counter, side stream).
 
 TMA works in both worlds with Triton 3.6 (host-side ``TensorDescriptor``; Triton's interpreter emulates it), so the
@@ -126,6 +130,47 @@ def store_tile(ptr, acc, off_m, off_n, rows_end, cols_end, stride_m, stride_n,
 
 
 @triton.jit
+def store_c(c_ptr, c_desc, acc, off_m, off_n, rows_end, cols_end, stride_m, stride_n,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA_STORE: tl.constexpr):
+    """The dense core's epilogue: with ``TMA_STORE`` the tile goes out through ``c_desc`` (:func:`store_operand`),
+    tiles 256 or more wide in two halves (half the staging shared memory, and the second half's conversion overlaps
+    the first's store); else :func:`store_tile` into ``c_ptr``."""
+    if TMA_STORE and BLOCK_N < 256:
+        c_desc.store([off_m, off_n], acc.to(c_ptr.dtype.element_ty))
+    elif TMA_STORE:
+        halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+        left, right = tl.split(halves)
+        c_desc.store([off_m, off_n], left.to(c_ptr.dtype.element_ty))
+        c_desc.store([off_m, off_n + BLOCK_N // 2], right.to(c_ptr.dtype.element_ty))
+    else:
+        store_tile(c_ptr, acc, off_m, off_n, rows_end, cols_end, stride_m, stride_n, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def chunk_tiles(a, b, c_ptr, c_desc, i, a_row0, c_row0, m_loc, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                stride_cm, stride_cn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                GROUP_M: tl.constexpr, USE_TMA: tl.constexpr, B_TRANS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                TMA_STORE: tl.constexpr):
+    """This program's tiles of chunk ``i`` (``m_loc`` rows: A's from row ``a_row0``, C's from ``c_row0``) in a
+    persistent loop over chunks of ``tiles_m x tiles_n`` tiles: tile ``t`` of chunk ``i`` is the loop's tile
+    ``i * tiles_m * tiles_n + t``, run by program ``(that) % num_programs``, in grouped order. The tile loop is
+    flattened with the K loop (``tl.range(flatten=True)``: one software pipeline across tiles), each tile stored by
+    :func:`store_c`. The caller does what a chunk needs first (its wait)."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    tiles_m = tl.cdiv(m_loc, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_chunk = tiles_m * tiles_n
+    first = ((pid - i * per_chunk) % nprog + nprog) % nprog
+    for t in tl.range(first, per_chunk, nprog, flatten=True):
+        pid_m, pid_n = grouped_tile(t, tiles_m, tiles_n, GROUP_M)
+        acc = tile_dot(a, b, a_row0 + pid_m * BLOCK_M, pid_n * BLOCK_N, a_row0 + m_loc, N, K, stride_am, stride_ak,
+                       stride_bk, stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, B_TRANS, DOT_PRECISION)
+        store_c(c_ptr, c_desc, acc, c_row0 + pid_m * BLOCK_M, pid_n * BLOCK_N, c_row0 + m_loc, N, stride_cm,
+                stride_cn, BLOCK_M, BLOCK_N, TMA_STORE)
+
+
+@triton.jit
 def announce_done(done_ptr, count_ptr, e, nprog):
     """Count this program as finished with the buffers the peers write (a local counter at ``count_ptr``); the last
     of ``nprog`` programs resets the counter and sets ``done[rank] = e`` (``done_ptr``, symmetric) on every rank."""
@@ -205,18 +250,43 @@ def check_config(cfg, positive: tuple = ()) -> None:
         raise ValueError(f"{what}: num_warps must be one of 1, 2, 4, 8, 16, got {cfg.num_warps!r}")
 
 
-# Hopper, bf16/fp16: a simple Triton TMA GEMM reached 717 TFLOP/s with this on H100 (DESIGN.md).
-GPU_CONFIG_16BIT = GemmConfig(128, 256, 64, group_m=8, num_stages=3, num_warps=8)
+# Hopper, bf16/fp16, from the dense-core variants on one H200 (scripts/gemm_variants.py, docs/perf/NOTES.md "Dense
+# core"): 128 x 256 tiles, 3 stages, groups of 16 row tiles, in the flattened loop with TMA stores in two halves
+# (variant v7) came within 0.7-2.5 % of cuBLAS on five model shapes in two runs; 4 stages did no better, and 4 stages
+# with groups of 16 in the old per-tile loop did worse (v14: 3-5 %). 128 x 128 tiles (4 warps, 5 stages) are ~5 %
+# slower per tile but won where 256-wide tiles leave a wave mostly empty (M=1024 N=29568: 1.047 against 1.109).
+GPU_CONFIG_16BIT = GemmConfig(128, 256, 64, group_m=16, num_stages=3, num_warps=8)
+GPU_CONFIG_16BIT_NARROW = GemmConfig(128, 128, 64, group_m=8, num_stages=5, num_warps=4)
 GPU_CONFIG_FP32 = GemmConfig(128, 128, 32, group_m=8, num_stages=3, num_warps=8)
 # The interpreter costs ~0.1 ms per op per program whatever the block: few, mid-sized tiles.
 CPU_CONFIG = GemmConfig(32, 32, 32, group_m=2, num_stages=1, num_warps=4)
+NARROW_GAIN = 1.06  # the narrow tiles must fill the waves this much better to make up for their ~5 % per tile
 
 
-def default_config(dtype: torch.dtype, world=None) -> GemmConfig:
+def wave_efficiency(m: int, n: int, cfg: GemmConfig, sms: int) -> float:
+    """Useful fraction of the tile slots of a persistent ``m x n`` GEMM on ``sms`` SMs: the output area over
+    (waves x sms x tile area), counting the last partial wave and the parts of edge tiles outside the matrix."""
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    waves = triton.cdiv(tiles, sms)
+    return m * n / (waves * sms * cfg.block_m * cfg.block_n)
+
+
+def default_config(dtype: torch.dtype, world=None, *, m: int | None = None, n: int | None = None,
+                   sms: int | None = None) -> GemmConfig:
+    """The dense core's config: :data:`CPU_CONFIG` in the CPU world, :data:`GPU_CONFIG_FP32` for fp32, else
+    :data:`GPU_CONFIG_16BIT`, or :data:`GPU_CONFIG_16BIT_NARROW` when the output (``m x n``, if given) fills the
+    waves of ``sms`` SMs (default: the rank's share) :data:`NARROW_GAIN` times better with it."""
     world = world or triton_dist.current_world()
     if world.interpreted:
         return CPU_CONFIG
-    return GPU_CONFIG_FP32 if dtype == torch.float32 else GPU_CONFIG_16BIT
+    if dtype == torch.float32:
+        return GPU_CONFIG_FP32
+    if m and n:
+        sms = sms or num_sms(world)
+        wide = wave_efficiency(m, n, GPU_CONFIG_16BIT, sms)
+        if wave_efficiency(m, n, GPU_CONFIG_16BIT_NARROW, sms) > NARROW_GAIN * wide:
+            return GPU_CONFIG_16BIT_NARROW
+    return GPU_CONFIG_16BIT
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -313,6 +383,16 @@ def operands(a: torch.Tensor, b: torch.Tensor, cfg: GemmConfig):
     return a, b, False, False
 
 
+def store_operand(out: torch.Tensor, cfg: GemmConfig, allowed: bool):
+    """``(c_desc, tma_store)`` for :func:`store_c`: a TMA descriptor of ``out`` (2-D, blocks ``block_m x block_n``,
+    or ``block_n / 2`` wide for tiles 256 or more wide) where ``allowed`` and its layout permits, else ``(out,
+    False)`` (masked pointer stores)."""
+    if allowed and cfg.use_tma and _tma_ok(out, 1):
+        width = cfg.block_n // 2 if cfg.block_n >= 256 else cfg.block_n
+        return TensorDescriptor(out, list(out.shape), list(out.stride()), [cfg.block_m, width]), True
+    return out, False
+
+
 def check_operands(what: str, a, b, device=None) -> None:
     """Types, devices, dtypes and shapes of ``a @ b``; A must be contiguous, B may have any strides. ``device``: where
     both must be (default: this rank's device; the single-GPU cores pass ``a``'s, needing no world)."""
@@ -376,7 +456,7 @@ class OverlapContext:
                             "float32")
         self.world = triton_dist.current_world()
         self.max_m, self.k, self.n, self.dtype = max_m, k, n, dtype
-        self.config = config or default_config(dtype, self.world)
+        self.config = config or default_config(dtype, self.world, m=max_m, n=n)
         self.epoch = torch.zeros(1, dtype=torch.int32, device=self.world.device)
         self._symmetric: list[torch.Tensor] = []
         self.side = None

@@ -34,6 +34,10 @@ Methods:
   local buffer) and announces ``done``. Partials in the input dtype only;
 * ``sequential``: ``torch.matmul`` then :func:`triton_dist.kernels.reduce_scatter.reduce_scatter` (small M).
 
+At world size 1 nothing is reduced: ``fused`` and ``sequential_reduce`` run the GEMM alone on every SM, each tile
+stored straight into the output (``DIRECT``: no header, wait or flag), ``decomposed`` and ``sequential`` are
+``torch.matmul``.
+
 No program waits for a later launch on its own rank, so both orders run in the CPU world (GEMM, then reduction).
 """
 from __future__ import annotations
@@ -51,8 +55,8 @@ import triton_dist.language as dl
 from . import reduce_scatter as _rs
 from ._common import (call_signature, check_headers, label_headers, label_words, reduce_slots, send_header,
                       send_headers)
-from .gemm import (DTYPES, OverlapContext, announce_done, check_method, check_operands, check_out, chunk_tile,
-                   dot_precision, grouped_tile, num_sms, operands, store_tile, tile_dot)
+from .gemm import (DTYPES, OverlapContext, announce_done, check_method, check_operands, check_out,
+                   dot_precision, grouped_tile, num_sms, operands, store_c, store_operand, tile_dot)
 
 METHODS = ("fused", "sequential_reduce", "decomposed", "sequential")
 # auto, from the 4x H100 runs of 2026-11-28 (docs/perf/NOTES.md, bench run 2d40f2306694): "decomposed" (one cuBLAS
@@ -68,30 +72,45 @@ REDUCE_ROWS = 32  # rows of a tile the reduction sums at a time on GPUs (registe
 
 
 @triton.jit(do_not_specialize=["call_sig"])
-def _gemm_rs_kernel(a, b, recv_ptr, flags_ptr, sig_ptr, hdr_ptr, epoch_ptr, m_loc, N, K,
+def _gemm_rs_kernel(a, b, recv_ptr, c_desc, flags_ptr, sig_ptr, hdr_ptr, epoch_ptr, m_loc, N, K,
                     stride_am, stride_ak, stride_bk, stride_bn, slot_stride, call_sig,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                    USE_TMA: tl.constexpr, B_TRANS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Persistent GEMM; the tiles of chunk d go to slot ``rank`` of rank d's receive buffer (rows relative to the
-    chunk, row stride N), each followed by its flag. Chunks in the order rank+1, ..., rank. Program 0 first sends
-    the call's header to every rank."""
+                    USE_TMA: tl.constexpr, B_TRANS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    DIRECT: tl.constexpr = False, TMA_STORE: tl.constexpr = False):
+    """Persistent GEMM, chunk by chunk in the order rank+1, ..., rank: before its first tile for chunk d a program
+    waits until d finished reducing the previous call, then runs its tiles of the chunk in one flattened loop; each
+    tile goes to slot ``rank`` of rank d's receive buffer (rows relative to the chunk, row stride N), followed by its
+    flag. Program 0 first sends the call's header to every rank. ``DIRECT`` (world size 1: nothing to reduce):
+    ``recv_ptr`` is the output and the tiles go straight there (through ``c_desc`` with ``TMA_STORE``), with no
+    header, wait or flag."""
     rank = dl.rank()
     world = dl.num_ranks()
     e = tl.load(epoch_ptr)
-    if tl.program_id(0) == 0:
-        send_headers(hdr_ptr, call_sig, e, rank, world)
+    if not DIRECT:
+        if tl.program_id(0) == 0:
+            send_headers(hdr_ptr, call_sig, e, rank, world)
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
     tiles_m = tl.cdiv(m_loc, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
-    for t in range(tl.program_id(0), world * tiles_m * tiles_n, tl.num_programs(0)):
-        dst, pid_m, pid_n = chunk_tile(t, tiles_m, tiles_n, rank + 1, world, GROUP_M)
-        # dst finished reducing the previous call (waited before the tile, while no accumulator is live)
-        token = dl.wait(sig_ptr + dst, 1, "sys", "acquire", e - 1, cmp="ge")
-        slot = dl.symm_at(dl.consume_token(recv_ptr, token), dst) + rank * slot_stride
-        acc = tile_dot(a, b, dst * m_loc + pid_m * BLOCK_M, pid_n * BLOCK_N, dst * m_loc + m_loc, N, K,
-                       stride_am, stride_ak, stride_bk, stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, B_TRANS,
-                       DOT_PRECISION)
-        store_tile(slot, acc, pid_m * BLOCK_M, pid_n * BLOCK_N, m_loc, N, N, 1, BLOCK_M, BLOCK_N)
-        dl.notify(flags_ptr + (pid_m * tiles_n + pid_n) * world + rank, dst, e, "set", "intra_node")
+    per_chunk = tiles_m * tiles_n
+    for i in range(world):
+        dst = (rank + 1 + i) % world
+        if DIRECT:
+            slot = recv_ptr
+        else:
+            # dst finished reducing the previous call (waited before the chunk's tiles, while no accumulator is live)
+            token = dl.wait(sig_ptr + dst, 1, "sys", "acquire", e - 1, cmp="ge")
+            slot = dl.symm_at(dl.consume_token(recv_ptr, token), dst) + rank * slot_stride
+        first = ((pid - i * per_chunk) % nprog + nprog) % nprog  # gemm.chunk_tiles's assignment of tiles
+        for t in tl.range(first, per_chunk, nprog, flatten=True):
+            pid_m, pid_n = grouped_tile(t, tiles_m, tiles_n, GROUP_M)
+            acc = tile_dot(a, b, dst * m_loc + pid_m * BLOCK_M, pid_n * BLOCK_N, dst * m_loc + m_loc, N, K,
+                           stride_am, stride_ak, stride_bk, stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, B_TRANS,
+                           DOT_PRECISION)
+            store_c(slot, c_desc, acc, pid_m * BLOCK_M, pid_n * BLOCK_N, m_loc, N, N, 1, BLOCK_M, BLOCK_N, TMA_STORE)
+            if not DIRECT:
+                dl.notify(flags_ptr + (pid_m * tiles_n + pid_n) * world + rank, dst, e, "set", "intra_node")
 
 
 @triton.jit(do_not_specialize=["call_sig"])
@@ -267,9 +286,12 @@ def gemm_rs(a: torch.Tensor, b: torch.Tensor, *, ctx: GemmRSContext, method: str
     if m_loc == 0 or n == 0:
         return out
     method = pick_method(m, n, k, ctx.partial_dtype, a.dtype) if method == "auto" else method
+    if world == 1 and method in ("sequential", "decomposed"):  # torch.matmul and nothing to reduce (no signal is
+        # touched at world size 1, whatever the method)
+        return torch.matmul(a, b, out=out)
     if method == "sequential":
         return _rs.reduce_scatter(torch.matmul(a, b), ctx=ctx.reduce_scatter_context(), out=out)
-    epoch = ctx.next_epoch()
+    epoch = ctx.next_epoch() if world > 1 else ctx.epoch  # world size 1: no signal is used, no epoch bump
     slot_stride = ctx.max_m_loc * n
     # K may differ across ranks (each holds its own columns of A); M, N, dtypes and the method may not
     sig = call_signature("gemm_rs", method, a.dtype, m * n, str(ctx.partial_dtype))
@@ -282,15 +304,21 @@ def gemm_rs(a: torch.Tensor, b: torch.Tensor, *, ctx: GemmRSContext, method: str
     cfg = ctx.config
     a_arg, b_arg, use_tma, b_trans = operands(a, b, cfg)
     chunk_tiles = triton.cdiv(m_loc, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    gemm_args = (a_arg, b_arg, ctx.recv, ctx.flags, ctx.signals, ctx.headers, epoch, m_loc, n, k, a.stride(0),
-                 a.stride(1), b.stride(0), b.stride(1), slot_stride, sig)
+    # (c_desc: the receive buffer too, unused: TMA stores go to the output of the direct world-1 path only)
+    gemm_args = (a_arg, b_arg, ctx.recv, ctx.recv, ctx.flags, ctx.signals, ctx.headers, epoch, m_loc, n, k,
+                 a.stride(0), a.stride(1), b.stride(0), b.stride(1), slot_stride, sig)
     gemm_meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                      USE_TMA=use_tma, B_TRANS=b_trans, DOT_PRECISION=dot_precision(a.dtype),
                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     reduce_args = (ctx.recv, out, ctx.flags, ctx.signals, ctx.headers, epoch, m_loc, n, slot_stride, sig)
     reduce_meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m,
                        SUB_M=cfg.block_m if ctx.world.interpreted else min(cfg.block_m, REDUCE_ROWS), num_warps=8)
-    if method == "fused":
+    if world == 1:  # nothing to reduce: every SM computes, each tile stored once into out (methods fused and
+        # sequential_reduce alike)
+        c_desc, tma_store = store_operand(out, cfg, use_tma)
+        _gemm_rs_kernel[(min(ctx.num_programs, chunk_tiles),)](
+            a_arg, b_arg, out, c_desc, *gemm_args[4:], DIRECT=True, TMA_STORE=tma_store, **gemm_meta)
+    elif method == "fused":
         with ctx.forked():
             gemm_grid = min(ctx.num_programs - ctx.reduce_programs, world * chunk_tiles)
             _gemm_rs_kernel[(gemm_grid,)](*gemm_args, **gemm_meta)

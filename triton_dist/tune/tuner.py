@@ -21,7 +21,9 @@ from ..runtime.errors import CallMismatch
 from . import cache
 
 AUTOTUNE_ENV = "TRITON_DIST_AUTOTUNE"
-SLEEP_CYCLES = 1_000_000  # GPU sleep queued before the timed runs, so the host enqueues them ahead of the GPU
+SLEEP_CYCLES = 1_000_000  # at least this GPU sleep is queued before the timed runs, so the host enqueues them ahead
+GPU_CLOCK_HZ = 2.0e9  # torch.cuda._sleep counts SM cycles (H100/H200: up to ~1.98 GHz): seconds -> cycles
+MAX_SLEEP_S = 0.25  # the sleep covers the host's enqueue time of every timed run, up to this
 
 
 class TuneError(RuntimeError):
@@ -290,7 +292,8 @@ def _measure(call: _Call, world, progress: "_Progress") -> tuple[list[float], li
 
 def _time_runs(run, world, warmup: int, iters: int) -> float:
     """This rank's median microseconds of ``run()`` over ``iters`` runs after ``warmup``: CUDA events on GPUs (the
-    runs queued behind a GPU sleep, so host launch time is not measured), the host clock otherwise."""
+    runs queued behind a GPU sleep long enough for the host to enqueue all of them, so host launch time is not
+    measured), the host clock otherwise."""
     for _ in range(warmup):
         run()
     if world.device.type != "cuda":
@@ -300,10 +303,18 @@ def _time_runs(run, world, warmup: int, iters: int) -> float:
             run()
             samples.append((time.perf_counter() - t0) * 1e6)
         return statistics.median(samples)
+    # The host's time to enqueue one run (checks, descriptors, launch: tens of us in Python, more than a decode-size
+    # kernel takes): the sleep must outlast the enqueueing of all timed runs, or the events time the host instead
+    # (seen on an H200: 76 us per run for a 19 us kernel, which made the choice among decode configs noise).
+    torch.cuda.synchronize(world.device)
+    t0 = time.perf_counter()
+    run()
+    run()
+    host_s = (time.perf_counter() - t0) / 2
     torch.cuda.synchronize(world.device)
     events = [torch.cuda.Event(enable_timing=True) for _ in range(iters + 1)]
     if hasattr(torch.cuda, "_sleep"):
-        torch.cuda._sleep(SLEEP_CYCLES)
+        torch.cuda._sleep(max(SLEEP_CYCLES, int(min(MAX_SLEEP_S, 1.5 * (iters + 1) * host_s) * GPU_CLOCK_HZ)))
     events[0].record()
     for e in events[1:]:
         run()
