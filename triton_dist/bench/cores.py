@@ -2,9 +2,17 @@
 
 ::
 
-    triton-dist bench cores -n 1 [--cores decode,grouped] [--models qwen3-8b,qwen3-32b,llama3-8b] [--tp 1,2,4,8]
-                                 [--m 1,2,4,8,16,32,64,128,256] [--samples 20] [--graph-calls 20] [--out DIR]
+    triton-dist bench cores -n 1 [--cores dense,decode,grouped] [--models qwen3-8b,qwen3-32b,llama3-8b]
+                                 [--tp 1,2,4,8] [--m 1,2,4,8,16,32,64,128,256] [--dense-m 1024,2048,4096,8192]
+                                 [--samples 20] [--graph-calls 20] [--out DIR] [--plot PATH | --no-plot]
     triton-dist bench cores -n 1 --mode cpu -- --smoke     # CPU world: a plumbing check, no timings
+    python -m triton_dist.bench.cores --render bench/results/h200.jsonl [--run-id ID,ID]   # no GPU needed
+
+``dense``: the persistent TMA GEMM of the overlapped ops (``kernels/gemm.py``: ``chunk_tiles``) at world size 1, where
+``ops.ag_gemm`` (method ``copy_engine``) and ``ops.gemm_rs`` (``fused``) run it alone with no communication (its
+chunk wait still in the kernel), against ``torch.matmul`` (provider ``cublas``) on ``triton-dist bench gemm``'s
+shapes (``goal`` and the LLaMA-3-8B / 70B and Qwen2-72B projections at the ``--dense-m`` rows); op ``gemm_core``,
+shape ``<ag_gemm|gemm_rs>:<family>:M=..,N=..,K=..``.
 
 ``decode``: the decode core (``kernels/decode_gemm.py``) on the projections of a model's decoder layer and its LM
 head, ``M x K @ K x N`` with ``B = w.t()`` of the ``nn.Linear`` weight ``w`` [N, K], for every M of ``--m`` and every
@@ -32,13 +40,21 @@ import math
 import os
 import sys
 import zlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from .harness import Recorder, agree, first_line, time_call, uniform
-from .report import Progress, announce_shared_gpu
+from .report import Progress, add_render_args, announce_shared_gpu, plot_title, render_recorded
 from .gemm import DTYPE_NAMES, _choices, _int_list, rotation
 
-CORES = ("decode", "grouped")
+CORES = ("dense", "decode", "grouped")
+DENSE_FAMILIES = ("goal", "llama3-8b", "llama3-70b", "qwen2-72b")
+DENSE_M = (1024, 2048, 4096, 8192)
+# the providers of a row pair: (ours, baseline)
+OURS = {"gemm_core": "triton_dist:gemm_core", "decode_gemm": "triton_dist:decode_gemm",
+        "grouped_gemm": "triton_dist:grouped_gemm"}
+BASELINE = {"gemm_core": "cublas", "decode_gemm": "cublas", "grouped_gemm": "torch_grouped_mm"}
+GOAL = {"gemm_core": 1 / 0.98, "decode_gemm": 1.0, "grouped_gemm": 1.0}  # ours / baseline time at most
+DEFAULT_PLOT = os.path.join("docs", "perf", "cores_{card}.png")
 # (hidden, intermediate, q heads, kv heads, head dim, vocab) of the decoder layers whose projections we time
 MODELS = {"qwen3-8b": (4096, 12288, 32, 8, 128, 151936), "qwen3-32b": (5120, 25600, 64, 8, 128, 151936),
           "llama3-8b": (4096, 14336, 32, 8, 128, 128256)}
@@ -145,6 +161,27 @@ class _CoreBench:
     def rand(self, shape, seed: int, scale: float = 1.0):
         return uniform(shape, seed, self.dtype, self.world.device, scale)
 
+    # ------------------------------------------------------------------ dense
+    def dense(self, case) -> None:
+        """``case`` (a ``bench.gemm.Case``): ours through the op at world size 1, cuBLAS on the same operands."""
+        import torch
+        from triton_dist import ops
+        seed = zlib.crc32(f"{case.op}:{case.shape}".encode())
+        a = self.rand((case.m, case.k), seed)
+        b = self.rand((case.n, case.k), seed + 1, 1 / math.sqrt(case.k)).t()  # w.t() of an nn.Linear weight
+        ref = a.float() @ b.float()
+        tol = decode_tolerance(self.dtype, case.k) * ref.abs().max().item()
+        out = torch.empty((case.m, case.n), dtype=self.dtype, device=self.world.device)
+        if case.op == "ag_gemm":
+            ours = lambda i: ops.ag_gemm(a, b, method="copy_engine", out=out)  # noqa: E731
+        else:
+            ours = lambda i: ops.gemm_rs(a, b, method="fused", out=out)  # noqa: E731
+        providers = [(OURS["gemm_core"], ours), ("cublas", lambda i: torch.matmul(a, b, out=out))]
+        self._time("gemm_core", f"{case.op}:{case.shape}", providers, ref, tol, 1,
+                   nbytes=(case.m * case.k + case.k * case.n + case.m * case.n) * self.elem,
+                   flops=2 * case.m * case.n * case.k, graph=0)
+        ops.release_contexts()  # each shape's context (up to ~0.5 GB of symmetric heap) is not needed again
+
     # ------------------------------------------------------------------ decode
     def decode(self, proj: Projection, m: int) -> None:
         import torch
@@ -222,6 +259,120 @@ class _CoreBench:
                    nbytes=active * case.k * case.n * self.elem, flops=2 * case.rows * case.n * case.k,
                    graph=self.args.graph_calls if self.gpu and case.name != "prefill" else 0)
 
+def dense_cases(smoke: bool, ms) -> list:
+    """The dense core's cases: ``bench gemm``'s ag_gemm and gemm_rs shapes at world size 1 (``goal`` and the model
+    families at the rows ``ms``), or one tiny case of each op for ``--smoke``."""
+    from .gemm import Case, build_cases
+    if smoke:
+        return [Case("ag_gemm", "smoke", 48, 40, 32), Case("gemm_rs", "smoke", 40, 24, 48)]
+    cases, _ = build_cases(("ag_gemm", "gemm_rs"), DENSE_FAMILIES, 1, ms, ())
+    return cases
+
+
+# bench gemm's world-1 rows are dense-core rows too: its fused methods run the same kernel alone there
+_GEMM_FUSED = ("triton_dist:copy_engine", "triton_dist:sm", "triton_dist:fused", "triton_dist:sequential_reduce")
+
+
+def core_pairs(rows: list[dict]) -> dict:
+    """``{op: {shape: (ours_us, baseline_us)}}`` of the cores' rows (``gemm_core``, ``decode_gemm``,
+    ``grouped_gemm``), plus ``bench gemm``'s world-size-1 ``ag_gemm`` / ``gemm_rs`` rows as ``gemm_core`` (ours: the
+    slowest fused method; baseline ``gemm_alone``). A later row of the same (op, shape, provider) replaces an
+    earlier one."""
+    cells: dict = {}
+    for r in rows:
+        op, prov = r["op"], r["provider"]
+        if op in ("ag_gemm", "gemm_rs") and r.get("world_size") == 1:
+            shape = f"{op}:{r['shape']}"
+            if prov in _GEMM_FUSED:
+                cells.setdefault(("gemm_core", shape), {}).setdefault("ours", {})[prov] = r["median_us"]
+            elif prov == "gemm_alone":
+                cells.setdefault(("gemm_core", shape), {})["base"] = r["median_us"]
+        elif op in OURS:
+            if prov == OURS[op]:
+                cells.setdefault((op, r["shape"]), {})["ours"] = {prov: r["median_us"]}
+            elif prov == BASELINE[op]:
+                cells.setdefault((op, r["shape"]), {})["base"] = r["median_us"]
+    out: dict = {}
+    for (op, shape), c in cells.items():
+        if c.get("ours") and c.get("base"):
+            out.setdefault(op, {})[shape] = (max(c["ours"].values()), c["base"])
+    return {op: out[op] for op in OURS if op in out}
+
+
+def load_core_rows(path: str, run_id: str | None = None) -> list[dict]:
+    """The cores' rows in a ``<card>.jsonl`` (and ``bench gemm``'s world-size-1 rows): of the runs ``run_id`` (one
+    id or a comma-separated list), default every run, in file order."""
+    import json
+    keep = set(run_id.split(",")) if run_id else None
+    rows = []
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                if (keep is None or r.get("run_id") in keep) and (r.get("op") in OURS or (
+                        r.get("op") in ("ag_gemm", "gemm_rs") and r.get("world_size") == 1)):
+                    rows.append(r)
+    if not core_pairs(rows):
+        raise ValueError(f"{path} holds no compute-core rows" + (f" of run(s) {run_id}" if run_id else ""))
+    return rows
+
+
+def format_core_tables(rows: list[dict], notes: list[str] | None = None) -> str:
+    """Per core: each shape's time, the baseline's, the ratio and whether it meets the goal (``GOAL``)."""
+    lines = []
+    for op, shapes in core_pairs(rows).items():
+        met = sum(1 for o, b in shapes.values() if o / b <= GOAL[op])
+        lines.append(f"{op}: ours / {BASELINE[op]} time (goal <= {GOAL[op]:.4g}): {met} of {len(shapes)} met")
+        for shape, (o, b) in shapes.items():
+            lines.append(f"  {shape:<56} {o:10.1f} us {b:10.1f} us  x{o / b:6.3f}{'' if o / b <= GOAL[op] else '  *'}")
+    lines.extend(f"note: {n}" for n in notes or ())
+    return "\n".join(lines)
+
+
+def default_plot_path(card: str) -> str:
+    from .harness import card_slug
+    return DEFAULT_PLOT.format(card=card_slug(card))
+
+
+def plot_core_rows(rows: list[dict], path: str, title: str | None = None) -> str | None:
+    """One panel per core: a bar per shape of ours / baseline time, the goal as a line; green where met. Saved as
+    PNG at ``path``; returns it, or None (with a printed note) without matplotlib or core rows."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        print(f"note: matplotlib is not importable, so no plot was drawn ({path} skipped); "
+              "`pip install matplotlib` and rerun with --render to draw it")
+        return None
+    pairs = core_pairs(rows)
+    if not pairs:
+        print(f"note: no compute-core rows to plot ({path} skipped)")
+        return None
+    heights = [0.22 * len(s) + 1.2 for s in pairs.values()]
+    fig = Figure(figsize=(12, sum(heights) + 0.6), layout="constrained")
+    axes = fig.subplots(len(pairs), 1, squeeze=False, height_ratios=heights)[:, 0]
+    for ax, (op, shapes) in zip(axes, pairs.items()):
+        names = list(shapes)
+        ratios = [shapes[n][0] / shapes[n][1] for n in names]
+        ax.barh(range(len(names)), ratios, color=["tab:green" if x <= GOAL[op] else "tab:red" for x in ratios])
+        ax.axvline(GOAL[op], color="k", lw=1, ls="--", label=f"goal {GOAL[op]:.4g}")
+        ax.axvline(1.0, color="grey", lw=0.8)
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlim(min(0.5, min(ratios) - 0.05), max(1.3, max(ratios) + 0.05))
+        ax.set_xlabel(f"time of ours / {BASELINE[op]} (< 1: ours faster)")
+        ax.set_title(op, fontsize=10)
+        ax.legend(fontsize=7, loc="lower right")
+    if title is None:
+        r0 = rows[-1]
+        runs = sorted({r.get("run_id", "?") for r in rows})
+        title = f"{r0.get('card', '?')}: compute cores at world size 1 ({r0.get('date', '?')}, runs {', '.join(runs)})"
+    title, style = plot_title(rows, title)
+    fig.suptitle(title, fontsize=10, **style)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="triton-dist bench cores", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None,
@@ -233,17 +384,23 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tp", type=_int_list, default=[1, 2, 4, 8], help="tensor-parallel shards [default: 1,2,4,8]")
     ap.add_argument("--m", type=_int_list, default=None,
                     help=f"rows of the decode core [default: {','.join(map(str, DECODE_M))}]")
+    ap.add_argument("--dense-m", type=_int_list, default=None,
+                    help=f"rows of the dense core's model shapes [default: {','.join(map(str, DENSE_M))}]")
     ap.add_argument("--dtype", choices=tuple(DTYPE_NAMES), default=None, help="[default: bf16; --smoke: fp16]")
     ap.add_argument("--samples", type=int, default=None, help="timed samples per case [default: 20; --smoke: 2]")
     ap.add_argument("--graph-calls", type=int, default=20, help="decode calls captured per CUDA graph (0: direct)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes, allowed in the CPU world (wall-clock timing): checks the plumbing only")
+    add_render_args(ap, DEFAULT_PLOT.format(card="<card>"))
     return ap
 
 
 def main(argv=None) -> None:
     ap = build_parser()
     args = ap.parse_args(argv)
+    if args.render:
+        render_recorded(args, load_core_rows, format_core_tables, plot_core_rows, default_plot_path)
+        return
     if args.samples is not None and args.samples < 1 or args.graph_calls < 0:
         ap.error("--samples must be positive and --graph-calls >= 0")
     args.samples = args.samples or (2 if args.smoke else 20)
@@ -266,9 +423,13 @@ def main(argv=None) -> None:
     projs = smoke_projections() if args.smoke else [p for model in args.models for tp in args.tp
                                                     for p in projections(model, tp)]
     groups = smoke_group_cases() if args.smoke else group_cases()
-    progress = Progress(2 * (len(projs) * len(ms) * ("decode" in args.cores) + len(groups) * ("grouped" in args.cores)),
-                        enabled=world.rank == 0)
+    dense = dense_cases(args.smoke, args.dense_m or list(DENSE_M))
+    progress = Progress(2 * (len(dense) * ("dense" in args.cores) + len(projs) * len(ms) * ("decode" in args.cores)
+                             + len(groups) * ("grouped" in args.cores)), enabled=world.rank == 0)
     bench = _CoreBench(world, rec, args, dtype, progress)
+    if "dense" in args.cores:
+        for case in dense:
+            bench.dense(case)
     if "decode" in args.cores:
         for proj in projs:
             for m in ms:
@@ -281,6 +442,12 @@ def main(argv=None) -> None:
         print(rec.table(bench.notes))
         if not args.smoke or args.out:
             print("rows:", rec.write())
+        rows = [asdict(r) for r in rec.rows]
+        print(format_core_tables(rows))
+        if rows and not args.no_plot and (not args.smoke or args.plot):
+            written = plot_core_rows(rows, args.plot or default_plot_path(rows[0]["card"]))
+            if written:
+                print(f"plot written to {written}")
     triton_dist.finalize()
     if bench.failures:
         sys.exit(1)
