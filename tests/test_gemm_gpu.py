@@ -26,13 +26,17 @@ def _random_rows(g, most):
     return int(torch.randint(1, most + 1, (1,), generator=g))
 
 
-def _ag_gemm_random(method, shape, seed):
+def _ag_gemm_random(method, shape, seed, config=None):
+    """50 calls with random rows per rank; every 5th call a multiple of 128 rows, whose chunks are whole row tiles of
+    the GPU configs, so the GEMM stores its tiles by TMA (gemm.store_c) there."""
     w = this_world()
     m_most, k, n = SHAPES[shape]
-    ctx = agm.AGGemmContext(w.world_size * m_most, k, n, BF16)
+    ctx = agm.AGGemmContext(w.world_size * m_most, k, n, BF16, config=config)
     g = torch.Generator().manual_seed(seed)  # the same sizes on every rank
     for call in range(CALLS):
         m_loc = _random_rows(g, m_most)
+        if call % 5 == 4 and m_most >= 128:
+            m_loc = 128 * (1 + (call // 5) % (m_most // 128))
         s = seed + 1000 * call
         shards = [rand((m_loc, k), BF16, s + r, w.device) for r in range(w.world_size)]
         b = make_b(k, n, BF16, s + 100 + w.rank, LAYOUTS[call % 3], w.device)
@@ -87,6 +91,14 @@ def _gemm_ar_random(method, shape, seed):
 @pytest.mark.parametrize("method", agm.METHODS)
 def test_ag_gemm_bf16(world, method, shape, seed):
     assert all(world.run(_ag_gemm_random, method, shape, seed, timeout=900))
+
+
+@pytest.mark.parametrize("method", ["copy_engine", "sm"])
+def test_ag_gemm_bf16_narrow_tiles(world, method, seed):
+    """The narrow dense config (128 x 128 tiles, 4 warps, whole-tile TMA stores), which the ops pick for shapes that
+    256-wide tiles fill badly (gemm.default_config)."""
+    from triton_dist.kernels.gemm import GPU_CONFIG_16BIT_NARROW
+    assert all(world.run(_ag_gemm_random, method, "moderate", seed, GPU_CONFIG_16BIT_NARROW, timeout=900))
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -38,7 +38,7 @@ from .gemm import (check_config, check_operands, check_out, core_sms, dot_precis
 
 MAX_M = 256  # the decode regime; larger M belongs to the dense core
 MIN_K_TILES = 4  # a split streams at least this many K tiles, so its prologue and epilogue stay small
-KERNEL_VERSION = "2"  # the autotuner's cache key: bump when the kernel changes
+KERNEL_VERSION = "3"  # the autotuner's cache key: bump when the kernel changes
 
 
 @dataclass(frozen=True)
@@ -99,9 +99,13 @@ def _stages(block_m: int, block_n: int, block_k: int, dtype: torch.dtype, most: 
 def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> list[DecodeGemmConfig]:
     """Configs an autotuner may time for this shape: block N x block K x split around :func:`default_config`'s
     (above 64 rows also 128-row tiles: block N 128 or 256, 8 warps)."""
-    narrow = [(min(64, _block_m(m)), bn, bk, 4) for bn in (64, 128)
+    # block N 32 only where N is small (more column tiles: QKV / O of an 8B model, 6144 / 4096 columns, were the
+    # shapes where cuBLAS stayed ahead); 64-wide 128-row tiles for the same reason above 64 rows
+    few = n <= 8192
+    narrow = [(min(64, _block_m(m)), bn, bk, 4) for bn in ((32, 64, 128) if few else (64, 128))
               for bk in ((64, 128) if dtype == torch.float32 else (128, 256))]
-    wide = [(128, bn, bk, 8) for bn in (128, 256) for bk in ((32, 64) if dtype == torch.float32 else (64, 128))]
+    wide = [(128, bn, bk, 8) for bn in ((64, 128, 256) if few else (128, 256))
+            for bk in ((32, 64) if dtype == torch.float32 else (64, 128))]
     # above 64 rows both: 128-row tiles won where N is large (gate/up, LM head at M=128), 64-row ones where it is
     # small (O, down); measured on an H200, docs/perf/NOTES.md "Decode core"
     shapes = (wide + narrow) if _block_m(m) == 128 else narrow
