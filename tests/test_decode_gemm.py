@@ -50,6 +50,13 @@ def test_split_k_is_deterministic_and_counters_reset():
     assert int(counts.abs().sum()) == 0, "every tile's counter was reset by its last split"
 
 
+def test_pdl_gives_the_same_bits():
+    """``pdl=True`` changes how the kernel is launched, not what it computes (in the CPU world it is ignored)."""
+    a = rand((3, 160), torch.float32, 1, DEVICE)
+    b = rand((160, 48), torch.float32, 2, DEVICE)
+    assert torch.equal(dg.decode_gemm(a, b, config=SPLIT2, pdl=True), dg.decode_gemm(a, b, config=SPLIT2))
+
+
 def test_more_splits_than_k_tiles_and_m_up_to_the_limit():
     cfg = dg.DecodeGemmConfig(block_m=64, block_n=16, block_k=64, split_k=16, num_stages=1, num_warps=4)
     _check(70, 100, 20, torch.float32, "row", cfg, seed=5)  # 2 K tiles: 2 splits, 2 row tiles
@@ -186,3 +193,44 @@ def test_decode_gemm_replays_in_a_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
         check_gemm(out, a.double() @ b.double(), torch.matmul(a, b), torch.bfloat16, f"replay {seed}")
+
+
+@pytest.mark.gpu
+def test_pdl_chain_waits_for_its_producer_in_a_cuda_graph():
+    """Two decode GEMMs launched with programmatic dependent launch, the second reading the first's output, captured
+    once and replayed on new data: the second must wait for the first (griddepcontrol.wait) every time, and both
+    share the split-K scratch and counters."""
+    if DEVICE != "cuda":
+        pytest.skip("a GPU test: the GPU suite runs it")
+    m, k, h, n = 4, 12288, 4096, 6144
+    a = rand((m, k), torch.bfloat16, 1, "cuda")
+    w1 = rand((h, k), torch.bfloat16, 2, "cuda") / 64
+    w2 = rand((n, h), torch.bfloat16, 3, "cuda") / 32
+    mid = torch.empty((m, h), dtype=torch.bfloat16, device="cuda")
+    out = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
+    c1 = dg.default_config(m, h, k, torch.bfloat16, gemm.core_sms(a.device))
+    c2 = dg.default_config(m, n, h, torch.bfloat16, gemm.core_sms(a.device))
+    assert c1.split_k > 1, "the first product exercises the split-K reduction"
+
+    def step():
+        dg.decode_gemm(a, w1.t(), out=mid, config=c1, pdl=True)
+        dg.decode_gemm(mid, w2.t(), out=out, config=c2, pdl=True)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        for _ in range(3):
+            step()
+    for seed in range(3):
+        a.copy_(rand((m, k), torch.bfloat16, 10 + seed, "cuda"))
+        poison(mid)
+        poison(out)
+        graph.replay()
+        torch.cuda.synchronize()
+        want_mid = dg.decode_gemm(a, w1.t(), config=c1)
+        assert torch.equal(mid, want_mid), f"replay {seed}: the first product differs"
+        assert torch.equal(out, dg.decode_gemm(want_mid, w2.t(), config=c2)), f"replay {seed}: the second differs"

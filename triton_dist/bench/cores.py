@@ -18,8 +18,10 @@ shape ``<ag_gemm|gemm_rs>:<family>:M=..,N=..,K=..``.
 head, ``M x K @ K x N`` with ``B = w.t()`` of the ``nn.Linear`` weight ``w`` [N, K], for every M of ``--m`` and every
 tensor-parallel shard of ``--tp`` (column-parallel QKV, gate/up and LM head: N / tp; row-parallel O and down: K / tp).
 Providers: ``triton_dist:decode_gemm`` (the autotuner's config: tuned at the first call of each shape bucket, cached;
-``TRITON_DIST_AUTOTUNE=0`` for the defaults) and ``cublas`` (``torch.matmul``). A row's ``gbps`` is the weight bytes
-over the median (the floor's measure: ~4.3 TB/s device-to-device on an H200), ``tflops`` ``2 M N K`` over it.
+``TRITON_DIST_AUTOTUNE=0`` for the defaults), on GPUs ``triton_dist:decode_gemm+pdl`` (the same, launched with
+programmatic dependent launch: ``decode_gemm(pdl=True)``) and ``cublas`` (``torch.matmul``). A row's ``gbps`` is the
+weight bytes over the median (the floor's measure: ~4.3 TB/s device-to-device on an H200), ``tflops`` ``2 M N K``
+over it.
 
 ``grouped``: the grouped core (``kernels/grouped_gemm.py``, tuned like the decode core) against ``torch._grouped_mm``
 (provider ``torch_grouped_mm``; skipped with a note where torch lacks it): prefill groups (E=8, 4096 rows each,
@@ -197,6 +199,9 @@ class _CoreBench:
         # config None: the autotuner's choice (its first call, in the check below, tunes the shape bucket)
         providers = [("triton_dist:decode_gemm", lambda i: dg.decode_gemm(sets[i][0], sets[i][1], out=outs[i])),
                      ("cublas", lambda i: torch.matmul(sets[i][0], sets[i][1], out=outs[i]))]
+        if self.gpu:  # the same config launched with programmatic dependent launch (back to back in the graph)
+            providers.insert(1, ("triton_dist:decode_gemm+pdl",
+                                 lambda i: dg.decode_gemm(sets[i][0], sets[i][1], out=outs[i], pdl=True)))
         self._time("decode_gemm", proj.shape(m), providers, ref, tol, rot, nbytes=proj.k * proj.n * self.elem,
                    flops=2 * m * proj.n * proj.k, graph=self.args.graph_calls if self.gpu else 0)
 

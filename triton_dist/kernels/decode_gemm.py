@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 from triton import knobs
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from triton_dist import tune
 from .gemm import (check_config, check_operands, check_out, core_sms, dot_precision, operands,
@@ -127,7 +128,11 @@ def _decode_gemm_kernel(a, b, c, ws_ptr, count_ptr, M, N, K, stride_am, stride_a
                         stride_cm, stride_cn, kt_per_split,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         SPLIT_K: tl.constexpr, USE_TMA: tl.constexpr, B_TRANS: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr):
+                        DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # launched early (programmatic dependent launch): wait for the kernel before, whose output may be A (and
+        # whose split-K scratch and counters may be ours), then let the next kernel launch in turn
+        gdc_wait()
+        gdc_launch_dependents()
     tile = tl.program_id(0)
     split = tl.program_id(1)
     tiles_m = tl.cdiv(M, BLOCK_M)
@@ -155,7 +160,7 @@ def check_decode_operands(what: str, a, b) -> None:
 
 
 def decode_gemm(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None,
-                config: DecodeGemmConfig | None = None) -> torch.Tensor:
+                config: DecodeGemmConfig | None = None, pdl: bool = False) -> torch.Tensor:
     """``a @ b`` for ``a`` of 1 to :data:`MAX_M` rows: ``a`` (M x K) contiguous, ``b`` (K x N) row-major or
     ``w.t()`` of a row-major ``w`` (N x K, an ``nn.Linear`` weight) or any strides (pointer path); bf16, fp16 or
     fp32, fp32 accumulation. Returns ``out`` (M x N, contiguous, ``a``'s dtype; a new tensor when None).
@@ -164,7 +169,12 @@ def decode_gemm(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = 
     :class:`DecodeGemmConfig`; None: the autotuner's choice for the shape (``triton_dist.tune``: on GPUs the first
     call of a shape bucket times :func:`candidate_configs` on every rank, collectively, so every rank must make it:
     call once per shape before CUDA-graph capture), or :func:`default_config` where nothing is tuned (the CPU world,
-    ``TRITON_DIST_AUTOTUNE=0``, no ``triton_dist.init()``). No world is needed."""
+    ``TRITON_DIST_AUTOTUNE=0``, no ``triton_dist.init()``). No world is needed.
+
+    ``pdl=True`` (GPUs; ignored in the CPU world): launch with programmatic dependent launch, so the kernel's programs
+    may be scheduled while the previous kernel on the stream drains; they wait for it (``griddepcontrol.wait``)
+    before touching memory, so any producer of ``a`` is safe. For sequences of kernels (a captured decode step);
+    its gain is not measured yet (docs/perf/NOTES.md, "Compute cores")."""
     what = "decode_gemm"
     check_decode_operands(what, a, b)
     m, k = a.shape
@@ -176,7 +186,7 @@ def decode_gemm(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = 
         return out
     if k == 0:  # an empty sum
         return out.zero_()
-    _launch(a, b, out, config or _tuned_config(a, b, out))
+    _launch(a, b, out, config or _tuned_config(a, b, out), pdl=pdl and not knobs.runtime.interpret)
     return out
 
 
@@ -192,7 +202,7 @@ def _tuned_config(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> Decode
                        lambda c: _launch(a, b, out, c), version=KERNEL_VERSION)
 
 
-def _launch(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, cfg: DecodeGemmConfig) -> None:
+def _launch(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, cfg: DecodeGemmConfig, pdl: bool = False) -> None:
     m, k = a.shape
     n = b.shape[1]
     k_tiles = triton.cdiv(k, cfg.block_k)
@@ -206,8 +216,8 @@ def _launch(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, cfg: DecodeGemm
         a_arg, b_arg, out, ws, counts, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         out.stride(0), out.stride(1), kt_per_split,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, USE_TMA=use_tma,
-        B_TRANS=b_trans, DOT_PRECISION=dot_precision(a.dtype), num_stages=cfg.num_stages,
-        num_warps=cfg.num_warps)
+        B_TRANS=b_trans, DOT_PRECISION=dot_precision(a.dtype), PDL=pdl, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, launch_pdl=pdl)
 
 
 def decode_gemm_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
