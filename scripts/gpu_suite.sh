@@ -94,8 +94,11 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     $PY -m triton_dist bench gemm -n "$NGPU" --out "$OUT_DIR" --plot "$OUT_DIR/gemm.png" \
         ${GEMM_ARGS:-} 2>&1 | tee "$OUT_DIR/bench_gemm.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || BENCH_RC=1
-    # the single-GPU compute cores (decode, grouped) against cuBLAS / torch._grouped_mm, at world size 1
-    $PY -m triton_dist bench cores -n 1 --out "$OUT_DIR" ${CORES_ARGS:-} 2>&1 | tee "$OUT_DIR/bench_cores.log"
+    # the single-GPU compute cores (dense, decode, grouped) against cuBLAS / torch._grouped_mm, at world size 1
+    # (default: the dense shapes and Qwen3-8B at TP 1 and 8 at four decode sizes; the full decode sweep, every model,
+    # shard and M with its tuning, takes ~20 min on an H200: pass CORES_ARGS="--models ... --tp ... --m ..." in parts)
+    $PY -m triton_dist bench cores -n 1 --out "$OUT_DIR" --plot "$OUT_DIR/cores.png" \
+        ${CORES_ARGS:---models qwen3-8b --tp 1,8 --m 1,16,64,256} 2>&1 | tee "$OUT_DIR/bench_cores.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || BENCH_RC=1
     if [ "${SHARED_BENCH:-0}" = 1 ] && [ -n "$SHARE_ARGS" ]; then  # plumbing of the benches in a shared world
         $PY -m triton_dist bench collectives -n 2 $SHARE_ARGS --out "$OUT_DIR" ${SHARED_COLL_ARGS:-} 2>&1 \
