@@ -164,7 +164,8 @@ for m, tma, trans in itertools.product((1, 128), (True, False), (False, True)):
                    stride_cm="i32", stride_cn="i32", kt_per_split="i32")
         check(DG._decode_gemm_kernel, {k: v for k, v in sig.items() if k not in unit},
               dict(BLOCK_M=dc.block_m, BLOCK_N=dc.block_n, BLOCK_K=dc.block_k, SPLIT_K=split, USE_TMA=tma,
-                   B_TRANS=trans, DOT_PRECISION="ieee", PDL=m == 1 and tma and trans, **unit),
+                   B_TRANS=trans, DOT_PRECISION="ieee", PDL=m == 1 and tma and trans,
+                   PERSISTENT=split > 1 and tma, **unit),
               options=dict(num_warps=dc.num_warps, num_stages=dc.num_stages, launch_pdl=m == 1 and tma and trans))
 # The grouped core at its default configs for prefill (4096 rows per expert) and decode groups (1, 16, 128 rows), bf16
 # and fp32, each weight flavour (3-D TMA descriptor [E, K, N] or [E, N, K], or pointers), with and without split K.

@@ -16,6 +16,9 @@ DEVICE = "cpu" if BACKEND == "cpu" else "cuda"  # the GPU suite runs the same te
 
 SPLIT2 = dg.DecodeGemmConfig(block_m=16, block_n=16, block_k=16, split_k=3, num_stages=1, num_warps=4)
 ONE = dg.DecodeGemmConfig(block_m=16, block_n=32, block_k=32, split_k=1, num_stages=1, num_warps=4)
+# a persistent walk: more (tile, split) units than programs (4 'SMs' in the CPU world), each program several
+PERSIST = dg.DecodeGemmConfig(block_m=16, block_n=16, block_k=16, split_k=3, num_stages=1, num_warps=4,
+                              persistent=True)
 
 
 def _check(m, k, n, dtype, layout, cfg, seed, device=DEVICE):
@@ -35,7 +38,7 @@ def _check(m, k, n, dtype, layout, cfg, seed, device=DEVICE):
 @pytest.mark.parametrize("mkn", [(1, 96, 40), (5, 100, 24), (17, 64, 33)], ids=["m1", "m5_k100", "m17"])
 def test_decode_gemm_matches_fp64(mkn, dtype, layout):
     m, k, n = mkn
-    for cfg in (SPLIT2, ONE, None):  # None: the default config (CPU_CONFIG: split 2)
+    for cfg in (SPLIT2, ONE, PERSIST, None):  # None: the default config (CPU_CONFIG: split 2)
         _check(m, k, n, dtype, layout, cfg, seed=m * 1000 + k)
 
 

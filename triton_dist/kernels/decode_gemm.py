@@ -6,12 +6,13 @@ bandwidth`` (Qwen3-8B's 4096 -> 24576 gate/up in bf16: 201 MB, 47 us at 4.3 TB/s
 launches ``cdiv(N, 256)`` programs there (96 for that shape, fewer for the down projection), too few to keep 132 SMs
 streaming; this kernel splits K as well:
 
-* grid ``(tiles_m * tiles_n, SPLIT_K)``: program ``(t, s)`` computes output tile ``t`` over the K tiles of split
-  ``s`` (:func:`~triton_dist.kernels.gemm.tile_dot_span`), so ``tiles * SPLIT_K`` programs share the weight stream;
-  consecutive programs are the row tiles of one column block (they read the same weights, from L2 after the first);
-* ``SPLIT_K == 1``: the program stores its tile;
+* work unit ``u`` of ``tiles * SPLIT_K`` computes output tile ``u // SPLIT_K`` over the K tiles of split
+  ``u % SPLIT_K`` (:func:`~triton_dist.kernels.gemm.tile_dot_span`), so that many units share the weight stream;
+  the row tiles of one column block are neighbours (they read the same weights, from L2 after the first); one
+  program per unit, or (``persistent``) one per SM walking the units in one flattened pipeline;
+* ``SPLIT_K == 1``: the unit stores its tile;
 * ``SPLIT_K > 1``: it stores its fp32 partial in a workspace, then counts itself on the tile's counter (a barrier,
-  then an acq_rel atomic); the last of the ``SPLIT_K`` programs of a tile sums the partials **in split order**
+  then an acq_rel atomic); the last of the ``SPLIT_K`` units of a tile sums the partials **in split order**
   (deterministic: the same bits for the same inputs on every call and every rank), stores the tile and resets the
   counter to 0 for the next call. One launch, no host sync, no per-call allocation once the buffers exist: CUDA-graph
   capturable after a first call on the capturing stream's device.
@@ -19,7 +20,8 @@ streaming; this kernel splits K as well:
 Workspace and counters are cached per (device, stream), so calls on one stream run in order. In the CPU world the
 programs run one after another in pid order, so the last split of a tile is always the one that reduces.
 
-Configs (:class:`DecodeGemmConfig`): ``split_k`` and block sizes; :func:`default_config` picks the split whose
+Configs (:class:`DecodeGemmConfig`): ``split_k``, block sizes and ``persistent`` (one program per SM walking the
+work units in a flattened pipeline instead of one program per unit); :func:`default_config` picks the split whose
 programs fill their waves of SMs best, each split at least ``MIN_K_TILES`` K tiles; :func:`candidate_configs` lists
 what an autotuner may try.
 """
@@ -39,7 +41,7 @@ from .gemm import (check_config, check_operands, check_out, core_sms, dot_precis
 
 MAX_M = 256  # the decode regime; larger M belongs to the dense core
 MIN_K_TILES = 4  # a split streams at least this many K tiles, so its prologue and epilogue stay small
-KERNEL_VERSION = "3"  # the autotuner's cache key: bump when the kernel changes
+KERNEL_VERSION = "4"  # the autotuner's cache key: bump when the kernel changes
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class DecodeGemmConfig:
     num_stages: int = 4
     num_warps: int = 4
     use_tma: bool = True
+    persistent: bool = False  # one program per SM walking the (tile, split) units in one flattened pipeline
 
     def __post_init__(self):
         check_config(self, ("split_k", "num_stages"))
@@ -117,8 +120,10 @@ def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> l
         for split in sorted({max(1, base // 2), base, base * 2}):
             if triton.cdiv(triton.cdiv(k, block_k), split) < 2:
                 continue
-            out.append(DecodeGemmConfig(block_m, block_n, block_k, split, _stages(block_m, block_n, block_k, dtype),
-                                        warps))
+            stages = _stages(block_m, block_n, block_k, dtype)
+            out.append(DecodeGemmConfig(block_m, block_n, block_k, split, stages, warps))
+            if block_m < 128 and tiles * split > sms:  # more units than SMs: a persistent walk may beat the waves
+                out.append(DecodeGemmConfig(block_m, block_n, block_k, split, stages, warps, persistent=True))
     return out
 
 
@@ -128,25 +133,32 @@ def _decode_gemm_kernel(a, b, c, ws_ptr, count_ptr, M, N, K, stride_am, stride_a
                         stride_cm, stride_cn, kt_per_split,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         SPLIT_K: tl.constexpr, USE_TMA: tl.constexpr, B_TRANS: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False):
+                        DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False, PERSISTENT: tl.constexpr = False):
+    """Work unit ``u`` is split ``u % SPLIT_K`` of output tile ``u // SPLIT_K`` (the row tiles of one column block
+    are neighbours: they read the same weights). One unit per program, or with ``PERSISTENT`` a program per SM
+    walking units ``pid, pid + nprog, ...`` in one flattened loop (the weight stream's pipeline fills once per
+    program, not once per unit)."""
     if PDL:  # launched early (programmatic dependent launch): wait for the kernel before, whose output may be A (and
         # whose split-K scratch and counters may be ours), then let the next kernel launch in turn
         gdc_wait()
         gdc_launch_dependents()
-    tile = tl.program_id(0)
-    split = tl.program_id(1)
     tiles_m = tl.cdiv(M, BLOCK_M)
-    pid_m = tile % tiles_m  # the row tiles of one column block are neighbours: they read the same weights
-    pid_n = tile // tiles_m
-    off_m = pid_m * BLOCK_M
-    off_n = pid_n * BLOCK_N
-    kt_lo = split * kt_per_split
-    kt_hi = tl.minimum(kt_lo + kt_per_split, tl.cdiv(K, BLOCK_K))
-    acc = tile_dot_span(a, b, off_m, off_n, M, N, K, kt_lo, kt_hi, stride_am, stride_ak, stride_bk, stride_bn,
-                        BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, B_TRANS, DOT_PRECISION)
-    split_stride = tl.num_programs(0).to(tl.int64) * (BLOCK_M * BLOCK_N)
-    split_k_finish(c, acc, ws_ptr, count_ptr, tile, split, split_stride, off_m, off_n, M, N, stride_cm, stride_cn,
-                   BLOCK_M, BLOCK_N, SPLIT_K)
+    tiles = tiles_m * tl.cdiv(N, BLOCK_N)
+    split_stride = tiles.to(tl.int64) * (BLOCK_M * BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for u in tl.range(tl.program_id(0), tiles * SPLIT_K, tl.num_programs(0), flatten=PERSISTENT):
+        tile = u // SPLIT_K
+        split = u % SPLIT_K
+        pid_m = tile % tiles_m
+        pid_n = tile // tiles_m
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        kt_lo = split * kt_per_split
+        kt_hi = tl.minimum(kt_lo + kt_per_split, k_tiles)
+        acc = tile_dot_span(a, b, off_m, off_n, M, N, K, kt_lo, kt_hi, stride_am, stride_ak, stride_bk, stride_bn,
+                            BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, B_TRANS, DOT_PRECISION)
+        split_k_finish(c, acc, ws_ptr, count_ptr, tile, split, split_stride, off_m, off_n, M, N, stride_cm,
+                       stride_cn, BLOCK_M, BLOCK_N, SPLIT_K)
 
 
 # ---------------------------------------------------------------------------------------------- host side
@@ -212,11 +224,13 @@ def _launch(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, cfg: DecodeGemm
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     ws, counts = split_k_scratch(a.device, tiles * split * cfg.block_m * cfg.block_n if split > 1 else 1, tiles)
     a_arg, b_arg, use_tma, b_trans = operands(a, b, cfg)
-    _decode_gemm_kernel[(tiles, split)](
+    units = tiles * split
+    _decode_gemm_kernel[(min(units, core_sms(a.device)) if cfg.persistent else units,)](
         a_arg, b_arg, out, ws, counts, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         out.stride(0), out.stride(1), kt_per_split,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, USE_TMA=use_tma,
-        B_TRANS=b_trans, DOT_PRECISION=dot_precision(a.dtype), PDL=pdl, num_stages=cfg.num_stages,
+        B_TRANS=b_trans, DOT_PRECISION=dot_precision(a.dtype), PDL=pdl, PERSISTENT=cfg.persistent,
+        num_stages=cfg.num_stages,
         num_warps=cfg.num_warps, launch_pdl=pdl)
 
 
