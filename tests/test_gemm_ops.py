@@ -14,7 +14,7 @@ from triton_dist import ops
 from triton_dist.kernels import ag_gemm as agm
 from triton_dist.kernels import gemm_ar as gar
 from triton_dist.kernels import gemm_rs as grs
-from triton_dist.kernels.gemm import GemmConfig, chunk_tile
+from triton_dist.kernels.gemm import GemmConfig, chunk_first_tile, grouped_tile
 
 from _util import poison, rand, sync, this_world
 
@@ -344,20 +344,27 @@ def test_config_validation():
 
 
 @triton.jit
-def _chunk_order_kernel(out_ptr, tiles_m, tiles_n, first, world, GROUP_M: tl.constexpr, TILES: tl.constexpr):
-    for t in range(TILES):
-        chunk, pid_m, pid_n = chunk_tile(t, tiles_m, tiles_n, first, world, GROUP_M)
-        tl.store(out_ptr + 3 * t, chunk)
-        tl.store(out_ptr + 3 * t + 1, pid_m)
-        tl.store(out_ptr + 3 * t + 2, pid_n)
+def _chunk_order_kernel(out_ptr, tiles_m, tiles_n, first, world, GROUP_M: tl.constexpr):
+    """The ops' persistent loop over chunks (``chunk_first_tile`` + ``grouped_tile``, chunks rotating from
+    ``first``): at row ``i * per_chunk + t`` (the loop's tile index) the (chunk, pid_m, pid_n) it ran."""
+    per_chunk = tiles_m * tiles_n
+    for i in range(world):
+        chunk = (first + i) % world
+        for t in range(chunk_first_tile(i, per_chunk), per_chunk, tl.num_programs(0)):
+            pid_m, pid_n = grouped_tile(t, tiles_m, tiles_n, GROUP_M)
+            row = out_ptr + 3 * (i * per_chunk + t)
+            tl.store(row, chunk)
+            tl.store(row + 1, pid_m)
+            tl.store(row + 2, pid_n)
 
 
 @pytest.mark.skipif(BACKEND != "cpu", reason="interpreter check of the tile order")
 def test_chunk_tile_order():
-    """Chunks rotate from `first`; inside a chunk every tile comes exactly once, GROUP_M row tiles at a time."""
+    """Chunks rotate from `first`; inside a chunk every tile comes exactly once, GROUP_M row tiles at a time; and any
+    number of programs splits the loop's tiles among them without a gap or an overlap."""
     world, tiles_m, tiles_n, first = 3, 5, 4, 2
     out = torch.full((world * tiles_m * tiles_n * 3,), -1, dtype=torch.int32)
-    _chunk_order_kernel[(1,)](out, tiles_m, tiles_n, first, world, GROUP_M=2, TILES=world * tiles_m * tiles_n)
+    _chunk_order_kernel[(1,)](out, tiles_m, tiles_n, first, world, GROUP_M=2)
     rows = out.view(-1, 3).tolist()
     per_chunk = tiles_m * tiles_n
     for i in range(world):
@@ -365,6 +372,10 @@ def test_chunk_tile_order():
         assert {c for c, _, _ in part} == {(first + i) % world}
         assert sorted((m, n) for _, m, n in part) == [(m, n) for m in range(tiles_m) for n in range(tiles_n)]
         assert [m for _, m, _ in part[:2 * tiles_n]] == [0, 1] * tiles_n  # first group: rows 0 and 1, by column
+    for nprog in (3, 7, 64):  # fewer and more programs than a chunk's 20 tiles
+        split = torch.full_like(out, -1)
+        _chunk_order_kernel[(nprog,)](split, tiles_m, tiles_n, first, world, GROUP_M=2)
+        assert torch.equal(split, out), nprog
 
 
 def _gemm_calls_that_differ():

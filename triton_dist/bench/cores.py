@@ -45,7 +45,7 @@ import zlib
 from dataclasses import asdict, dataclass
 
 from .harness import Recorder, agree, first_line, time_call, uniform
-from .report import Progress, add_render_args, announce_shared_gpu, plot_title, render_recorded
+from .report import GEMM_ALONE, Progress, add_render_args, announce_shared_gpu, plot_title, render_recorded
 from .gemm import DTYPE_NAMES, _choices, _int_list, rotation
 
 CORES = ("dense", "decode", "grouped")
@@ -274,8 +274,9 @@ def dense_cases(smoke: bool, ms) -> list:
     return cases
 
 
-# bench gemm's world-1 rows are dense-core rows too: its fused methods run the same kernel alone there
-_GEMM_FUSED = ("triton_dist:copy_engine", "triton_dist:sm", "triton_dist:fused", "triton_dist:sequential_reduce")
+# bench gemm's world-1 rows are dense-core rows too: these methods of ag_gemm / gemm_rs run the same kernel alone there
+# (sequential and decomposed are torch.matmul at world size 1)
+_GEMM_FUSED = tuple(f"triton_dist:{m}" for m in ("copy_engine", "sm", "fused", "sequential_reduce"))
 
 
 def core_pairs(rows: list[dict]) -> dict:
@@ -290,7 +291,7 @@ def core_pairs(rows: list[dict]) -> dict:
             shape = f"{op}:{r['shape']}"
             if prov in _GEMM_FUSED:
                 cells.setdefault(("gemm_core", shape), {}).setdefault("ours", {})[prov] = r["median_us"]
-            elif prov == "gemm_alone":
+            elif prov == GEMM_ALONE:
                 cells.setdefault(("gemm_core", shape), {})["base"] = r["median_us"]
         elif op in OURS:
             if prov == OURS[op]:

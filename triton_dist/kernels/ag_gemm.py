@@ -233,39 +233,22 @@ def ag_gemm(a: torch.Tensor, b: torch.Tensor, *, ctx: AGGemmContext, method: str
     if m == 0 or n == 0:
         return (out, gathered) if return_gathered else out
     method = pick_method(m, n) if method == "auto" else method
-    if world == 1 and method == "sequential":  # nothing to gather: torch.matmul alone (no signal is touched at
-        # world size 1, whatever the method)
-        torch.matmul(a, b, out=out)
+    if world == 1:  # nothing to gather: a @ b alone, on every SM, and no signal changes, so no epoch bump (our
+        # GEMM's chunk wait stays in the kernel, on the flag raised at the context's creation); the gathered A only
+        # when asked for
+        if method == "sequential":
+            torch.matmul(a, b, out=out)
+        else:
+            _gemm(ctx, a, b, out, m_loc, ctx.epoch, ctx.num_programs)
         if return_gathered:
             gathered.copy_(a)
         return (out, gathered) if return_gathered else out
-    # world size 1: no signal changes, so no epoch either (the chunk flag stays raised, see AGGemmContext)
-    epoch = ctx.next_epoch() if world > 1 else ctx.epoch
+    epoch = ctx.next_epoch()
     sig = call_signature("ag_gemm", method, a.dtype, m_loc * k, k)  # N may differ across ranks (own B)
     if method == "sequential":
         _ag_pull_kernel[(ctx.num_programs,)](a, ctx.gathered, ctx.signals, ctx.pad, epoch, m_loc * k, sig,
                                              BLOCK=ctx.block, num_warps=8)
         torch.matmul(gathered, b, out=out)
-        return (out, gathered) if return_gathered else out
-    cfg = ctx.config
-    if world == 1:  # nothing to gather: the GEMM reads a itself, on every SM (its chunk wait stays in the kernel,
-        # on the flag that is always raised); the gathered A is copied only when asked for
-        a_arg, b_arg, use_tma, b_trans = operands(a, b, cfg)
-        budget = ctx.num_programs
-    else:
-        a_arg, b_arg, use_tma, b_trans = operands(gathered, b, cfg)
-        budget = ctx.num_programs - (ctx.comm_programs if method == "sm" else 1)
-    c_desc, tma_store = store_operand(out, cfg, use_tma and m_loc % cfg.block_m == 0)
-    tiles = world * triton.cdiv(m_loc, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    gemm_args = (a_arg, b_arg, out, c_desc, ctx.signals, epoch, m_loc, n, k, gathered.stride(0), gathered.stride(1),
-                 b.stride(0), b.stride(1), out.stride(0), out.stride(1))
-    gemm_meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-                     USE_TMA=use_tma, B_TRANS=b_trans, DOT_PRECISION=dot_precision(a.dtype), TMA_STORE=tma_store,
-                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if world == 1:
-        _ag_gemm_kernel[(min(budget, tiles),)](*gemm_args, **gemm_meta)
-        if return_gathered:
-            gathered.copy_(a)
         return (out, gathered) if return_gathered else out
     with ctx.forked():
         with ctx.side_stream():
@@ -274,8 +257,24 @@ def ag_gemm(a: torch.Tensor, b: torch.Tensor, *, ctx: AGGemmContext, method: str
                                                       sig, BLOCK=ctx.block, num_warps=8)
             else:
                 _gather_copy_engine(ctx, a, m_loc, epoch, sig)
-        _ag_gemm_kernel[(min(budget, tiles),)](*gemm_args, **gemm_meta)
+        _gemm(ctx, gathered, b, out, m_loc, epoch, ctx.num_programs - (ctx.comm_programs if method == "sm" else 1))
     return (out, gathered) if return_gathered else out
+
+
+def _gemm(ctx: AGGemmContext, src: torch.Tensor, b: torch.Tensor, out: torch.Tensor, m_loc: int,
+          epoch: torch.Tensor, budget: int) -> None:
+    """Launch the persistent GEMM over ``src`` (the gathered A, or at world size 1 ``a`` itself) on up to ``budget``
+    programs; TMA stores where every chunk is a whole number of row tiles."""
+    cfg = ctx.config
+    k, n = src.shape[1], b.shape[1]
+    a_arg, b_arg, use_tma, b_trans = operands(src, b, cfg)
+    c_desc, tma_store = store_operand(out, cfg, use_tma and m_loc % cfg.block_m == 0)
+    tiles = ctx.world.world_size * triton.cdiv(m_loc, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    _ag_gemm_kernel[(min(budget, tiles),)](
+        a_arg, b_arg, out, c_desc, ctx.signals, epoch, m_loc, n, k, src.stride(0), src.stride(1), b.stride(0),
+        b.stride(1), out.stride(0), out.stride(1), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m, USE_TMA=use_tma, B_TRANS=b_trans, DOT_PRECISION=dot_precision(src.dtype),
+        TMA_STORE=tma_store, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def ag_gemm_reference(a: torch.Tensor, b: torch.Tensor, *, return_gathered: bool = False):

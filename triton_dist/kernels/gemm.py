@@ -4,8 +4,8 @@ Device helpers (``@triton.jit``):
 
 * :func:`grouped_tile`: tile ``t`` of a ``tiles_m x tiles_n`` grid in grouped order (``GROUP_M`` row tiles sweep the
   columns together, so their A rows and B columns stay in L2);
-* :func:`chunk_tile`: tile ``t`` of a persistent loop over ``world`` row chunks, starting at chunk ``first`` and
-  rotating around the ranks, grouped order inside each chunk;
+* :func:`chunk_first_tile`: where a program starts in one row chunk of a persistent loop over ``world`` chunks
+  (the chunks rotate around the ranks, grouped order inside each chunk);
 * :func:`tile_dot`: the K-loop of one output tile, fp32 accumulation, operands either TMA tensor descriptors
   (``USE_TMA``) or plain pointers with any strides; :func:`tile_dot_span`: the same over a range of K tiles;
 * :func:`chunk_tiles`: a program's tiles of one row chunk in a flattened persistent loop (the dense core), each
@@ -59,14 +59,14 @@ def grouped_tile(t, tiles_m, tiles_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def chunk_tile(t, tiles_m, tiles_n, first, world, GROUP_M: tl.constexpr):
-    """Tile ``t`` of a loop over ``world`` row chunks of ``tiles_m x tiles_n`` tiles each: the chunks come in the
-    order ``first, first+1, ... (mod world)`` and the tiles of a chunk in grouped order. Returns
-    (chunk, pid_m inside the chunk, pid_n)."""
-    per_chunk = tiles_m * tiles_n
-    chunk = (first + t // per_chunk) % world
-    pid_m, pid_n = grouped_tile(t % per_chunk, tiles_m, tiles_n, GROUP_M)
-    return chunk, pid_m, pid_n
+def chunk_first_tile(i, per_chunk):
+    """The first tile of chunk ``i`` (``per_chunk`` tiles) that this program runs in a persistent loop over row
+    chunks: tile ``t`` of chunk ``i`` is the loop's tile ``i * per_chunk + t``, run by program ``(that) %
+    num_programs``, so this program's tiles of the chunk are ``first, first + num_programs, ...``. The callers visit
+    the chunks in the order ``first, first+1, ... (mod world)`` of their op and the tiles of a chunk in grouped
+    order (:func:`grouped_tile`)."""
+    nprog = tl.num_programs(0)
+    return ((tl.program_id(0) - i * per_chunk) % nprog + nprog) % nprog
 
 
 @triton.jit
@@ -152,17 +152,13 @@ def chunk_tiles(a, b, c_ptr, c_desc, i, a_row0, c_row0, m_loc, N, K, stride_am, 
                 GROUP_M: tl.constexpr, USE_TMA: tl.constexpr, B_TRANS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 TMA_STORE: tl.constexpr):
     """This program's tiles of chunk ``i`` (``m_loc`` rows: A's from row ``a_row0``, C's from ``c_row0``) in a
-    persistent loop over chunks of ``tiles_m x tiles_n`` tiles: tile ``t`` of chunk ``i`` is the loop's tile
-    ``i * tiles_m * tiles_n + t``, run by program ``(that) % num_programs``, in grouped order. The tile loop is
-    flattened with the K loop (``tl.range(flatten=True)``: one software pipeline across tiles), each tile stored by
-    :func:`store_c`. The caller does what a chunk needs first (its wait)."""
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
+    persistent loop over chunks of ``tiles_m x tiles_n`` tiles (:func:`chunk_first_tile`), in grouped order. The
+    tile loop is flattened with the K loop (``tl.range(flatten=True)``: one software pipeline across tiles), each
+    tile stored by :func:`store_c`. The caller does what a chunk needs first (its wait)."""
     tiles_m = tl.cdiv(m_loc, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     per_chunk = tiles_m * tiles_n
-    first = ((pid - i * per_chunk) % nprog + nprog) % nprog
-    for t in tl.range(first, per_chunk, nprog, flatten=True):
+    for t in tl.range(chunk_first_tile(i, per_chunk), per_chunk, tl.num_programs(0), flatten=True):
         pid_m, pid_n = grouped_tile(t, tiles_m, tiles_n, GROUP_M)
         acc = tile_dot(a, b, a_row0 + pid_m * BLOCK_M, pid_n * BLOCK_N, a_row0 + m_loc, N, K, stride_am, stride_ak,
                        stride_bk, stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, B_TRANS, DOT_PRECISION)

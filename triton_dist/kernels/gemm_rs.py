@@ -56,7 +56,8 @@ from . import reduce_scatter as _rs
 from ._common import (call_signature, check_headers, label_headers, label_words, reduce_slots, send_header,
                       send_headers)
 from .gemm import (DTYPES, OverlapContext, announce_done, check_method, check_operands, check_out,
-                   dot_precision, grouped_tile, num_sms, operands, store_c, store_operand, tile_dot)
+                   chunk_first_tile, dot_precision, grouped_tile, num_sms, operands, store_c, store_operand,
+                   tile_dot)
 
 METHODS = ("fused", "sequential_reduce", "decomposed", "sequential")
 # auto, from the 4x H100 runs of 2026-11-28 (docs/perf/NOTES.md, bench run 2d40f2306694): "decomposed" (one cuBLAS
@@ -89,8 +90,6 @@ def _gemm_rs_kernel(a, b, recv_ptr, c_desc, flags_ptr, sig_ptr, hdr_ptr, epoch_p
     if not DIRECT:
         if tl.program_id(0) == 0:
             send_headers(hdr_ptr, call_sig, e, rank, world)
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
     tiles_m = tl.cdiv(m_loc, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     per_chunk = tiles_m * tiles_n
@@ -102,8 +101,7 @@ def _gemm_rs_kernel(a, b, recv_ptr, c_desc, flags_ptr, sig_ptr, hdr_ptr, epoch_p
             # dst finished reducing the previous call (waited before the chunk's tiles, while no accumulator is live)
             token = dl.wait(sig_ptr + dst, 1, "sys", "acquire", e - 1, cmp="ge")
             slot = dl.symm_at(dl.consume_token(recv_ptr, token), dst) + rank * slot_stride
-        first = ((pid - i * per_chunk) % nprog + nprog) % nprog  # gemm.chunk_tiles's assignment of tiles
-        for t in tl.range(first, per_chunk, nprog, flatten=True):
+        for t in tl.range(chunk_first_tile(i, per_chunk), per_chunk, tl.num_programs(0), flatten=True):
             pid_m, pid_n = grouped_tile(t, tiles_m, tiles_n, GROUP_M)
             acc = tile_dot(a, b, dst * m_loc + pid_m * BLOCK_M, pid_n * BLOCK_N, dst * m_loc + m_loc, N, K,
                            stride_am, stride_ak, stride_bk, stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, B_TRANS,
@@ -304,20 +302,20 @@ def gemm_rs(a: torch.Tensor, b: torch.Tensor, *, ctx: GemmRSContext, method: str
     cfg = ctx.config
     a_arg, b_arg, use_tma, b_trans = operands(a, b, cfg)
     chunk_tiles = triton.cdiv(m_loc, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    # (c_desc: the receive buffer too, unused: TMA stores go to the output of the direct world-1 path only)
-    gemm_args = (a_arg, b_arg, ctx.recv, ctx.recv, ctx.flags, ctx.signals, ctx.headers, epoch, m_loc, n, k,
-                 a.stride(0), a.stride(1), b.stride(0), b.stride(1), slot_stride, sig)
+    # world size 1: nothing to reduce (methods fused and sequential_reduce alike): every SM computes, each tile stored
+    # once into out (TMA stores where its layout allows), no header, wait or flag
+    direct = world == 1
+    c_desc, tma_store = store_operand(out, cfg, use_tma) if direct else (ctx.recv, False)
+    gemm_args = (a_arg, b_arg, out if direct else ctx.recv, c_desc, ctx.flags, ctx.signals, ctx.headers, epoch,
+                 m_loc, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), slot_stride, sig)
     gemm_meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-                     USE_TMA=use_tma, B_TRANS=b_trans, DOT_PRECISION=dot_precision(a.dtype),
-                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                     USE_TMA=use_tma, B_TRANS=b_trans, DOT_PRECISION=dot_precision(a.dtype), DIRECT=direct,
+                     TMA_STORE=tma_store, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     reduce_args = (ctx.recv, out, ctx.flags, ctx.signals, ctx.headers, epoch, m_loc, n, slot_stride, sig)
     reduce_meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m,
                        SUB_M=cfg.block_m if ctx.world.interpreted else min(cfg.block_m, REDUCE_ROWS), num_warps=8)
-    if world == 1:  # nothing to reduce: every SM computes, each tile stored once into out (methods fused and
-        # sequential_reduce alike)
-        c_desc, tma_store = store_operand(out, cfg, use_tma)
-        _gemm_rs_kernel[(min(ctx.num_programs, chunk_tiles),)](
-            a_arg, b_arg, out, c_desc, *gemm_args[4:], DIRECT=True, TMA_STORE=tma_store, **gemm_meta)
+    if direct:
+        _gemm_rs_kernel[(min(ctx.num_programs, chunk_tiles),)](*gemm_args, **gemm_meta)
     elif method == "fused":
         with ctx.forked():
             gemm_grid = min(ctx.num_programs - ctx.reduce_programs, world * chunk_tiles)
