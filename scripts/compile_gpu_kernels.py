@@ -6,6 +6,7 @@ Prints one line per kernel; exits non-zero if any kernel fails. NVSHMEM kernels 
 only the unresolved NVSHMEM symbols may fail (libnvshmem_device.bc is not on CPU machines). A second pass compiles the
 libshmem_device kernels again with the cuda backend's flavour (``_compile.install(shmem="triton_dist")``: our
 triton_dist_shmem.ll) all the way to a cubin, and checks that every libshmem_device name was linked that way."""
+import glob
 import importlib.util
 import itertools
 import os
@@ -413,6 +414,14 @@ for where in (0, 1, 2):
     check_rejected(_bad_sig_op_kernel, {"sig_ptr": "*u64"}, {"WHERE": where, "OP": 11}, "NVSHMEM_SIGNAL_SET")
 check_rejected(_bad_cmp_kernel, {"sig_ptr": "*u64"}, {"CMP": 6}, "NVSHMEM_CMP_EQ")
 _compile.install(shmem="nvshmem")  # back to the default flavour
+
+# Kernel families with their own lists (scripts/compile_checks/<family>.py, each a ``checks(check)`` function that
+# calls ``check(fn, signature, constexprs, options=...)`` as above for every GPU configuration of its kernels).
+for path in sorted(glob.glob(os.path.join(ROOT, "scripts", "compile_checks", "*.py"))):
+    spec = importlib.util.spec_from_file_location(f"compile_checks_{os.path.basename(path)[:-3]}", path)
+    family = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(family)
+    family.checks(check)
 
 print(f"{len(failures)} failed")
 sys.exit(1 if failures else 0)

@@ -22,6 +22,13 @@ op                         shards                        methods
                            -> rows of rank of sum(a@b): (M/world, N)
 ``gemm_ar(a, b)``          a: (M, K_loc), b: (K_loc, N)   ``fused``, ``sequential`` (M <= a few hundred)
                            -> sum(a@b): (M, N)
+``flash_decode(q, ...)``   q (B, Hq, D), KV cache         local: split-KV decode, contiguous or paged KV
+``flash_attn(q, k, v)``    (B, T, H, D); ``_varlen``      local: prefill attention (causal or not, lse)
+``sp_flash_decode(q,..)``  KV sequence sharded            local partials, LL all-gather, LSE merge
+``sp_ag_attention(q,..)``  sequence sharded (zig-zag)   K/V all-gather overlapped with the attention:
+                           -> this rank's queries         ``copy_engine``, ``sm``
+``ulysses_pre_attn(..)``   (S/W, H, D) -> (S, H/W, D)     all-to-all; GQA-aware kv head placement
+``ulysses_post_attn(o)``   (S, H/W, D) -> (S/W, H, D)     all-to-all
 =========================  ============================  ===============================================
 """
 from __future__ import annotations
@@ -36,6 +43,11 @@ from .kernels import all_to_all as _a2a
 from .kernels import gemm_ar as _gemm_ar
 from .kernels import gemm_rs as _gemm_rs
 from .kernels import reduce_scatter as _rs
+from .kernels.attention import flash_attn as _fa
+from .kernels.attention import flash_decode as _fd
+from .kernels.attention import sp_ag_attention as _spa
+from .kernels.attention import sp_flash_decode as _spd
+from .kernels.attention import ulysses as _uly
 from .kernels.gemm import check_method as _check_method
 from .kernels.gemm import check_operands as _gemm_check
 from .kernels.gemm import check_out as _check_out
@@ -199,3 +211,83 @@ def gemm_ar(a: torch.Tensor, b: torch.Tensor, *, method: str = "auto", out: torc
         return all_reduce(torch.matmul(a, b), out=_check_out("gemm_ar", out, (m, n), a.dtype, a.device))
     ctx = _gemm_context("gemm_ar", _gemm_ar.GemmARContext, m, k, n, a.dtype)
     return _gemm_ar.gemm_ar(a, b, ctx=ctx, method=method, out=out)
+
+
+# ------------------------------------------------------------------------------------------------ attention
+def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_lens: torch.Tensor, *,
+                 block_table: torch.Tensor | None = None, scale: float | None = None, softcap: float = 0.0,
+                 return_lse: bool = False, out: torch.Tensor | None = None):
+    """Decode attention of ``q`` [B, Hq, D] over each sequence's ``kv_lens[b]`` cached keys (contiguous [B, T, Hkv,
+    D] or paged with ``block_table``), split over the KV sequence and merged by log-sum-exp; local, no
+    communication. See :mod:`triton_dist.kernels.attention.flash_decode`."""
+    return _fd.flash_decode(q, k_cache, v_cache, kv_lens, block_table=block_table, scale=scale, softcap=softcap,
+                            return_lse=return_lse, out=out)
+
+
+def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+               scale: float | None = None, softcap: float = 0.0, return_lse: bool = False,
+               out: torch.Tensor | None = None):
+    """Prefill attention, q [B, Tq, Hq, D], k / v [B, Tk, Hkv, D]; local. See
+    :mod:`triton_dist.kernels.attention.flash_attn`."""
+    return _fa.flash_attn(q, k, v, causal=causal, scale=scale, softcap=softcap, return_lse=return_lse, out=out)
+
+
+def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                      cu_seqlens_k: torch.Tensor, *, max_seqlen_q: int, max_seqlen_k: int, causal: bool = False,
+                      scale: float | None = None, softcap: float = 0.0, return_lse: bool = False,
+                      out: torch.Tensor | None = None):
+    """Prefill attention over packed sequences (q [total_q, Hq, D], k / v [total_k, Hkv, D], ``cu_seqlens``
+    prefix sums); local. See :mod:`triton_dist.kernels.attention.flash_attn`."""
+    return _fa.flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                                 max_seqlen_k=max_seqlen_k, causal=causal, scale=scale, softcap=softcap,
+                                 return_lse=return_lse, out=out)
+
+
+def sp_flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_lens: torch.Tensor, *,
+                    block_table: torch.Tensor | None = None, scale: float | None = None, softcap: float = 0.0,
+                    return_lse: bool = False, method: str = "auto", out: torch.Tensor | None = None):
+    """Decode attention over the KV sequence sharded across the ranks (each rank: the same ``q``, its own cache and
+    ``kv_lens``); the same result on every rank. Collective. See
+    :mod:`triton_dist.kernels.attention.sp_flash_decode`."""
+    _tensor("sp_flash_decode", q)
+    _agree("sp_flash_decode", q=_shape(q), method=method, lse=return_lse)
+    ctx = _context("sp_flash_decode", _ag.AllGatherContext, _spd.packed_numel(q), torch.float32)
+    return _spd.sp_flash_decode(q, k_cache, v_cache, kv_lens, ctx=ctx, block_table=block_table, scale=scale,
+                                softcap=softcap, return_lse=return_lse, method=method, out=out)
+
+
+sp_flash_decode_reference = _spd.sp_flash_decode_reference
+
+
+def ulysses_pre_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, method: str = "auto"):
+    """Sequence-sharded q / k / v ``[S/W, H, D]`` -> head-sharded over the whole sequence ``[S, H/W, D]`` (kv heads
+    placed for GQA). Collective. See :mod:`triton_dist.kernels.attention.ulysses`."""
+    _agree("ulysses_pre_attn", q=_shape(_tensor("ulysses_pre_attn", q)), k=_shape(k), method=method)
+    return _uly.ulysses_pre_attn(q, k, v, method=method)
+
+
+def ulysses_post_attn(o: torch.Tensor, *, method: str = "auto") -> torch.Tensor:
+    """Head-sharded attention output ``[S, H/W, D]`` -> this rank's tokens with every head ``[S/W, H, D]``.
+    Collective. See :mod:`triton_dist.kernels.attention.ulysses`."""
+    _agree("ulysses_post_attn", o=_shape(_tensor("ulysses_post_attn", o)), method=method)
+    return _uly.ulysses_post_attn(o, method=method)
+
+
+def sp_ag_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, zigzag: bool = True,
+                    cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                    scale: float | None = None, softcap: float = 0.0, return_lse: bool = False,
+                    method: str = "auto", out: torch.Tensor | None = None):
+    """Sequence-parallel prefill attention: this rank's shard of q / k / v (``[total, H, D]``; zig-zag chunks ``r``
+    and ``2W-1-r`` of each sequence with ``zigzag``), K/V all-gathered while the attention runs; returns this rank's
+    queries' output. Collective. See :mod:`triton_dist.kernels.attention.sp_ag_attention`."""
+    what = "sp_ag_attention"
+    _spa.check_inputs(what, q, k, v, cu_seqlens, zigzag, method)
+    _agree(what, q=_shape(q), k=_shape(k), causal=causal, zigzag=zigzag, method=method)
+    world = current_world().world_size
+    ctx = _gemm_context(what, _spa.SpAgAttentionContext, world * q.shape[0], 2 * k.shape[1] * k.shape[2], 1, q.dtype)
+    return _spa.sp_ag_attention(q, k, v, ctx=ctx, causal=causal, zigzag=zigzag, cu_seqlens=cu_seqlens,
+                                max_seqlen=max_seqlen, scale=scale, softcap=softcap, return_lse=return_lse,
+                                method=method, out=out)
+
+
+sp_ag_attention_reference = _spa.sp_ag_attention_reference

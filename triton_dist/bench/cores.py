@@ -144,7 +144,11 @@ def decode_tolerance(dtype, k: int) -> float:
     return 4 * eps + 2e-3 * math.sqrt(k) * eps if dtype != torch.float32 else 1e-4
 
 
-class _CoreBench:
+class CheckedBench:
+    """Rows of one bench run: each provider's result checked against a reference first (:meth:`_time`), then timed
+    (the slowest rank's samples) and recorded; ``failures`` lists our providers that failed the check. The cores'
+    and the attention bench's (``bench/attention.py``) common part."""
+
     def __init__(self, world, rec: Recorder, args, dtype, progress: Progress):
         import torch
         self.world, self.rec, self.args, self.dtype, self.progress = world, rec, args, dtype, progress
@@ -162,6 +166,39 @@ class _CoreBench:
 
     def rand(self, shape, seed: int, scale: float = 1.0):
         return uniform(shape, seed, self.dtype, self.world.device, scale)
+
+    def _time(self, op: str, shape: str, providers, ref, tol: float, rot: int, *, nbytes: int, flops: int,
+              graph: int) -> None:
+        """Check each provider's result on input set 0 against ``ref`` (max error <= ``tol``), then time it; a
+        failure is noted (ours: also a failure of the run) and not timed."""
+        for provider, call in providers:
+            self.steps += 1
+            self.progress.update(self.steps, f"{op} {shape} {provider}")
+            err = None
+            try:
+                got = call(0)
+                self.world.synchronize()
+                diff = (got.float() - ref).abs().max().item()
+                if not diff <= tol:
+                    err = f"max error {diff:.3g} > {tol:.3g}"
+            except Exception as e:  # noqa: BLE001  (noted, the other providers still run)
+                err = first_line(e)
+            failed = agree(err, self.world.group)
+            if failed:
+                self.note(f"{shape} {provider}: not timed: {'; '.join(failed)}")
+                if provider.startswith("triton_dist"):
+                    self.failures.append(f"{shape} {provider}")
+                continue
+            samples, note = time_call(call, samples=self.args.samples, group=self.world.group, gpu=self.gpu,
+                                      rot=rot, graph_calls=graph)
+            if note:
+                self.note(f"{shape} {provider}: {note}")
+            self.rec.add(op, shape, str(self.dtype).replace("torch.", ""), provider, samples, nbytes=nbytes,
+                         flops=flops)
+
+
+class CoreBench(CheckedBench):
+    """The three cores' cases."""
 
     # ------------------------------------------------------------------ dense
     def dense(self, case) -> None:
@@ -204,35 +241,6 @@ class _CoreBench:
                                  lambda i: dg.decode_gemm(sets[i][0], sets[i][1], out=outs[i], pdl=True)))
         self._time("decode_gemm", proj.shape(m), providers, ref, tol, rot, nbytes=proj.k * proj.n * self.elem,
                    flops=2 * m * proj.n * proj.k, graph=self.args.graph_calls if self.gpu else 0)
-
-    def _time(self, op: str, shape: str, providers, ref, tol: float, rot: int, *, nbytes: int, flops: int,
-              graph: int) -> None:
-        """Check each provider's result on input set 0 against ``ref`` (max error <= ``tol``), then time it; a
-        failure is noted (ours: also a failure of the run) and not timed."""
-        for provider, call in providers:
-            self.steps += 1
-            self.progress.update(self.steps, f"{op} {shape} {provider}")
-            err = None
-            try:
-                got = call(0)
-                self.world.synchronize()
-                diff = (got.float() - ref).abs().max().item()
-                if not diff <= tol:
-                    err = f"max error {diff:.3g} > {tol:.3g}"
-            except Exception as e:  # noqa: BLE001  (noted, the other providers still run)
-                err = first_line(e)
-            failed = agree(err, self.world.group)
-            if failed:
-                self.note(f"{shape} {provider}: not timed: {'; '.join(failed)}")
-                if provider.startswith("triton_dist"):
-                    self.failures.append(f"{shape} {provider}")
-                continue
-            samples, note = time_call(call, samples=self.args.samples, group=self.world.group, gpu=self.gpu,
-                                      rot=rot, graph_calls=graph)
-            if note:
-                self.note(f"{shape} {provider}: {note}")
-            self.rec.add(op, shape, str(self.dtype).replace("torch.", ""), provider, samples, nbytes=nbytes,
-                         flops=flops)
 
     # ------------------------------------------------------------------ grouped
     def grouped(self, case: GroupCase) -> None:
@@ -432,7 +440,7 @@ def main(argv=None) -> None:
     dense = dense_cases(args.smoke, args.dense_m or list(DENSE_M))
     progress = Progress(2 * (len(dense) * ("dense" in args.cores) + len(projs) * len(ms) * ("decode" in args.cores)
                              + len(groups) * ("grouped" in args.cores)), enabled=world.rank == 0)
-    bench = _CoreBench(world, rec, args, dtype, progress)
+    bench = CoreBench(world, rec, args, dtype, progress)
     if "dense" in args.cores:
         for case in dense:
             bench.dense(case)

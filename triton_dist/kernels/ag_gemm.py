@@ -252,13 +252,31 @@ def ag_gemm(a: torch.Tensor, b: torch.Tensor, *, ctx: AGGemmContext, method: str
         return (out, gathered) if return_gathered else out
     with ctx.forked():
         with ctx.side_stream():
-            if method == "sm":
-                _ag_pull_kernel[(ctx.comm_programs,)](a, ctx.gathered, ctx.signals, ctx.pad, epoch, m_loc * k,
-                                                      sig, BLOCK=ctx.block, num_warps=8)
-            else:
-                _gather_copy_engine(ctx, a, m_loc, epoch, sig)
-        _gemm(ctx, gathered, b, out, m_loc, epoch, ctx.num_programs - (ctx.comm_programs if method == "sm" else 1))
+            gather_chunks(ctx, a, epoch, sig, method)
+        _gemm(ctx, gathered, b, out, m_loc, epoch, consumer_programs(ctx, method))
     return (out, gathered) if return_gathered else out
+
+
+def gather_chunks(ctx: AGGemmContext, a: torch.Tensor, epoch: torch.Tensor, sig: int, method: str) -> None:
+    """The communication of one overlapped call: gather every rank's ``a`` (``m_loc`` rows of ``ctx.k``) into
+    ``ctx.gathered`` chunk by chunk, raising ``flag[c]`` (``ctx.signals[world + c]``) to ``epoch`` when chunk ``c``
+    is in (methods ``sm``: the pull kernel on ``ctx.comm_programs`` programs, ``copy_engine``: DMA copies between
+    one-program step kernels). Launch it on the side stream inside ``ctx.forked()``; the consumer kernel on the main
+    stream waits ``flag[c] >= epoch`` before reading chunk ``c`` (any kernel family: ag_gemm's GEMM, the
+    sequence-parallel attention's K/V). ``sig``: the call's signature (``_common.call_signature``)."""
+    if method == "sm":
+        _ag_pull_kernel[(ctx.comm_programs,)](a, ctx.gathered, ctx.signals, ctx.pad, epoch, a.shape[0] * a.shape[1],
+                                              sig, BLOCK=ctx.block, num_warps=8)
+    elif method == "copy_engine":
+        _gather_copy_engine(ctx, a, a.shape[0], epoch, sig)
+    else:
+        raise ValueError(f"gather_chunks: method must be 'sm' or 'copy_engine', got {method!r}")
+
+
+def consumer_programs(ctx: AGGemmContext, method: str) -> int:
+    """SMs left to the consumer kernel next to :func:`gather_chunks` (``sm``: the pull kernel's programs taken;
+    ``copy_engine``: one, for the step kernels)."""
+    return ctx.num_programs - (ctx.comm_programs if method == "sm" else 1)
 
 
 def _gemm(ctx: AGGemmContext, src: torch.Tensor, b: torch.Tensor, out: torch.Tensor, m_loc: int,
