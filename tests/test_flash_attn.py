@@ -183,7 +183,7 @@ def _chunked_kernel(q, k, v, o, lse, bounds_ptr, n_chunks, tq, causal_off, qk_sc
         acc, m_i, l_i = fa.attend_rows(acc, m_i, l_i, qb, k, v, 0, h // (HQ // HKV), tl.load(bounds_ptr + c),
                                        tl.load(bounds_ptr + c + 1), row0, causal_off, HKV * HEAD_DIM, HEAD_DIM,
                                        HKV * HEAD_DIM, HEAD_DIM, qk_scale2, 0.0, BLOCK_M, BLOCK_N, HEAD_DIM, CAUSAL,
-                                       False, False)
+                                       False, False, "ieee")
     out, row_lse = finish_rows(acc, m_i, l_i)
     rows = row0 + tl.arange(0, BLOCK_M)
     d = tl.arange(0, HEAD_DIM)

@@ -39,3 +39,11 @@ def test_tutorials_03_to_07_match_torch(script, n):
     assert out.returncode == 0, out.stderr[-3000:]
     verdicts = [line.split()[-1] for line in out.stdout.splitlines() if line.strip().startswith("match")]
     assert verdicts == ["yes"], out.stdout
+
+
+def test_tutorial_08_matches_torch():
+    """Split-KV decoding within a rank and across 2 (its kernels are per rank: a 3-rank run would add only time)."""
+    out = _run(["run", "-n", "2", "--mode", "cpu", "tutorials/08_split_kv_decode.py"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    verdicts = [line.split()[-1] for line in out.stdout.splitlines() if line.strip().startswith("match")]
+    assert verdicts == ["yes"], out.stdout

@@ -83,3 +83,53 @@ def _bad(case):
 def test_bad_input(world2, case, needle):
     for msg in world2.run(_bad, case):
         assert needle in msg, msg
+
+
+# ------------------------------------------------------------------------------------------------ fused forms
+def _fused(s_loc, hq, hkv, d, hidden, chunks, dtype, seed):
+    w = this_world()
+    n, r = w.world_size, w.rank
+    x = rand((s_loc, hidden), dtype, seed + r, w.device)  # this rank's tokens
+    w_qkv = rand(((hq + 2 * hkv) * d, hidden), dtype, seed + 100, w.device) / hidden  # the same weight everywhere
+    w_o = rand((hidden, hq * d), dtype, seed + 200, w.device) / (hq * d)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    got = U.ulysses_qkv_pre_attn(x, w_qkv, num_heads=hq, num_kv_heads=hkv, chunks=chunks)
+    ref = U.ulysses_qkv_pre_attn_reference(x, w_qkv, num_heads=hq, num_kv_heads=hkv)
+    ok = all(a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=tol, rtol=tol) for a, b in zip(got, ref))
+    o = rand((n * s_loc, hq // n, d), dtype, seed + 300 + r, w.device)
+    out = U.ulysses_post_attn_o(o, w_o, chunks=chunks)
+    want = U.ulysses_post_attn_o_reference(o, w_o)
+    ok &= out.shape == (s_loc, hidden) and torch.allclose(out.float(), want.float(), atol=tol, rtol=tol)
+    return bool(ok)
+
+
+@pytest.mark.parametrize("chunks", [1, 3, 64], ids=["one_group", "three_groups", "more_groups_than_tokens"])
+def test_fused_projections_match_the_unfused_path(world, chunks, seed):
+    assert all(world.run(_fused, 7, 8, 2, 16, 24, chunks, torch.float32, seed))
+
+
+def test_fused_projections_bf16_and_mqa(world2, seed):
+    assert all(world2.run(_fused, 5, 4, 1, 32, 16, 2, torch.bfloat16, seed))
+
+
+def _fused_bad(case):
+    dev = this_world().device
+    x = torch.ones((4, 24), device=dev)
+    calls = {
+        "rows": lambda: U.ulysses_qkv_pre_attn(x, torch.ones((7, 24), device=dev), num_heads=4, num_kv_heads=2),
+        "chunks": lambda: U.ulysses_qkv_pre_attn(x, torch.ones((16, 24), device=dev), num_heads=4, num_kv_heads=2,
+                                                 chunks=0),
+        "w_o": lambda: U.ulysses_post_attn_o(torch.ones((4, 2, 8), device=dev), torch.ones((5, 7), device=dev)),
+    }
+    try:
+        calls[case]()
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+@pytest.mark.parametrize("case,needle", [("rows", "expected [(Hq + 2 Hkv) * D, hidden]"),
+                                         ("chunks", "chunks must be an int >= 1"), ("w_o", "expected [hidden, Hq * D]")])
+def test_fused_bad_input(world2, case, needle):
+    for msg in world2.run(_fused_bad, case):
+        assert needle in msg, msg

@@ -29,6 +29,8 @@ op                         shards                        methods
                            -> this rank's queries         ``copy_engine``, ``sm``
 ``ulysses_pre_attn(..)``   (S/W, H, D) -> (S, H/W, D)     all-to-all; GQA-aware kv head placement
 ``ulysses_post_attn(o)``   (S, H/W, D) -> (S/W, H, D)     all-to-all
+``ulysses_qkv_pre_attn``   x (S/W, hidden) @ w_qkv.t()    the projection overlapped with the all-to-all
+``ulysses_post_attn_o``    o (S, H/W, D) -> @ w_o.t()     the all-to-all overlapped with the O projection
 =========================  ============================  ===============================================
 """
 from __future__ import annotations
@@ -291,3 +293,23 @@ def sp_ag_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 
 
 sp_ag_attention_reference = _spa.sp_ag_attention_reference
+
+
+def ulysses_qkv_pre_attn(x: torch.Tensor, w_qkv: torch.Tensor, *, num_heads: int, num_kv_heads: int,
+                         chunks: int = 4, method: str = "auto"):
+    """The QKV projection ``x @ w_qkv.t()`` (fused ``nn.Linear`` weight, q | k | v rows) followed by
+    :func:`ulysses_pre_attn`, pipelined over ``chunks`` token groups so the projection overlaps the all-to-all.
+    Collective. See :mod:`triton_dist.kernels.attention.ulysses`."""
+    _agree("ulysses_qkv_pre_attn", x=_shape(_tensor("ulysses_qkv_pre_attn", x)), w=_shape(w_qkv), chunks=chunks,
+           method=method)
+    return _uly.ulysses_qkv_pre_attn(x, w_qkv, num_heads=num_heads, num_kv_heads=num_kv_heads, chunks=chunks,
+                                     method=method)
+
+
+def ulysses_post_attn_o(o: torch.Tensor, w_o: torch.Tensor, *, chunks: int = 4, method: str = "auto"):
+    """:func:`ulysses_post_attn` followed by the O projection ``@ w_o.t()`` (``nn.Linear`` weight ``[hidden, Hq *
+    D]``), pipelined over ``chunks`` token groups so the all-to-all overlaps the projection: ``[S/W, hidden]``.
+    Collective. See :mod:`triton_dist.kernels.attention.ulysses`."""
+    _agree("ulysses_post_attn_o", o=_shape(_tensor("ulysses_post_attn_o", o)), w=_shape(w_o), chunks=chunks,
+           method=method)
+    return _uly.ulysses_post_attn_o(o, w_o, chunks=chunks, method=method)

@@ -122,7 +122,7 @@ def main() -> None:
     gpu = not world.interpreted
     rank, n = world.rank, world.world_size
     # CPU world: tiny shapes (the interpreter is slow); GPU: 4 sequences of up to 8k keys, 8 heads of 128
-    b, h, d, t, splits, block = (4, 8, 128, 8192, 16, 64) if gpu else (3, 2, 32, 96, 4, 16)
+    b, h, d, t, splits, block = (4, 8, 128, 8192, 16, 64) if gpu else (3, 2, 64, 96, 4, 16)
     dtype = torch.bfloat16 if gpu else torch.float32
     g = torch.Generator().manual_seed(11)  # the same query on every rank
     q = torch.randn(b, h, d, generator=g).to(dtype).to(world.device)

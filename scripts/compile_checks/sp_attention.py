@@ -20,5 +20,5 @@ def checks(check) -> None:
                        "stride_kvt": "i32", "qk_scale2": "fp32", "softcap": "fp32"}
                 check(SPA._sp_ag_attn_kernel, sig,
                       dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=d, SLOTS=slots, CAUSAL=causal,
-                           SOFTCAP=False, USE_TMA=tma, STORE_LSE=not tma),
+                           SOFTCAP=False, USE_TMA=tma, STORE_LSE=not tma, DOT_PRECISION="ieee"),
                       options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))

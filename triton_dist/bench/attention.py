@@ -37,7 +37,8 @@ from dataclasses import asdict, dataclass
 from .cores import CheckedBench
 from .gemm import DTYPE_NAMES, _choices, _int_list, rotation
 from .harness import Recorder
-from .report import Progress, add_render_args, announce_shared_gpu, plot_title, render_recorded
+from .report import (Progress, add_render_args, announce_shared_gpu, have_matplotlib, load_runs,
+                     plot_ratio_panels, render_recorded)
 
 CASES = ("decode", "prefill", "sp_decode")
 OURS = {"flash_decode": ("triton_dist:flash_decode", "triton_dist:flash_decode_paged"),
@@ -167,8 +168,9 @@ class _AttentionBench(CheckedBench):
 
 # ---------------------------------------------------------------------------------------------- report
 def attention_pairs(rows: list[dict]) -> dict:
-    """``{op: {shape: (ours_us, baseline_us, ours_row)}}``: our slowest provider of the row against the baseline; a
-    later row of the same (op, shape, provider) replaces an earlier one."""
+    """``{op: {label: (ours_us, baseline_us, ours_row)}}``: each of our providers against the case's baseline (label:
+    the shape, plus ``[paged]`` for the paged decode); a later row of the same (op, shape, provider) replaces an
+    earlier one."""
     cells: dict = {}
     for r in rows:
         op = r.get("op")
@@ -181,18 +183,16 @@ def attention_pairs(rows: list[dict]) -> dict:
             c["base"] = r["median_us"]
     out: dict = {}
     for (op, shape), c in cells.items():
-        if c.get("ours") and c.get("base"):
-            worst = max(c["ours"].values(), key=lambda r: r["median_us"])
-            out.setdefault(op, {})[shape] = (worst["median_us"], c["base"], worst)
+        for prov, r in (c.get("ours") or {}).items():
+            if c.get("base"):
+                label = shape + (" [paged]" if prov.endswith("_paged") else "")
+                out.setdefault(op, {})[label] = (r["median_us"], c["base"], r)
     return out
 
 
 def load_attention_rows(path: str, run_id: str | None = None) -> list[dict]:
-    import json
-    keep = set(run_id.split(",")) if run_id else None
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    rows = [r for r in rows if r.get("op") in OURS and (keep is None or r.get("run_id") in keep)]
+    """The attention rows of a ``<card>.jsonl``, of the runs ``run_id`` (one id or a comma list; default all)."""
+    rows = load_runs(path, lambda r: r.get("op") in OURS, run_id)
     if not attention_pairs(rows):
         raise ValueError(f"{path} holds no attention rows" + (f" of run(s) {run_id}" if run_id else ""))
     return rows
@@ -202,11 +202,10 @@ def format_attention_tables(rows: list[dict], notes: list[str] | None = None) ->
     lines = []
     for op, shapes in attention_pairs(rows).items():
         met = sum(1 for o, b, _ in shapes.values() if o / b <= GOAL[op])
-        lines.append(f"{op}: ours (slowest of {', '.join(OURS[op])}) / {BASELINE[op]} time (goal <= {GOAL[op]:.4g}): "
-                     f"{met} of {len(shapes)} met")
+        lines.append(f"{op}: ours / {BASELINE[op]} time (goal <= {GOAL[op]:.4g}): {met} of {len(shapes)} met")
         for shape, (o, b, r) in shapes.items():
             rate = f"{r['gbps'] / 1000:5.2f} TB/s" if op != "flash_attn" else f"{r['tflops']:6.1f} TFLOP/s"
-            lines.append(f"  {shape:<44} {o:10.1f} us {b:10.1f} us  x{o / b:6.3f}  {rate}"
+            lines.append(f"  {shape:<52} {o:10.1f} us {b:10.1f} us  x{o / b:6.3f}  {rate}"
                          f"{'' if o / b <= GOAL[op] else '  *'}")
     lines.extend(f"note: {n}" for n in notes or ())
     return "\n".join(lines)
@@ -220,34 +219,16 @@ def default_plot_path(card: str) -> str:
 def plot_attention_rows(rows: list[dict], path: str, title: str | None = None) -> str | None:
     """One panel per op: ours / baseline time per shape, the goal as a line. PNG at ``path``, or None (a printed
     note) without matplotlib or rows."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        print(f"note: matplotlib is not importable, so no plot was drawn ({path} skipped)")
+    if not have_matplotlib(path):
         return None
     pairs = attention_pairs(rows)
     if not pairs:
         print(f"note: no attention rows to plot ({path} skipped)")
         return None
-    heights = [0.25 * len(s) + 1.2 for s in pairs.values()]
-    fig = Figure(figsize=(11, sum(heights) + 0.6), layout="constrained")
-    axes = fig.subplots(len(pairs), 1, squeeze=False, height_ratios=heights)[:, 0]
-    for ax, (op, shapes) in zip(axes, pairs.items()):
-        names = list(shapes)
-        ratios = [shapes[n][0] / shapes[n][1] for n in names]
-        ax.barh(range(len(names)), ratios, color=["tab:green" if x <= GOAL[op] else "tab:red" for x in ratios])
-        ax.axvline(GOAL[op], color="k", lw=1, ls="--", label=f"goal {GOAL[op]:.4g}")
-        ax.set_yticks(range(len(names)), names, fontsize=7)
-        ax.invert_yaxis()
-        ax.set_xlabel(f"time of ours / {BASELINE[op]} (< 1: ours faster)")
-        ax.set_title(op, fontsize=10)
-        ax.legend(fontsize=7, loc="lower right")
+    panels = [(op, list(shapes), [o / b for o, b, _ in shapes.values()], GOAL[op], BASELINE[op])
+              for op, shapes in pairs.items()]
     r0 = rows[-1]
-    title, style = plot_title(rows, title or f"{r0.get('card', '?')}: attention ({r0.get('date', '?')})")
-    fig.suptitle(title, fontsize=10, **style)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return plot_ratio_panels(panels, path, title or f"{r0.get('card', '?')}: attention ({r0.get('date', '?')})", rows)
 
 
 def build_parser() -> argparse.ArgumentParser:

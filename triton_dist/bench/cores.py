@@ -45,7 +45,8 @@ import zlib
 from dataclasses import asdict, dataclass
 
 from .harness import Recorder, agree, first_line, time_call, uniform
-from .report import GEMM_ALONE, Progress, add_render_args, announce_shared_gpu, plot_title, render_recorded
+from .report import (GEMM_ALONE, Progress, add_render_args, announce_shared_gpu, have_matplotlib, load_runs,
+                     plot_ratio_panels, render_recorded)
 from .gemm import DTYPE_NAMES, _choices, _int_list, rotation
 
 CORES = ("dense", "decode", "grouped")
@@ -314,18 +315,10 @@ def core_pairs(rows: list[dict]) -> dict:
 
 
 def load_core_rows(path: str, run_id: str | None = None) -> list[dict]:
-    """The cores' rows in a ``<card>.jsonl`` (and ``bench gemm``'s world-size-1 rows): of the runs ``run_id`` (one
-    id or a comma-separated list), default every run, in file order."""
-    import json
-    keep = set(run_id.split(",")) if run_id else None
-    rows = []
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                r = json.loads(line)
-                if (keep is None or r.get("run_id") in keep) and (r.get("op") in OURS or (
-                        r.get("op") in ("ag_gemm", "gemm_rs") and r.get("world_size") == 1)):
-                    rows.append(r)
+    """The cores' rows in a ``<card>.jsonl`` (and ``bench gemm``'s world-size-1 rows): of the runs ``run_id`` (one id or
+    a comma-separated list), default every run, in file order."""
+    rows = load_runs(path, lambda r: r.get("op") in OURS or (
+        r.get("op") in ("ag_gemm", "gemm_rs") and r.get("world_size") == 1), run_id)
     if not core_pairs(rows):
         raise ValueError(f"{path} holds no compute-core rows" + (f" of run(s) {run_id}" if run_id else ""))
     return rows
@@ -351,40 +344,19 @@ def default_plot_path(card: str) -> str:
 def plot_core_rows(rows: list[dict], path: str, title: str | None = None) -> str | None:
     """One panel per core: a bar per shape of ours / baseline time, the goal as a line; green where met. Saved as
     PNG at ``path``; returns it, or None (with a printed note) without matplotlib or core rows."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        print(f"note: matplotlib is not importable, so no plot was drawn ({path} skipped); "
-              "`pip install matplotlib` and rerun with --render to draw it")
+    if not have_matplotlib(path):
         return None
     pairs = core_pairs(rows)
     if not pairs:
         print(f"note: no compute-core rows to plot ({path} skipped)")
         return None
-    heights = [0.22 * len(s) + 1.2 for s in pairs.values()]
-    fig = Figure(figsize=(12, sum(heights) + 0.6), layout="constrained")
-    axes = fig.subplots(len(pairs), 1, squeeze=False, height_ratios=heights)[:, 0]
-    for ax, (op, shapes) in zip(axes, pairs.items()):
-        names = list(shapes)
-        ratios = [shapes[n][0] / shapes[n][1] for n in names]
-        ax.barh(range(len(names)), ratios, color=["tab:green" if x <= GOAL[op] else "tab:red" for x in ratios])
-        ax.axvline(GOAL[op], color="k", lw=1, ls="--", label=f"goal {GOAL[op]:.4g}")
-        ax.axvline(1.0, color="grey", lw=0.8)
-        ax.set_yticks(range(len(names)), names, fontsize=7)
-        ax.invert_yaxis()
-        ax.set_xlim(min(0.5, min(ratios) - 0.05), max(1.3, max(ratios) + 0.05))
-        ax.set_xlabel(f"time of ours / {BASELINE[op]} (< 1: ours faster)")
-        ax.set_title(op, fontsize=10)
-        ax.legend(fontsize=7, loc="lower right")
+    panels = [(op, list(shapes), [o / b for o, b in shapes.values()], GOAL[op], BASELINE[op])
+              for op, shapes in pairs.items()]
     if title is None:
         r0 = rows[-1]
         runs = sorted({r.get("run_id", "?") for r in rows})
         title = f"{r0.get('card', '?')}: compute cores at world size 1 ({r0.get('date', '?')}, runs {', '.join(runs)})"
-    title, style = plot_title(rows, title)
-    fig.suptitle(title, fontsize=10, **style)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return plot_ratio_panels(panels, path, title, rows)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -335,6 +335,50 @@ def _load(path: str, keep, what: str, run_id: str | None) -> list[dict]:
     return picked
 
 
+def load_runs(path: str, keep, run_id: str | None = None) -> list[dict]:
+    """The rows of a ``<card>.jsonl`` that ``keep`` accepts, of the runs ``run_id`` (one id or a comma-separated
+    list; default every run), in file order (a later row of the same cell replaces an earlier one downstream)."""
+    runs = set(run_id.split(",")) if run_id else None
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if keep(r) and (runs is None or r.get("run_id") in runs)]
+
+
+def plot_ratio_panels(panels, path: str, title: str, rows: list[dict]) -> str:
+    """One horizontal-bar panel per ``(name, labels, ratios, goal, baseline)``: a bar per label of ours / baseline
+    time, green where at most ``goal``, the goal as a dashed line. Saved as PNG at ``path`` (needs matplotlib)."""
+    from matplotlib.figure import Figure
+    heights = [0.22 * len(labels) + 1.2 for _, labels, _, _, _ in panels]
+    fig = Figure(figsize=(12, sum(heights) + 0.6), layout="constrained")
+    axes = fig.subplots(len(panels), 1, squeeze=False, height_ratios=heights)[:, 0]
+    for ax, (name, labels, ratios, goal, baseline) in zip(axes, panels):
+        ax.barh(range(len(labels)), ratios, color=["tab:green" if x <= goal else "tab:red" for x in ratios])
+        ax.axvline(goal, color="k", lw=1, ls="--", label=f"goal {goal:.4g}")
+        ax.axvline(1.0, color="grey", lw=0.8)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlim(min(0.5, min(ratios) - 0.05), max(1.3, max(ratios) + 0.05))
+        ax.set_xlabel(f"time of ours / {baseline} (< 1: ours faster)")
+        ax.set_title(name, fontsize=10)
+        ax.legend(fontsize=7, loc="lower right")
+    title, style = plot_title(rows, title)
+    fig.suptitle(title, fontsize=10, **style)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def have_matplotlib(path: str) -> bool:
+    """Whether matplotlib imports; prints why ``path`` is skipped when not."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print(f"note: matplotlib is not importable, so no plot was drawn ({path} skipped); "
+              "`pip install matplotlib` and rerun with --render to draw it")
+        return False
+    return True
+
+
 def load_rows(path: str, run_id: str | None = None) -> list[dict]:
     """The collective rows of one run in a ``<card>.jsonl`` (default: the last run in the file that has some)."""
     return _load(path, lambda r: r.get("op") in OPS and str(r.get("shape", "")).startswith("nbytes="), "collective",

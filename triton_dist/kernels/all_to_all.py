@@ -55,7 +55,7 @@ from triton_dist.kernels._common import (DONE, READY, CollectiveContext, announc
                                          copy_engine_exchange, publish_signature, take_epoch)
 
 __all__ = ["AllToAllContext", "all_to_all", "all_to_all_v", "all_to_all_reference", "all_to_all_v_reference",
-           "close_default_context", "SUPPORTED_DTYPES"]
+           "close_default_context", "default_context", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn,
                     torch.float8_e5m2, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
@@ -275,6 +275,14 @@ def _default_context(nbytes: int, agree: bool) -> AllToAllContext:
         ctx = AllToAllContext(max(1 << 16, triton.next_power_of_2(max(nbytes, 1))))
         _default["ctx"] = ctx
     return ctx
+
+
+def default_context(nbytes: int) -> AllToAllContext:
+    """The module's context (the one :func:`all_to_all` uses without ``ctx``), grown first if it has fewer than
+    ``nbytes`` of staging; collective when it grows (every rank asks for the same size). For callers that issue
+    several all-to-alls back to back on another stream (``attention.ulysses``' pipelines): grown once up front, it
+    is never replaced while an earlier call may still read it."""
+    return _default_context(nbytes, agree=False)
 
 
 def close_default_context() -> None:

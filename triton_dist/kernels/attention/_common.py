@@ -42,16 +42,18 @@ def soft_cap(s, softcap):
 
 
 @triton.jit
-def attend_tile(acc, m_i, l_i, q, k_t, v, valid, qk_scale2, softcap, SOFTCAP: tl.constexpr):
+def attend_tile(acc, m_i, l_i, q, k_t, v, valid, qk_scale2, softcap, SOFTCAP: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
     """One online-softmax step of a row block over one key tile (FlashAttention-2's inner loop).
 
     ``q`` [M, D], ``k_t`` [D, N] (keys transposed), ``v`` [N, D] in the input dtype; ``valid`` [M, N] (or
     broadcastable) masks keys that do not exist or may not be attended (causal, length); ``acc`` [M, D] fp32 is the
-    unnormalised output, ``m_i`` / ``l_i`` [M] the running base-2 max and sum. The dots' input precision is the
-    launch's ``default_dot_input_precision`` (launch fp32 kernels with ``gemm.dot_precision(dtype)``). ``qk_scale2 = scale * log2(e)``;
+    unnormalised output, ``m_i`` / ``l_i`` [M] the running base-2 max and sum. ``DOT_PRECISION``: the dots' input
+    precision (``gemm.dot_precision(dtype)``: ``"ieee"`` for fp32 unless torch allows TF32; the launch option
+    ``default_dot_input_precision`` does not reach these dots on Hopper, measured: fp32 came out at TF32 accuracy). ``qk_scale2 = scale * log2(e)``;
     ``SOFTCAP``: apply :func:`soft_cap` (``softcap`` in natural-log units) before the base change. A row with every
     key masked so far keeps ``m_i = -inf``, ``l_i = 0`` and ``acc = 0``. Returns the new ``(acc, m_i, l_i)``."""
-    s = tl.dot(q, k_t, out_dtype=tl.float32)
+    s = tl.dot(q, k_t, out_dtype=tl.float32, input_precision=DOT_PRECISION)
     if SOFTCAP:
         s = soft_cap(s * (qk_scale2 * 0.6931471805599453), softcap) * 1.4426950408889634
     else:
@@ -62,7 +64,7 @@ def attend_tile(acc, m_i, l_i, q, k_t, v, valid, qk_scale2, softcap, SOFTCAP: tl
     alpha = tl.exp2(m_i - m_use)
     p = tl.exp2(s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], out_dtype=tl.float32)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], out_dtype=tl.float32, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 

@@ -44,14 +44,14 @@ that chunk, and finishes with ``finish_rows``::
         fence_async_proxy()                               # peers' writes visible to TMA too (kernels.gemm)
         acc, m_i, l_i = attend_rows(acc, m_i, l_i, q, k_c, v_c, k_tok0, kv_head, chunk_lo(c), chunk_hi(c), row0,
                                     causal_off, stride_kt, stride_kh, stride_vt, stride_vh, qk_scale2, softcap,
-                                    BLOCK_M, BLOCK_N, HEAD_DIM, CAUSAL, SOFTCAP, USE_TMA)
+                                    BLOCK_M, BLOCK_N, HEAD_DIM, CAUSAL, SOFTCAP, USE_TMA, DOT_PRECISION)
     out, lse = finish_rows(acc, m_i, l_i)
 
 Chunk bounds need not be multiples of ``BLOCK_N`` and the chunks may come in any order (empty ones too). Keys at or
 past ``hi`` are never trusted (scores masked, V rows zeroed), so a chunk not yet received may hold anything, NaN
 included.
-Launch such a kernel with ``default_dot_input_precision=dot_precision(dtype)`` (fp32 inputs: full fp32 dots unless
-torch allows TF32), as :func:`_launch` does.
+Pass ``DOT_PRECISION=dot_precision(dtype)`` through (fp32 inputs: full fp32 dots unless torch allows TF32), as
+:func:`_launch` does.
 
 Configs (:class:`FlashAttnConfig`): row and key block sizes, warps, pipeline stages, TMA or not; :func:`default_config`
 without tuning, :func:`candidate_configs` for ``triton_dist.tune`` (kernel name ``"flash_attn"``).
@@ -180,11 +180,11 @@ def _kv_tile(k, v, tok0, kv_head, start, hi, stride_kt, stride_kh, stride_vt, st
 
 
 @triton.jit
-def _bulk_step(acc, m_i, l_i, q, k_t, v, qk_scale2, softcap, SOFTCAP: tl.constexpr):
+def _bulk_step(acc, m_i, l_i, q, k_t, v, qk_scale2, softcap, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """:func:`._common.attend_tile` for a tile whose every key is attended by every row: the same base-2 math without
     the mask, and without the all-masked guard (every score is finite, so the new max is); the scale is folded into
     the ``exp2`` argument (one FMA per score)."""
-    s = tl.dot(q, k_t, out_dtype=tl.float32)
+    s = tl.dot(q, k_t, out_dtype=tl.float32, input_precision=DOT_PRECISION)
     if SOFTCAP:
         s = soft_cap(s * (qk_scale2 * 0.6931471805599453), softcap) * 1.4426950408889634
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -195,7 +195,7 @@ def _bulk_step(acc, m_i, l_i, q, k_t, v, qk_scale2, softcap, SOFTCAP: tl.constex
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc, out_dtype=tl.float32)
+    acc = tl.dot(p.to(v.dtype), v, acc, out_dtype=tl.float32, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
@@ -203,7 +203,7 @@ def _bulk_step(acc, m_i, l_i, q, k_t, v, qk_scale2, softcap, SOFTCAP: tl.constex
 def attend_rows(acc, m_i, l_i, q, k, v, k_tok0, kv_head, lo, hi, row0, causal_off,
                 stride_kt, stride_kh, stride_vt, stride_vh, qk_scale2, softcap,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-                SOFTCAP: tl.constexpr, USE_TMA: tl.constexpr):
+                SOFTCAP: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Fold keys ``lo <= j < hi`` of one sequence into the running ``(acc, m_i, l_i)`` of a row block (queries ``row0
     .. row0 + BLOCK_M`` of the sequence, ``q`` [BLOCK_M, HEAD_DIM]); returns the new ``(acc, m_i, l_i)`` (base 2, as
     :func:`._common.attend_tile`). Call it once for all keys, or once per chunk of keys in any order.
@@ -223,7 +223,7 @@ def attend_rows(acc, m_i, l_i, q, k, v, k_tok0, kv_head, lo, hi, row0, causal_of
     for start in tl.range(lo, mid, BLOCK_N):
         k_t, vt = _kv_tile(k, v, k_tok0, kv_head, start, hi, stride_kt, stride_kh, stride_vt, stride_vh,
                            BLOCK_N, HEAD_DIM, USE_TMA, False)
-        acc, m_i, l_i = _bulk_step(acc, m_i, l_i, q, k_t, vt, qk_scale2, softcap, SOFTCAP)
+        acc, m_i, l_i = _bulk_step(acc, m_i, l_i, q, k_t, vt, qk_scale2, softcap, SOFTCAP, DOT_PRECISION)
     rows = row0 + tl.arange(0, BLOCK_M)
     for start in tl.range(mid, last, BLOCK_N):
         k_t, vt = _kv_tile(k, v, k_tok0, kv_head, start, hi, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -232,7 +232,7 @@ def attend_rows(acc, m_i, l_i, q, k, v, k_tok0, kv_head, lo, hi, row0, causal_of
         valid = cols[None, :] < hi
         if CAUSAL:
             valid = valid & (cols[None, :] <= rows[:, None] + causal_off)
-        acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k_t, vt, valid, qk_scale2, softcap, SOFTCAP)
+        acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, k_t, vt, valid, qk_scale2, softcap, SOFTCAP, DOT_PRECISION)
     return acc, m_i, l_i
 
 
@@ -243,7 +243,7 @@ def _flash_attn_kernel(q, k, v, o, lse, cu_q, cu_k, offsets_ptr,
                        qk_scale2, softcap,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr,
                        CAUSAL: tl.constexpr, OFFSETS: tl.constexpr, SOFTCAP: tl.constexpr, USE_TMA: tl.constexpr,
-                       STORE_LSE: tl.constexpr):
+                       STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Program ``(block * B + b) * HQ + h`` (causal: blocks counted from the last) computes rows ``block * BLOCK_M ..``
     of sequence ``b``, q head ``h``. ``o`` / ``lse`` are contiguous [tokens, HQ, D] / [tokens, HQ]. VARLEN: sequences
     from ``cu_q`` / ``cu_k`` (batch strides 0); else ``seqlen_q`` / ``seqlen_k`` and batch strides (with TMA the
@@ -286,7 +286,7 @@ def _flash_attn_kernel(q, k, v, o, lse, cu_q, cu_k, offsets_ptr,
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc, m_i, l_i = attend_rows(acc, m_i, l_i, qb, k, v, k_tok0, h // GROUP, 0, tk, row0, causal_off,
                                 stride_kt, stride_kh, stride_vt, stride_vh, qk_scale2, softcap,
-                                BLOCK_M, BLOCK_N, HEAD_DIM, CAUSAL, SOFTCAP, USE_TMA)
+                                BLOCK_M, BLOCK_N, HEAD_DIM, CAUSAL, SOFTCAP, USE_TMA, DOT_PRECISION)
     out, row_lse = finish_rows(acc, m_i, l_i)
     rows = row0 + tl.arange(0, BLOCK_M)
     keep = rows < tq
@@ -403,7 +403,7 @@ def _launch(p: dict, cfg: FlashAttnConfig) -> None:
         p["max_q"], p["max_k"], nb, hq, hq // hkv, row_blocks, p["scale"] * LOG2E, float(p["softcap"]),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=d, VARLEN=not batched, CAUSAL=p["causal"],
         OFFSETS=p["has_offsets"], SOFTCAP=p["softcap"] > 0, USE_TMA=kv is not None, STORE_LSE=p["store_lse"],
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, default_dot_input_precision=dot_precision(q.dtype))
+        DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _tuned_config(p: dict) -> FlashAttnConfig:

@@ -245,7 +245,7 @@ def _split_kernel(q, k_cache, v_cache, kv_lens, block_table, out, lse,
                   stride_lens, stride_btb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
                   D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
                   SOFTCAP: tl.constexpr, WRITE_LSE: tl.constexpr, NUM_STAGES: tl.constexpr, ALIGNED: tl.constexpr,
-                  PDL: tl.constexpr):
+                  PDL: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Program ``pid`` = ``((b * S + split) * Hkv + kv head) * HB + head block`` (the kv heads of a span are
     neighbours: together they read whole cache rows, ``Hkv * D`` wide): the q heads ``kv_head * G +
     hb * BLOCK_H + r`` (``r < BLOCK_H``, those ``< G`` real) over keys ``[split * span, (split + 1) * span)`` of
@@ -299,7 +299,7 @@ def _split_kernel(q, k_cache, v_cache, kv_lens, block_table, out, lse,
         rv = _kv_rows(bt_row, tok, tok_ok, n0, num_pages, stride_vp, stride_vt, PAGE, BLOCK_N)
         k = tl.load(k_base + rk[:, None] + offs_d[None, :], mask=tok_ok[:, None], other=0.0)
         v = tl.load(v_base + rv[:, None] + offs_d[None, :], mask=tok_ok[:, None], other=0.0)
-        acc, m_i, l_i = attend_tile(acc, m_i, l_i, qt, tl.trans(k), v, tok_ok[None, :], qk_scale2, softcap, SOFTCAP)
+        acc, m_i, l_i = attend_tile(acc, m_i, l_i, qt, tl.trans(k), v, tok_ok[None, :], qk_scale2, softcap, SOFTCAP, DOT_PRECISION)
     o, row_lse = finish_rows(acc, m_i, l_i)
     at = b.to(tl.int64) * stride_ob + head * stride_oh + split * stride_os
     tl.store(out + at[:, None] + offs_d[None, :], o.to(out.dtype.element_ty), mask=row_ok[:, None])
@@ -496,7 +496,7 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     Returns ``out`` [B, Hq, D] (``out_dtype``: default ``out``'s dtype if given, else q's; fp32 keeps partials that
     will be merged again, e.g. with :func:`combine_partials`), or ``(out, lse)`` with ``return_lse``: lse [B, Hq]
     fp32, natural log, ``-inf`` for an empty sequence (whose output is 0). Deterministic. fp32 inputs run their two
-    products as TF32 on GPUs (the default precision of an fp32 ``tl.dot``, which ``attend_tile`` uses).
+    products in full fp32 on GPUs (TF32 where torch allows it for matmuls: ``gemm.dot_precision``).
 
     ``kv_lens`` and ``block_table`` must be on q's device (a CPU copy inside a captured graph would be wrong). Their
     values are checked when they are on the CPU (the CPU world); on a GPU that would need a sync, so instead each
@@ -568,7 +568,7 @@ def _launch(q, k_cache, v_cache, kv_lens, block_table, out, lse, shape: _Shape, 
                 *o_strides, *l_strides)
         meta = dict(D=shape.head_dim, BLOCK_H=bh, BLOCK_N=cfg.block_n, PAGE=shape.page_size, SOFTCAP=softcap > 0,
                     WRITE_LSE=write_lse, NUM_STAGES=stages, ALIGNED=aligned, PDL=pdl and splits > 1,
-                    num_warps=cfg.num_warps, num_stages=stages, default_dot_input_precision=dot_precision(q.dtype))
+                    DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=stages)
         if warmup:
             kernel = _split_kernel.warmup(*args, grid=grid, **meta)
             return kernel.result() if hasattr(kernel, "result") else kernel  # (an asynchronous compile's future)

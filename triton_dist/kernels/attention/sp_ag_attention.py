@@ -51,7 +51,8 @@ def _chunk_of(rank, slot, world, SLOTS: tl.constexpr):
 def _sp_ag_attn_kernel(q, kv_k, kv_v, o, lse, cu, sig_ptr, epoch_ptr, B, HQ, GROUP, blocks_per_slot, total,
                        stride_qt, stride_qh, stride_kvt, qk_scale2, softcap,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, SLOTS: tl.constexpr,
-                       CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, USE_TMA: tl.constexpr, STORE_LSE: tl.constexpr):
+                       CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, USE_TMA: tl.constexpr, STORE_LSE: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
     """Persistent: program ``p`` takes work items ``p, p + nprog, ...`` of ``SLOTS * blocks_per_slot * B * HQ``
     (q heads innermost: the heads of a kv head together; the long zig-zag chunk's blocks first). Item: rows
     ``row0 ..`` of local chunk ``slot`` of sequence ``b``, q head ``h``. ``kv_k`` / ``kv_v``: the gathered buffer's K
@@ -92,7 +93,7 @@ def _sp_ag_attn_kernel(q, kv_k, kv_v, o, lse, cu, sig_ptr, epoch_ptr, B, HQ, GRO
                         acc, m_i, l_i = attend_rows(acc, m_i, l_i, qb, k_src, v_src, src * total + tok0 + s * c,
                                                     h // GROUP, 0, c, row0, (cq - ck) * c, stride_kvt, HEAD_DIM,
                                                     stride_kvt, HEAD_DIM, qk_scale2, softcap, BLOCK_M, BLOCK_N,
-                                                    HEAD_DIM, CAUSAL, SOFTCAP, USE_TMA)
+                                                    HEAD_DIM, CAUSAL, SOFTCAP, USE_TMA, DOT_PRECISION)
             out, row_lse = finish_rows(acc, m_i, l_i)
             rows = row0 + tl.arange(0, BLOCK_M)
             keep = rows < c
@@ -197,7 +198,7 @@ def sp_ag_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ctx: S
             blocks, total, q.stride(0), q.stride(1), width, default_scale(d, scale) * LOG2E, float(softcap),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=d, SLOTS=slots, CAUSAL=causal, SOFTCAP=softcap > 0,
             USE_TMA=use_tma, STORE_LSE=lse is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            default_dot_input_precision=dot_precision(q.dtype))
+            DOT_PRECISION=dot_precision(q.dtype))
 
     if world == 1:  # nothing to gather: the flag of the one chunk is raised for good (ag_gemm's context)
         gathered.copy_(shard)
