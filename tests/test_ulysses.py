@@ -129,7 +129,8 @@ def _fused_bad(case):
 
 
 @pytest.mark.parametrize("case,needle", [("rows", "expected [(Hq + 2 Hkv) * D, hidden]"),
-                                         ("chunks", "chunks must be an int >= 1"), ("w_o", "expected [hidden, Hq * D]")])
+                                         ("chunks", "chunks must be an int >= 1"),
+                                         ("w_o", "expected [hidden, Hq * D]")])
 def test_fused_bad_input(world2, case, needle):
     for msg in world2.run(_fused_bad, case):
         assert needle in msg, msg

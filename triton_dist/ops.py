@@ -1,4 +1,4 @@
-"""Collectives and overlapped GEMMs on torch tensors: ``from triton_dist import ops``.
+"""Collectives, overlapped GEMMs and attention on torch tensors: ``from triton_dist import ops``.
 
 Each op takes and returns torch tensors and keeps one context per (op, dtype) (GEMMs: per (op, K, N, dtype)) that
 owns its symmetric buffers; the first call with a larger size replaces the context (collective: every rank calls

@@ -40,6 +40,8 @@ def checks(check) -> None:
                 cands = [max(cands, key=lambda c: FA.smem_bytes(c, d, bf16))]
             for cfg in dict.fromkeys([FA.default_config(d, bf16, causal)] + cands):
                 _one(check, bf16, cfg, d, causal)
+            if d != 128 and os.environ.get("TRITON_DIST_COMPILE_ALL") != "1":
+                continue  # the variants below at the main head dim only (README.md)
             cfg = FA.default_config(d, bf16, causal)
             _one(check, bf16, cfg, d, causal, tma=False, store_lse=True)  # pointer K/V (layouts TMA cannot take)
             _one(check, bf16, cfg, d, causal, varlen=False)  # the batched layout

@@ -34,7 +34,7 @@ import sys
 import zlib
 from dataclasses import asdict, dataclass
 
-from .cores import CheckedBench
+from .cores import CheckedBench, add_timing_args, timing_defaults
 from .gemm import DTYPE_NAMES, _choices, _int_list, rotation
 from .harness import Recorder
 from .report import (Progress, add_render_args, announce_shared_gpu, have_matplotlib, load_runs,
@@ -43,7 +43,8 @@ from .report import (Progress, add_render_args, announce_shared_gpu, have_matplo
 CASES = ("decode", "prefill", "sp_decode")
 OURS = {"flash_decode": ("triton_dist:flash_decode", "triton_dist:flash_decode_paged"),
         "flash_attn": ("triton_dist:flash_attn",), "sp_flash_decode": ("triton_dist:sp_flash_decode",)}
-BASELINE = {"flash_decode": "torch_sdpa", "flash_attn": "torch_sdpa", "sp_flash_decode": "triton_dist:flash_decode+nccl"}
+BASELINE = {"flash_decode": "torch_sdpa", "flash_attn": "torch_sdpa",
+            "sp_flash_decode": "triton_dist:flash_decode+nccl"}
 GOAL = {"flash_decode": 1.0, "flash_attn": 1 / 0.9, "sp_flash_decode": 1.0}  # ours / baseline time at most
 DEFAULT_PLOT = os.path.join("docs", "perf", "attention_{card}.png")
 DECODE_SHAPES = ((1, 4096), (1, 32768), (1, 131072), (16, 8192), (64, 4096), (16, 32768), (4, 131072))
@@ -239,10 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "1, sp_decode otherwise]")
     ap.add_argument("--page-size", type=int, default=16, help="tokens per page of the paged decode rows (0: none)")
     ap.add_argument("--prefill-t", type=_int_list, default=list(PREFILL_T), help="prefill tokens")
-    ap.add_argument("--dtype", choices=tuple(DTYPE_NAMES), default=None, help="[default: bf16; --smoke: fp16]")
-    ap.add_argument("--samples", type=int, default=None, help="timed samples per case [default: 20; --smoke: 2]")
-    ap.add_argument("--graph-calls", type=int, default=20, help="decode calls captured per CUDA graph (0: direct)")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes, allowed in the CPU world (plumbing only)")
+    add_timing_args(ap)
     add_render_args(ap, DEFAULT_PLOT.format(card="<card>"))
     return ap
 
@@ -253,8 +251,7 @@ def main(argv=None) -> None:
     if args.render:
         render_recorded(args, load_attention_rows, format_attention_tables, plot_attention_rows, default_plot_path)
         return
-    args.samples = args.samples or (2 if args.smoke else 20)
-    args.dtype = args.dtype or ("fp16" if args.smoke else "bf16")
+    timing_defaults(ap, args)
     import torch
 
     import triton_dist

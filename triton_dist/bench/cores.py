@@ -372,13 +372,27 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"rows of the decode core [default: {','.join(map(str, DECODE_M))}]")
     ap.add_argument("--dense-m", type=_int_list, default=None,
                     help=f"rows of the dense core's model shapes [default: {','.join(map(str, DENSE_M))}]")
+    add_timing_args(ap)
+    add_render_args(ap, DEFAULT_PLOT.format(card="<card>"))
+    return ap
+
+
+def add_timing_args(ap: argparse.ArgumentParser) -> None:
+    """``--dtype``, ``--samples``, ``--graph-calls`` and ``--smoke`` of the single-GPU benches (cores, attention);
+    :func:`timing_defaults` fills them in after parsing."""
     ap.add_argument("--dtype", choices=tuple(DTYPE_NAMES), default=None, help="[default: bf16; --smoke: fp16]")
     ap.add_argument("--samples", type=int, default=None, help="timed samples per case [default: 20; --smoke: 2]")
     ap.add_argument("--graph-calls", type=int, default=20, help="decode calls captured per CUDA graph (0: direct)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes, allowed in the CPU world (wall-clock timing): checks the plumbing only")
-    add_render_args(ap, DEFAULT_PLOT.format(card="<card>"))
-    return ap
+
+
+def timing_defaults(ap: argparse.ArgumentParser, args) -> None:
+    """Check and default the :func:`add_timing_args` options (smoke: 2 samples of fp16; else 20 of bf16)."""
+    if args.samples is not None and args.samples < 1 or args.graph_calls < 0:
+        ap.error("--samples must be positive and --graph-calls >= 0")
+    args.samples = args.samples or (2 if args.smoke else 20)
+    args.dtype = args.dtype or ("fp16" if args.smoke else "bf16")
 
 
 def main(argv=None) -> None:
@@ -387,10 +401,7 @@ def main(argv=None) -> None:
     if args.render:
         render_recorded(args, load_core_rows, format_core_tables, plot_core_rows, default_plot_path)
         return
-    if args.samples is not None and args.samples < 1 or args.graph_calls < 0:
-        ap.error("--samples must be positive and --graph-calls >= 0")
-    args.samples = args.samples or (2 if args.smoke else 20)
-    args.dtype = args.dtype or ("fp16" if args.smoke else "bf16")
+    timing_defaults(ap, args)
     ms = args.m or list(SMOKE_M if args.smoke else DECODE_M)
     import torch
 

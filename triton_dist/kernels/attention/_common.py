@@ -50,9 +50,9 @@ def attend_tile(acc, m_i, l_i, q, k_t, v, valid, qk_scale2, softcap, SOFTCAP: tl
     broadcastable) masks keys that do not exist or may not be attended (causal, length); ``acc`` [M, D] fp32 is the
     unnormalised output, ``m_i`` / ``l_i`` [M] the running base-2 max and sum. ``DOT_PRECISION``: the dots' input
     precision (``gemm.dot_precision(dtype)``: ``"ieee"`` for fp32 unless torch allows TF32; the launch option
-    ``default_dot_input_precision`` does not reach these dots on Hopper, measured: fp32 came out at TF32 accuracy). ``qk_scale2 = scale * log2(e)``;
-    ``SOFTCAP``: apply :func:`soft_cap` (``softcap`` in natural-log units) before the base change. A row with every
-    key masked so far keeps ``m_i = -inf``, ``l_i = 0`` and ``acc = 0``. Returns the new ``(acc, m_i, l_i)``."""
+    ``default_dot_input_precision`` did not reach these dots on an H200: fp32 came out at TF32 accuracy).
+    ``qk_scale2 = scale * log2(e)``; ``SOFTCAP``: apply :func:`soft_cap` (``softcap`` in natural-log units) before
+    the base change. A row with every key masked so far keeps ``m_i = -inf``, ``l_i = 0`` and ``acc = 0``. Returns the new ``(acc, m_i, l_i)``."""
     s = tl.dot(q, k_t, out_dtype=tl.float32, input_precision=DOT_PRECISION)
     if SOFTCAP:
         s = soft_cap(s * (qk_scale2 * 0.6931471805599453), softcap) * 1.4426950408889634

@@ -299,7 +299,8 @@ def _split_kernel(q, k_cache, v_cache, kv_lens, block_table, out, lse,
         rv = _kv_rows(bt_row, tok, tok_ok, n0, num_pages, stride_vp, stride_vt, PAGE, BLOCK_N)
         k = tl.load(k_base + rk[:, None] + offs_d[None, :], mask=tok_ok[:, None], other=0.0)
         v = tl.load(v_base + rv[:, None] + offs_d[None, :], mask=tok_ok[:, None], other=0.0)
-        acc, m_i, l_i = attend_tile(acc, m_i, l_i, qt, tl.trans(k), v, tok_ok[None, :], qk_scale2, softcap, SOFTCAP, DOT_PRECISION)
+        acc, m_i, l_i = attend_tile(acc, m_i, l_i, qt, tl.trans(k), v, tok_ok[None, :], qk_scale2, softcap, SOFTCAP,
+                                    DOT_PRECISION)
     o, row_lse = finish_rows(acc, m_i, l_i)
     at = b.to(tl.int64) * stride_ob + head * stride_oh + split * stride_os
     tl.store(out + at[:, None] + offs_d[None, :], o.to(out.dtype.element_ty), mask=row_ok[:, None])

@@ -192,15 +192,16 @@ def ulysses_qkv_pre_attn(x: torch.Tensor, w_qkv: torch.Tensor, *, num_heads: int
     groups = _groups(s, chunks)
     ctx = _a2a.default_context(world * max(hi - lo for lo, hi in groups) * width * d * x.element_size())
     pipe = _Pipeline(x.device)
-    keep = []  # made on the current stream, read on the side one: alive until the join
+    keep = []  # made on the current stream, used on the side one: alive until the join
     for lo, hi in groups:
         qkv = torch.matmul(x[lo:hi], w_qkv.t()).view(hi - lo, hq + 2 * hkv, d)  # current stream
         send = _pack(qkv[:, :hq], qkv[:, hq:hq + hkv], qkv[:, hq + hkv:], world)
-        keep.append(send)
+        recv = torch.empty_like(send)
+        keep += [send, recv]
         pipe.handoff(to_side=True)
         with pipe.on_side():
-            recv = _a2a.all_to_all(send.view(world * (hi - lo), width, d), ctx=ctx, method=method)
-            recv = recv.view(world, hi - lo, width, d)
+            _a2a.all_to_all(send.view(world * (hi - lo), width, d), ctx=ctx, method=method,
+                            out=recv.view(world * (hi - lo), width, d))
             for out, part in zip(outs, (recv[:, :, :hq_r], recv[:, :, hq_r:hq_r + hkv_r], recv[:, :, hq_r + hkv_r:])):
                 out.view(world, s, -1, d)[:, lo:hi].copy_(part)  # rank i's tokens lo..hi at i * s + lo
     pipe.join()
@@ -225,22 +226,26 @@ def ulysses_post_attn_o(o: torch.Tensor, w_o: torch.Tensor, *, chunks: int = 4, 
     groups = _groups(s, chunks)
     ctx = _a2a.default_context(world * max(hi - lo for lo, hi in groups) * hq_r * d * o.element_size())
     blocks = o.view(world, s, hq_r, d)
+    # made on the current stream (the side stream writes the received groups, the current one reads them after an
+    # event): every buffer belongs to the current stream, which waits for the side one before they are freed
     sends = [blocks[:, lo:hi].contiguous() for lo, hi in groups]  # [W, c, Hq/W, D]: my heads of rank j's group
+    recvs = [torch.empty_like(x) for x in sends]
     pipe = _Pipeline(o.device)
     pipe.handoff(to_side=True)
     arrived = []
     with pipe.on_side():
-        for send, (lo, hi) in zip(sends, groups):
-            arrived.append(_a2a.all_to_all(send.view(world * (hi - lo), hq_r, d), ctx=ctx, method=method))
+        for send, recv, (lo, hi) in zip(sends, recvs, groups):
+            _a2a.all_to_all(send.view(world * (hi - lo), hq_r, d), ctx=ctx, method=method,
+                            out=recv.view(world * (hi - lo), hq_r, d))
+            ev = None
             if pipe.gpu:
                 ev = torch.cuda.Event()
                 ev.record(pipe.side)
-                arrived[-1] = (arrived[-1], ev)
-    for got, (lo, hi) in zip(arrived, groups):
-        if pipe.gpu:
-            got, ev = got
+            arrived.append(ev)
+    for recv, ev, (lo, hi) in zip(recvs, arrived, groups):
+        if ev is not None:
             pipe.main.wait_event(ev)
-        heads = got.view(world, hi - lo, hq_r, d).transpose(0, 1).reshape(hi - lo, world * hq_r * d)
+        heads = recv.transpose(0, 1).reshape(hi - lo, world * hq_r * d)
         torch.matmul(heads, w_o.t(), out=out[lo:hi])
     pipe.join()
     return out
