@@ -49,7 +49,7 @@ def test_split_k_is_deterministic_and_counters_reset():
     first = dg.decode_gemm(a, b, config=SPLIT2)
     second = dg.decode_gemm(a, b, config=SPLIT2)
     assert torch.equal(first, second)
-    _, counts = gemm._split_k_buffers[gemm._stream_key(a.device)]
+    _, counts = gemm._split_k_buffers[gemm.stream_key(a.device)]
     assert int(counts.abs().sum()) == 0, "every tile's counter was reset by its last split"
 
 

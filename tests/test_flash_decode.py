@@ -104,7 +104,7 @@ def test_splits_longer_than_sequences_are_empty():
     lens = [1, 37, 0, 256]
     _case(lens, 8, 2, torch.float32, seed=7, t=256, cfg=cfg)
     assert fd.split_plan(cfg, 8, 256, 4) == (4, 64)
-    ws = fd._workspaces[gemm._stream_key(torch.empty(0, device=DEVICE).device)]  # (cuda:0, not cuda)
+    ws = fd._workspaces[gemm.stream_key(torch.empty(0, device=DEVICE).device)]  # (cuda:0, not cuda)
     n = len(lens) * 8 * 4
     parts = ws[:n * 64].view(len(lens), 8, 4, 64)
     lses = ws[n * 64:n * 65].view(len(lens), 8, 4)

@@ -209,7 +209,7 @@ def test_split_k_is_deterministic_and_counters_reset():
     first = gg.grouped_gemm(x, w, offs, config=SPLIT)
     second = gg.grouped_gemm(x, w, offs, config=SPLIT)
     assert torch.equal(first, second)
-    _, counts = gemm._split_k_buffers[gemm._stream_key(x.device)]
+    _, counts = gemm._split_k_buffers[gemm.stream_key(x.device)]
     assert int(counts.abs().sum()) == 0, "every tile's counter was reset by its last split"
 
 

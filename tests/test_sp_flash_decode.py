@@ -84,3 +84,28 @@ def test_sp_flash_decode_matches_concatenated_kv(world, heads, page, seed):
 def test_sp_flash_decode_fp16_and_bf16(world2, seed):
     for dtype in (torch.float16, torch.bfloat16):
         assert all(world2.run(_body, 2, 8, 2, 64, 24, dtype, 1, seed))
+
+
+def _bad(case):
+    dev = this_world().device
+    q = torch.ones((2, 4, 64), device=dev)
+    kv = torch.ones((2, 8, 2, 64), device=dev)
+    lens = torch.full((2,), 8, dtype=torch.int32, device=dev)
+    calls = {
+        "q_dims": lambda: ops.sp_flash_decode(q[0], kv, kv, lens),
+        "q_type": lambda: ops.sp_flash_decode(q.tolist(), kv, kv, lens),
+        "heads": lambda: ops.sp_flash_decode(torch.ones((2, 3, 64), device=dev), kv, kv, lens),
+        "lens_dtype": lambda: ops.sp_flash_decode(q, kv, kv, lens.long()),
+    }
+    try:
+        calls[case]()
+    except (ValueError, TypeError) as e:
+        return str(e)
+    return "no error"
+
+
+@pytest.mark.parametrize("case,needle", [("q_dims", "q must have 3 dims"), ("q_type", "q must be a torch.Tensor"),
+                                         ("heads", "multiple of the kv heads"), ("lens_dtype", "int32")])
+def test_bad_input(world2, case, needle):
+    for msg in world2.run(_bad, case):
+        assert needle in msg, msg

@@ -251,9 +251,9 @@ def sp_flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """Decode attention over the KV sequence sharded across the ranks (each rank: the same ``q``, its own cache and
     ``kv_lens``); the same result on every rank. Collective. See
     :mod:`triton_dist.kernels.attention.sp_flash_decode`."""
-    _tensor("sp_flash_decode", q)
+    numel = _spd.packed_numel(q)  # checks q first
     _agree("sp_flash_decode", q=_shape(q), method=method, lse=return_lse)
-    ctx = _context("sp_flash_decode", _ag.AllGatherContext, _spd.packed_numel(q), torch.float32)
+    ctx = _context("sp_flash_decode", _ag.AllGatherContext, numel, torch.float32)
     return _spd.sp_flash_decode(q, k_cache, v_cache, kv_lens, ctx=ctx, block_table=block_table, scale=scale,
                                 softcap=softcap, return_lse=return_lse, method=method, out=out)
 

@@ -30,9 +30,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from .cores import CheckedBench, add_timing_args, timing_defaults
 from .gemm import DTYPE_NAMES, _choices, _int_list, rotation
@@ -288,20 +287,8 @@ def main(argv=None) -> None:
         for case in sp:
             bench.sp_decode(*case)
     progress.finish()
-    if world.rank == 0:
-        print(rec.table(bench.notes))
-        if not args.smoke or args.out:
-            print("rows:", rec.write())
-        rows = [asdict(r) for r in rec.rows]
-        if attention_pairs(rows):
-            print(format_attention_tables(rows))
-            if not args.no_plot and (not args.smoke or args.plot):
-                written = plot_attention_rows(rows, args.plot or default_plot_path(rows[0]["card"]))
-                if written:
-                    print(f"plot written to {written}")
-    triton_dist.finalize()
-    if bench.failures:
-        sys.exit(1)
+    bench.finish(args, lambda rows: format_attention_tables(rows) if attention_pairs(rows) else "",
+                 plot_attention_rows, default_plot_path)
 
 
 if __name__ == "__main__":

@@ -168,6 +168,27 @@ class CheckedBench:
     def rand(self, shape, seed: int, scale: float = 1.0):
         return uniform(shape, seed, self.dtype, self.world.device, scale)
 
+    def finish(self, args, fmt, plot, default_path) -> None:
+        """The end of a run on rank 0: the rows' table, the rows appended (not for ``--smoke`` without ``--out``),
+        the bench's own tables (``fmt(rows)``) and plot (``plot(rows, path)``, unless ``--no-plot`` or a smoke run
+        without ``--plot``); then finalize, and exit 1 if one of our providers failed its check."""
+        import triton_dist
+        if self.world.rank == 0:
+            print(self.rec.table(self.notes))
+            if not args.smoke or args.out:
+                print("rows:", self.rec.write())
+            rows = [asdict(r) for r in self.rec.rows]
+            tables = fmt(rows) if rows else ""
+            if tables:
+                print(tables)
+                if not args.no_plot and (not args.smoke or args.plot):
+                    written = plot(rows, args.plot or default_path(rows[0]["card"]))
+                    if written:
+                        print(f"plot written to {written}")
+        triton_dist.finalize()
+        if self.failures:
+            sys.exit(1)
+
     def _time(self, op: str, shape: str, providers, ref, tol: float, rot: int, *, nbytes: int, flops: int,
               graph: int) -> None:
         """Check each provider's result on input set 0 against ``ref`` (max error <= ``tol``), then time it; a
@@ -435,19 +456,7 @@ def main(argv=None) -> None:
         for case in groups:
             bench.grouped(case)
     progress.finish()
-    if world.rank == 0:
-        print(rec.table(bench.notes))
-        if not args.smoke or args.out:
-            print("rows:", rec.write())
-        rows = [asdict(r) for r in rec.rows]
-        print(format_core_tables(rows))
-        if rows and not args.no_plot and (not args.smoke or args.plot):
-            written = plot_core_rows(rows, args.plot or default_plot_path(rows[0]["card"]))
-            if written:
-                print(f"plot written to {written}")
-    triton_dist.finalize()
-    if bench.failures:
-        sys.exit(1)
+    bench.finish(args, format_core_tables, plot_core_rows, default_plot_path)
 
 
 if __name__ == "__main__":

@@ -304,7 +304,8 @@ def num_sms(world) -> int:
 _split_k_buffers: dict = {}  # (device, stream) -> (fp32 workspace, int32 counters), grown on demand
 
 
-def _stream_key(device: torch.device):
+def stream_key(device: torch.device):
+    """The key of a per-(device, stream) cache (the split-K scratch here, the attention workspaces)."""
     if device.type != "cuda":
         return (str(device), 0)
     return (str(device), torch.cuda.current_stream(device).cuda_stream)
@@ -314,7 +315,7 @@ def split_k_scratch(device: torch.device, ws_numel: int, tiles: int) -> tuple[to
     """The fp32 workspace (at least ``ws_numel``) and the int32 tile counters (at least ``tiles``, zero between
     calls: :func:`split_k_finish` resets them) of the split-K kernels, cached per (device, stream) so that calls on
     one stream run in order and reuse them (nothing is allocated per call once they are large enough)."""
-    key = _stream_key(device)
+    key = stream_key(device)
     ws, counts = _split_k_buffers.get(key, (None, None))
     if ws is None or ws.numel() < ws_numel:
         ws = torch.empty(max(ws_numel, 1), dtype=torch.float32, device=device)

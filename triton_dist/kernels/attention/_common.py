@@ -99,9 +99,9 @@ def default_scale(head_dim: int, scale: float | None) -> float:
     return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
 
-def check_tensor(what: str, name: str, t, ndim: int, dtypes=None, device=None) -> None:
+def check_tensor(what: str, name: str, t, ndim: int, dtypes=None, device=None, ref: str = "q") -> None:
     """A ValueError / TypeError naming ``name`` unless ``t`` is a tensor of ``ndim`` dims (of ``dtypes``, on
-    ``device``)."""
+    ``device``: the device of tensor ``ref``)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{what}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != ndim:
@@ -109,7 +109,7 @@ def check_tensor(what: str, name: str, t, ndim: int, dtypes=None, device=None) -
     if dtypes is not None and t.dtype not in dtypes:
         raise ValueError(f"{what}: {name} must be one of {', '.join(str(d) for d in dtypes)}, got {t.dtype}")
     if device is not None and t.device != device:
-        raise ValueError(f"{what}: {name} is on {t.device}, expected {device} (q's device)")
+        raise ValueError(f"{what}: {name} is on {t.device}, expected {device} (the device of {ref})")
 
 
 def check_heads(what: str, hq: int, hkv: int, d: int, dk: int | None = None, dv: int | None = None) -> None:

@@ -42,7 +42,7 @@ from triton import knobs
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from triton_dist import tune
-from ..gemm import _stream_key, check_out, core_sms, dot_precision
+from ..gemm import check_out, core_sms, dot_precision, stream_key
 from ._common import (DTYPES, LOG2E, attend_tile, attention_rows_reference, check_heads, check_tensor,
                       default_scale, finish_rows, merge_step, next_pow2)
 
@@ -222,20 +222,22 @@ def resident_programs(kernel, device: torch.device) -> int:
 
 # ---------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _kv_rows(bt_row, tok, tok_ok, n0, num_pages, stride_p, stride_t, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Element offsets (int64) of the cache rows of keys ``tok`` (``n0 + arange(BLOCK_N)``) of one sequence: rows of
-    its own cache (``PAGE == 0``: ``bt_row`` unused), or of its pages. A tile inside one page (``PAGE % BLOCK_N ==
-    0``) loads one page id; smaller pages gather one id per key. Page ids are clamped to the cache."""
+def _kv_pages(bt_row, tok, tok_ok, n0, num_pages, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``(page, slot)`` (int64) of the keys ``tok`` (``n0 + arange(BLOCK_N)``) of one sequence, shared by its K and V
+    loads: page 0 and slot ``tok`` for its own cache (``PAGE == 0``: ``bt_row`` unused), else the page ids of its
+    block table (a tile inside one page, ``PAGE % BLOCK_N == 0``, loads one id; smaller pages gather one id per key),
+    clamped to the cache. The row of a key is ``page * stride_page + slot * stride_token``."""
     if PAGE == 0:
-        return tok.to(tl.int64) * stride_t
-    elif PAGE % BLOCK_N == 0:
-        pg = tl.load(bt_row + n0 // PAGE)
-        pg = tl.minimum(tl.maximum(pg, 0), num_pages - 1)
-        return pg.to(tl.int64) * stride_p + (tok % PAGE).to(tl.int64) * stride_t
+        page = tl.zeros_like(tok).to(tl.int64)
+        slot = tok.to(tl.int64)
     else:
-        pg = tl.load(bt_row + tok // PAGE, mask=tok_ok, other=0)
-        pg = tl.minimum(tl.maximum(pg, 0), num_pages - 1)
-        return pg.to(tl.int64) * stride_p + (tok % PAGE).to(tl.int64) * stride_t
+        if PAGE % BLOCK_N == 0:
+            pg = tl.load(bt_row + n0 // PAGE)
+        else:
+            pg = tl.load(bt_row + tok // PAGE, mask=tok_ok, other=0)
+        page = (tl.zeros_like(tok) + tl.minimum(tl.maximum(pg, 0), num_pages - 1)).to(tl.int64)
+        slot = (tok % PAGE).to(tl.int64)
+    return page, slot
 
 
 @triton.jit
@@ -295,8 +297,9 @@ def _split_kernel(q, k_cache, v_cache, kv_lens, block_table, out, lse,
     for n0 in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
         tok = n0 + offs_n
         tok_ok = tok < end
-        rk = _kv_rows(bt_row, tok, tok_ok, n0, num_pages, stride_kp, stride_kt, PAGE, BLOCK_N)
-        rv = _kv_rows(bt_row, tok, tok_ok, n0, num_pages, stride_vp, stride_vt, PAGE, BLOCK_N)
+        pg, slot = _kv_pages(bt_row, tok, tok_ok, n0, num_pages, PAGE, BLOCK_N)  # one page-id load for K and V
+        rk = pg * stride_kp + slot * stride_kt
+        rv = pg * stride_vp + slot * stride_vt
         k = tl.load(k_base + rk[:, None] + offs_d[None, :], mask=tok_ok[:, None], other=0.0)
         v = tl.load(v_base + rv[:, None] + offs_d[None, :], mask=tok_ok[:, None], other=0.0)
         acc, m_i, l_i = attend_tile(acc, m_i, l_i, qt, tl.trans(k), v, tok_ok[None, :], qk_scale2, softcap, SOFTCAP,
@@ -354,7 +357,7 @@ _retired: list = []  # outgrown workspaces, kept alive: a CUDA graph captured wi
 
 def _workspace(device: torch.device, numel: int) -> torch.Tensor:
     """The cached fp32 workspace of this device and stream, at least ``numel`` long (grown at least 2x at a time)."""
-    key = _stream_key(device)
+    key = stream_key(device)
     ws = _workspaces.get(key)
     if ws is None or ws.numel() < numel:
         if ws is not None:
@@ -383,13 +386,10 @@ def combine_partials(parts: torch.Tensor, lses: torch.Tensor, *, out: torch.Tens
     check_tensor(what, "parts", parts, 4, (torch.float32,))
     dev = parts.device
     b, hq, p, d = parts.shape
-    check_tensor(what, "lses", lses, 3, (torch.float32,))
-    check_tensor(what, "out", out, 3, DTYPES)
+    check_tensor(what, "lses", lses, 3, (torch.float32,), dev, ref="parts")
+    check_tensor(what, "out", out, 3, DTYPES, dev, ref="parts")
     if lse_out is not None:
-        check_tensor(what, "lse_out", lse_out, 2, (torch.float32,))
-    for name, t in (("lses", lses), ("out", out), ("lse_out", lse_out)):
-        if t is not None and t.device != dev:
-            raise ValueError(f"{what}: {name} is on {t.device}, expected {dev} (parts' device)")
+        check_tensor(what, "lse_out", lse_out, 2, (torch.float32,), dev, ref="parts")
     if tuple(lses.shape) != (b, hq, p):
         raise ValueError(f"{what}: lses is {tuple(lses.shape)}, expected {(b, hq, p)} (parts' [B, Hq, P])")
     if d > 1 and parts.stride(3) != 1:

@@ -25,12 +25,14 @@ import torch.distributed as dist
 import triton_dist
 from triton_dist.kernels import all_gather as _ag
 
-from ._common import merge_partials_reference
+from ._common import DTYPES, check_tensor, merge_partials_reference
 from .flash_decode import combine_partials, flash_decode, flash_decode_reference
 
 
 def packed_numel(q: torch.Tensor) -> int:
-    """Elements per rank of the gathered message: ``B * Hq * (D + 1)`` fp32 (the partial output and its lse)."""
+    """Elements per rank of the gathered message: ``B * Hq * (D + 1)`` fp32 (the partial output and its lse); a clear
+    error first when ``q`` is not a [B, Hq, D] tensor of a supported dtype (before any collective context exists)."""
+    check_tensor("sp_flash_decode", "q", q, 3, DTYPES)
     b, hq, d = q.shape
     return b * hq * (d + 1)
 
