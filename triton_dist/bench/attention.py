@@ -17,7 +17,8 @@ to cover twice the L2.
 
 ``prefill`` (world size 1): :func:`~triton_dist.kernels.attention.flash_attn.flash_attn` (``triton_dist:flash_attn``)
 against SDPA on one sequence of 4k-32k tokens, 32 heads, D=128, causal and not; ``tflops`` counts ``4 T^2 H D``
-(half of it causal). Ours is checked against SDPA's output.
+(half of it causal). Each gets the same values in its own contiguous layout: ours ``[B, T, H, D]`` (heads dense,
+as a QKV projection writes them), SDPA ``[B, H, T, D]``. Ours is checked against SDPA's output.
 
 ``sp_decode`` (any world): ``ops.sp_flash_decode`` (the KV sequence split evenly over the ranks; LL all-gather of
 the partials) against the same local decode followed by ``torch.distributed.all_gather`` and a torch merge
@@ -122,8 +123,10 @@ class _AttentionBench(CheckedBench):
         import torch.nn.functional as F
         from triton_dist.kernels.attention import flash_attn as fa
         seed = zlib.crc32(f"prefill:{t}:{causal}".encode())
-        q, k, v = (self.rand((1, h, t, d), seed + i) for i in range(3))  # SDPA's layout
-        qb, kb, vb = (x.transpose(1, 2) for x in (q, k, v))  # ours: [B, T, H, D] views of the same data
+        # each in its own contiguous layout, the same values: ours [B, T, H, D] (a QKV projection's rows: heads dense,
+        # K/V by TMA), SDPA [B, H, T, D] (its fastest input: a transposed view costs it 1-2 %, docs/perf/NOTES.md)
+        qb, kb, vb = (self.rand((1, t, h, d), seed + i) for i in range(3))
+        q, k, v = (x.transpose(1, 2).contiguous() for x in (qb, kb, vb))
         if self.gpu:
             ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2).float()
         else:

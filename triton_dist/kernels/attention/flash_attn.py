@@ -15,12 +15,14 @@ Causal: query ``i`` of sequence ``b`` attends key ``j`` iff ``j <= i + off_b`` w
 A row with no key gets out 0 and lse -inf. ``lse`` is fp32, natural log, over the scaled (and capped) scores
 (:mod:`._common`).
 
-Grid: one program per (row block of ``BLOCK_M`` queries, sequence, q head), numbered ``(block * B + b) * Hq + h``: the
-``Hq // Hkv`` q heads that read one kv head are neighbours (they stream its K/V tiles together, from L2 after the
-first), and the blocks of every sequence and head run side by side. Causal blocks are numbered from the last, so the
-longest key ranges start first and the short ones fill the tail. The grid is sized by ``max_seqlen_q``: a program whose
-block starts past its sequence's end returns at once. No host sync: a ``max_seqlen_q`` smaller than a sequence leaves
-its last rows unwritten, a wrong ``cu_seqlens`` reads wrong rows (both are checked where ``cu_seqlens`` is on the CPU).
+Grid: one program per (row block of ``BLOCK_M`` queries, sequence, q head), numbered ``(b * Hq + h) * row_blocks +
+block``: the row blocks of one head run side by side, so the programs resident at a time stream the same K/V tiles
+(from L2 after the first: at 16k tokens, 32 heads, D = 128 this order is 1.2-1.45x faster than heads side by side,
+docs/perf/NOTES.md), and the ``Hq // Hkv`` q heads that read one kv head follow each other. Causal blocks are numbered
+from the last, so within a head the longest key ranges start first and the short ones fill the tail. The grid is
+sized by ``max_seqlen_q``: a program whose block starts past its sequence's end returns at once. No host sync: a
+``max_seqlen_q`` smaller than a sequence leaves its last rows unwritten, a wrong ``cu_seqlens`` reads wrong rows (both
+are checked where ``cu_seqlens`` is on the CPU).
 
 A row block (:func:`attend_rows`) walks its keys in two loops: first the tiles that every row of the block may fully
 see, with no mask at all (the bulk: the scale folded into one FMA before ``exp2``), then the few masked tiles (the
@@ -71,7 +73,7 @@ from ..gemm import check_out, dot_precision
 from ._common import (DTYPES, LOG2E, attend_tile, attention_rows_reference, check_heads, check_tensor, default_scale,
                       finish_rows, soft_cap)
 
-KERNEL_VERSION = "1"  # the autotuner's cache key: bump when the kernel changes
+KERNEL_VERSION = "2"  # the autotuner's cache key: bump when the kernel changes
 SMEM_BUDGET = 226 << 10  # of the H100/H200's 227 KB per block: Q plus the K/V pipeline stages (128 x 128 tiles at
 # D = 128 in 3 stages take 225 KB with the barriers: they fit, scripts/compile_checks/flash_attn.py)
 
@@ -109,7 +111,8 @@ def smem_bytes(cfg: FlashAttnConfig, head_dim: int, dtype: torch.dtype) -> int:
 
 def default_config(head_dim: int, dtype: torch.dtype, causal: bool = False) -> FlashAttnConfig:
     """A config without tuning (the CPU world: :data:`CPU_CONFIG`): 128 queries x 128 keys, 8 warps (two warpgroups
-    of 64 rows) for 16-bit inputs up to D = 128, 64 keys at D = 256; small tiles for fp32 (no tensor-core fp32).
+    of 64 rows), 3 stages (two K/V tiles in flight: 1.2x the 2-stage time at D = 128, docs/perf/NOTES.md) for 16-bit
+    inputs up to D = 128; 64 keys in 2 stages at D = 256 (3 do not fit); small tiles for fp32 (no tensor-core fp32).
     The same for causal and not today (``causal`` is part of the signature for the tuner's sake)."""
     if knobs.runtime.interpret:
         return CPU_CONFIG
@@ -117,12 +120,13 @@ def default_config(head_dim: int, dtype: torch.dtype, causal: bool = False) -> F
         return FlashAttnConfig(64, 32, num_warps=4 if head_dim <= 128 else 8, num_stages=2)
     if head_dim == 256:
         return FlashAttnConfig(128, 64, num_warps=8, num_stages=2)
-    return FlashAttnConfig(128, 128, num_warps=8, num_stages=3 if head_dim == 64 else 2)
+    return FlashAttnConfig(128, 128, num_warps=8, num_stages=3)
 
 
 def candidate_configs(head_dim: int, dtype: torch.dtype, causal: bool = False) -> list[FlashAttnConfig]:
-    """Configs an autotuner may time: 128-row blocks on 8 warps and (D <= 128) 64-row blocks on 4 (one warpgroup per
-    64 rows), key blocks of 32-128, 2-4 stages, each within :data:`SMEM_BUDGET`."""
+    """Configs an autotuner may time: 128-row blocks on 8 warps and (D <= 128) 64-row blocks of 64 keys on 4 (one
+    warpgroup per 64 rows; 64 x 128 tiles on 4 warps were the slowest of all at 4k-16k tokens), key blocks of 32-128,
+    2-4 stages, each within :data:`SMEM_BUDGET`."""
     if dtype == torch.float32:
         shapes = [(64, 32, 4 if head_dim <= 128 else 8), (32, 32, 4), (64, 64, 8)]
         stages = (2,)
@@ -130,7 +134,7 @@ def candidate_configs(head_dim: int, dtype: torch.dtype, causal: bool = False) -
         # at D = 256 a 64-row block on one warpgroup spills (its 64 x 256 fp32 accumulator alone is 128 registers
         # a thread): 128 rows on 8 warps only, 32 or 64 keys
         wide = (128, 64) if head_dim <= 128 else (64, 32)
-        shapes = [(128, bn, 8) for bn in wide] + ([(64, 64, 4), (64, 128, 4)] if head_dim <= 128 else [])
+        shapes = [(128, bn, 8) for bn in wide] + ([(64, 64, 4)] if head_dim <= 128 else [])
         stages = (2, 3, 4)
     out = []
     for bm, bn, warps in shapes:
@@ -244,15 +248,15 @@ def _flash_attn_kernel(q, k, v, o, lse, cu_q, cu_k, offsets_ptr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr,
                        CAUSAL: tl.constexpr, OFFSETS: tl.constexpr, SOFTCAP: tl.constexpr, USE_TMA: tl.constexpr,
                        STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Program ``(block * B + b) * HQ + h`` (causal: blocks counted from the last) computes rows ``block * BLOCK_M ..``
-    of sequence ``b``, q head ``h``. ``o`` / ``lse`` are contiguous [tokens, HQ, D] / [tokens, HQ]. VARLEN: sequences
-    from ``cu_q`` / ``cu_k`` (batch strides 0); else ``seqlen_q`` / ``seqlen_k`` and batch strides (with TMA the
-    batches are dense in the descriptors' token rows)."""
+    """Program ``(b * HQ + h) * row_blocks + block`` (causal: blocks counted from the last) computes rows
+    ``block * BLOCK_M ..`` of sequence ``b``, q head ``h``. ``o`` / ``lse`` are contiguous [tokens, HQ, D] / [tokens,
+    HQ]. VARLEN: sequences from ``cu_q`` / ``cu_k`` (batch strides 0); else ``seqlen_q`` / ``seqlen_k`` and batch
+    strides (with TMA the batches are dense in the descriptors' token rows)."""
     pid = tl.program_id(0)
-    h = pid % HQ
-    rest = pid // HQ
-    b = rest % B
-    block = rest // B
+    block = pid % row_blocks
+    rest = pid // row_blocks
+    h = rest % HQ
+    b = rest // HQ
     if CAUSAL:
         block = row_blocks - 1 - block  # longest key ranges first
     row0 = block * BLOCK_M

@@ -54,7 +54,8 @@ def _sp_ag_attn_kernel(q, kv_k, kv_v, o, lse, cu, sig_ptr, epoch_ptr, B, HQ, GRO
                        CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, USE_TMA: tl.constexpr, STORE_LSE: tl.constexpr,
                        DOT_PRECISION: tl.constexpr):
     """Persistent: program ``p`` takes work items ``p, p + nprog, ...`` of ``SLOTS * blocks_per_slot * B * HQ``
-    (q heads innermost: the heads of a kv head together; the long zig-zag chunk's blocks first). Item: rows
+    (row blocks innermost, as :func:`.flash_attn._flash_attn_kernel`: the programs at work read the same head's K/V;
+    the long zig-zag chunk's blocks first, then the q heads of a kv head one after the other). Item: rows
     ``row0 ..`` of local chunk ``slot`` of sequence ``b``, q head ``h``. ``kv_k`` / ``kv_v``: the gathered buffer's K
     and V (descriptors or pointers: row ``src * total + t`` is token ``t`` of rank ``src``'s shard)."""
     rank = dl.rank()
@@ -62,10 +63,10 @@ def _sp_ag_attn_kernel(q, kv_k, kv_v, o, lse, cu, sig_ptr, epoch_ptr, B, HQ, GRO
     e = tl.load(epoch_ptr)
     items = SLOTS * blocks_per_slot * B * HQ
     for item in range(tl.program_id(0), items, tl.num_programs(0)):
-        h = item % HQ
-        rest = item // HQ
-        b = rest % B
-        blk = SLOTS * blocks_per_slot - 1 - rest // B  # the last slot (zig-zag: the long chunk) first
+        blk = SLOTS * blocks_per_slot - 1 - item % (SLOTS * blocks_per_slot)  # the last slot (zig-zag: the long
+        rest = item // (SLOTS * blocks_per_slot)  # chunk) first
+        h = rest % HQ
+        b = rest // HQ
         slot = blk // blocks_per_slot
         row0 = (blk % blocks_per_slot) * BLOCK_M
         tok0 = tl.load(cu + b)
