@@ -59,6 +59,11 @@ def get_world(cache, n, backend=BACKEND):
 
 
 @pytest.fixture(scope="session")
+def world1(worlds):
+    return get_world(worlds, 1)
+
+
+@pytest.fixture(scope="session")
 def world2(worlds):
     return get_world(worlds, 2)
 

@@ -86,6 +86,22 @@ def test_sp_flash_decode_fp16_and_bf16(world2, seed):
         assert all(world2.run(_body, 2, 8, 2, 64, 24, dtype, 1, seed))
 
 
+def _one_rank(seed):
+    """At one rank the op is the local decode: the same bits as ``flash_decode``, lse included."""
+    from triton_dist.kernels.attention import flash_decode as fd
+    w = this_world()
+    q = rand((3, 8, 64), torch.float32, seed, w.device)
+    k, v, lens = _shard(3, 40, 2, 64, torch.float32, seed, w.rank, w.world_size, w.device)
+    got, lse = ops.sp_flash_decode(q, k, v, lens, return_lse=True)
+    want, want_lse = fd.flash_decode(q, k, v, lens, return_lse=True)
+    return torch.equal(got, want) and torch.equal(lse, want_lse)
+
+
+def test_one_rank_is_the_local_decode(world1, seed):
+    assert all(world1.run(_body, 3, 8, 2, 64, 40, torch.float32, 0, seed))
+    assert all(world1.run(_one_rank, seed))
+
+
 def _bad(case):
     dev = this_world().device
     q = torch.ones((2, 4, 64), device=dev)

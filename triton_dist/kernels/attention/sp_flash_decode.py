@@ -47,7 +47,11 @@ def sp_flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     all-gather context of fp32 with room for :func:`packed_numel` elements (``ops.sp_flash_decode`` keeps one).
     ``method``: the all-gather's (``auto``: ``ll`` when the message fits). Returns ``out`` [B, Hq, D] in q's dtype,
     or ``(out, lse)`` with ``lse`` [B, Hq] fp32 over all ranks' keys. Collective: every rank calls it with the same
-    ``q`` shape (the same values, for a meaningful result) and its own cache."""
+    ``q`` shape (the same values, for a meaningful result) and its own cache. A world of one rank is the local
+    decode itself (no gather, no second merge)."""
+    if ctx.world.world_size == 1:
+        return flash_decode(q, k_cache, v_cache, kv_lens, block_table=block_table, scale=scale, softcap=softcap,
+                            return_lse=return_lse, out=out)
     part, lse = flash_decode(q, k_cache, v_cache, kv_lens, block_table=block_table, scale=scale, softcap=softcap,
                              return_lse=True, out_dtype=torch.float32)
     b, hq, d = q.shape
