@@ -208,6 +208,19 @@ def routing_reference(topk_ids: torch.Tensor, num_experts: int, *, block: int | 
     return Routing(*base, block, i32(p_offsets), i32(p_gather), i32(p_scatter, (t, k)), i32(blocks))
 
 
+def rank_counts(topk_ids: torch.Tensor, num_experts: int, world_size: int) -> torch.Tensor:
+    """Expert parallelism: the (token, slot) pairs of ``topk_ids`` ([T, k], ids in ``[-1, num_experts)``; -1: no
+    expert) that go to each rank, [world_size] int32, when rank ``r`` owns experts ``r * E/W .. (r + 1) * E/W - 1``.
+    On the device, no host sync (a scatter-add; ``torch.bincount`` would sync)."""
+    if num_experts % world_size:
+        raise ValueError(f"rank_counts: num_experts = {num_experts} must be a multiple of world_size = {world_size}")
+    ids = topk_ids.reshape(-1).to(torch.int64)
+    valid = ids >= 0
+    ranks = torch.where(valid, torch.div(ids, num_experts // world_size, rounding_mode="floor"), 0)
+    out = torch.zeros(world_size, dtype=torch.int32, device=topk_ids.device)
+    return out.scatter_add_(0, ranks, valid.to(torch.int32))
+
+
 # ---------------------------------------------------------------------------------------------- kernels
 @triton.jit
 def _gather_rows_kernel(x_ptr, idx_ptr, out_ptr, rows, H, stride_x, stride_o,

@@ -10,6 +10,11 @@ widen exactly to fp32, each bf16 operation is done in fp32 and rounded to neares
 instructions give for add, sub, mul, fma, min, max and comparisons), ``tl.dot`` of bf16 tiles accumulates in fp32,
 and casts go through fp32 with round-to-nearest-even.
 
+**fp8.** Its fp32 / fp16 / bf16 -> fp8 casts add the first cut-off bit to the truncated mantissa without carrying
+into the exponent (127.9 -> e4m3 came out 64, not 128) and without ties-to-even. Mended: the value goes through
+torch's conversion (round to nearest even), clamped first to the format's largest finite value (the GPU's
+``cvt.rn.satfinite``); NaN stays NaN.
+
 **Errors.** The interpreter wraps every exception of a kernel in ``InterpreterError`` (once per device-function
 level), so ``except triton_dist.SignalTimeout`` caught nothing in the CPU world. Mended, a launch re-raises the
 triton-dist error (:data:`UNWRAPPED`) found in the chain, as on GPUs, with the kernel's name added (which op).
@@ -56,6 +61,9 @@ def _result(data: np.ndarray, dtype) -> "_interp.TensorHandle":
     return _interp.TensorHandle(f32_to_bf16(data), dtype)
 
 
+_FP8 = {}  # Triton fp8 type name -> (torch dtype, largest finite value), filled by _mend_bf16
+
+
 def install() -> None:
     """Apply both mends (idempotent)."""
     global _installed
@@ -97,6 +105,8 @@ def _mend_errors() -> None:
 
 def _mend_bf16() -> None:
     B = _interp.InterpreterBuilder
+    import torch
+    _FP8.update({str(tl.float8e4nv): (torch.float8_e4m3fn, 448.0), str(tl.float8e5): (torch.float8_e5m2, 57344.0)})
     binary_op, unary_op, ternary_op, cast_impl = B.binary_op, B.unary_op, B.ternary_op, B.cast_impl
     fp_to_fp, create_dot, create_fma = B.create_fp_to_fp, B.create_dot, B.create_fma
 
@@ -138,6 +148,13 @@ def _mend_bf16() -> None:
         if _is_bf16(src) and dst_type.scalar == tl.float32 or src.dtype.scalar == tl.float32 and \
                 dst_type.scalar == tl.bfloat16:
             return bf16_cast(self, src, dst_type)
+        fp8 = _FP8.get(str(dst_type.scalar))
+        if fp8 is not None and src.dtype.scalar in (tl.float32, tl.float16, tl.bfloat16):
+            import torch  # the interpreter's own downcast rounds wrong (module docstring)
+            wide = np.ascontiguousarray(_widen(src).astype(np.float32))
+            tdt, big = fp8
+            bits = torch.from_numpy(wide).clamp(-big, big).to(tdt).view(torch.uint8).numpy()
+            return _interp.TensorHandle(bits.view(_interp._get_np_dtype(dst_type)), dst_type.scalar)
         return fp_to_fp(self, src, dst_type, rounding_mode)
 
     def bf16_dot(self, a, b, d, input_precision, max_num_imprecise_acc):

@@ -1,0 +1,30 @@
+"""Expert-parallel low-latency dispatch / combine (kernels/moe/ep_low_latency.py): the four kernels at the GPU block
+sizes their launchers pick for the goal shape (hidden 7168, top-8, 32 local experts of 8 ranks, 128 tokens), bf16
+rows and fp8 (e4m3 values with fp32 scales)."""
+from triton_dist.kernels.moe import ep_low_latency as EP
+
+
+def checks(check) -> None:
+    i32 = "*i32"
+    opts = dict(num_warps=4)
+    for fp8 in (False, True):
+        buf = "*fp8e4nv" if fp8 else "*bf16"
+        send = {"x_ptr": "*bf16", "ids_ptr": i32, "buf_ptr": buf, "scale_ptr": "*fp32", "src_ptr": i32,
+                "cnt_ptr": i32, "flag_ptr": i32, "done_ptr": i32, "epoch_ptr": i32, "arrive_ptr": i32,
+                "T": "i32", "H": "i32", "stride_x": "i32", "L": "i32", "M": "i32"}
+        check(EP._dispatch_send_kernel, send, dict(K=8, BLOCK_K=8, BLOCK_T=32, BLOCK_H=1024, BLOCK_E=32,
+                                                   BLOCK_P=64, FP8=fp8), options=opts)
+        recv = {"buf_ptr": buf, "scale_ptr": "*fp32", "src_ptr": i32, "cnt_ptr": i32, "flag_ptr": i32,
+                "done_ptr": i32, "epoch_ptr": i32, "arrive_ptr": i32, "out_ptr": buf, "out_scale_ptr": "*fp32",
+                "out_slot_ptr": i32, "out_rank_ptr": i32, "layout_ptr": i32, "count_ptr": i32, "H": "i32",
+                "L": "i32", "M": "i32"}
+        check(EP._dispatch_recv_kernel, recv, dict(BLOCK_W=8, BLOCK_R=8, BLOCK_H=1024, BLOCK_G=64, FP8=fp8),
+              options=opts)
+    check(EP._combine_send_kernel,
+          {"y_ptr": "*bf16", "stride_yl": "i32", "stride_yr": "i32", "slot_ptr": i32, "rank_ptr": i32,
+           "count_ptr": i32, "cbuf_ptr": "*bf16", "cflag_ptr": i32, "cdone_ptr": i32, "epoch_ptr": i32,
+           "arrive_ptr": i32, "H": "i32", "MK": "i32", "CAP": "i32", "ROWS": "i32"}, dict(BLOCK_H=1024), options=opts)
+    check(EP._combine_recv_kernel,
+          {"ids_ptr": i32, "w_ptr": "*fp32", "cbuf_ptr": "*bf16", "cflag_ptr": i32, "cdone_ptr": i32,
+           "epoch_ptr": i32, "arrive_ptr": i32, "out_ptr": "*bf16", "T": "i32", "H": "i32", "MK": "i32"},
+          dict(K=8, BLOCK_K=8, BLOCK_H=1024), options=dict(opts, enable_fp_fusion=False))

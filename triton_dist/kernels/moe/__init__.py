@@ -1,0 +1,1 @@
+"""Mixture-of-experts kernels: expert-parallel dispatch / combine (``ep_low_latency``)."""
