@@ -26,5 +26,5 @@ def checks(check) -> None:
            "arrive_ptr": i32, "H": "i32", "MK": "i32", "CAP": "i32", "ROWS": "i32"}, dict(BLOCK_H=1024), options=opts)
     check(EP._combine_recv_kernel,
           {"ids_ptr": i32, "w_ptr": "*fp32", "cbuf_ptr": "*bf16", "cflag_ptr": i32, "cdone_ptr": i32,
-           "epoch_ptr": i32, "arrive_ptr": i32, "out_ptr": "*bf16", "T": "i32", "H": "i32", "MK": "i32"},
+           "epoch_ptr": i32, "arrive_ptr": i32, "out_ptr": "*bf16", "T": "i32", "H": "i32", "MK": "i32", "E": "i32"},
           dict(K=8, BLOCK_K=8, BLOCK_H=1024), options=dict(opts, enable_fp_fusion=False))

@@ -3,9 +3,11 @@ primitives, fixed buffers, no host sync, CUDA-graph capturable.
 
 Ranks and experts (``W`` ranks, ``E`` experts, ``L = E / W`` local experts, rank ``r`` owns experts ``r * L ..
 r * L + L - 1``). Every rank holds up to ``M`` (``max_tokens``) tokens ``x`` [T, H] and their routing ``topk_ids``
-[T, K] (global expert ids; ``-1``: the slot sends nothing). A *pair* ``(t, j)`` is token ``t``'s copy for expert
-``topk_ids[t, j]``; its *index* ``i`` is the number of this rank's earlier pairs (in ``t * K + j`` order) for the
-same expert, so a sender numbers its pairs without talking to anyone.
+[T, K] (global expert ids; ``-1``: the slot sends nothing; so does an id out of ``[0, E)``, which is an error
+reported on the host for CPU tensors and, on GPUs, where checking would sync, an ignored slot, never a fault). A
+*pair* ``(t, j)`` is token ``t``'s copy for expert ``topk_ids[t, j]``; its *index* ``i`` is the number of this
+rank's earlier pairs (in ``t * K + j`` order) for the same expert, so a sender numbers its pairs without talking to
+anyone.
 
 * :meth:`EPLowLatencyContext.dispatch` ``(x, topk_ids) -> (recv_x, recv_count, handle)``: ``recv_x`` [L, W * M, H]
   holds, for local expert ``l``, first the rows rank 0 sent it (in index order), then rank 1's, ...: rows
@@ -135,7 +137,7 @@ def _dispatch_send_kernel(x_ptr, ids_ptr, buf_ptr, scale_ptr, src_ptr, cnt_ptr, 
         idx += tl.sum(earlier.to(tl.int32), axis=0)
         for j in tl.static_range(K):
             ej = _pick(my, offs_k, j)
-            if ej >= 0:
+            if (ej >= 0) & (ej < L * W):  # an id out of range sends nothing (never a write out of bounds)
                 r = ej // L
                 row = (((p * L + ej % L) * W + me) * M + _pick(idx, offs_k, j)).to(tl.int64)
                 for h0 in range(0, H, BLOCK_H):
@@ -251,7 +253,7 @@ def _combine_send_kernel(y_ptr, stride_yl, stride_yr, slot_ptr, rank_ptr, count_
 
 
 @triton.jit
-def _combine_recv_kernel(ids_ptr, w_ptr, cbuf_ptr, cflag_ptr, cdone_ptr, epoch_ptr, arrive_ptr, out_ptr, T, H, MK,
+def _combine_recv_kernel(ids_ptr, w_ptr, cbuf_ptr, cflag_ptr, cdone_ptr, epoch_ptr, arrive_ptr, out_ptr, T, H, MK, E,
                          K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr):
     """Program ``t``: ``out[t] = sum_j w[t, j] * c_buf[p, t * K + j]`` over the valid slots, in ``j`` order, fp32.
     Step 4."""
@@ -271,7 +273,8 @@ def _combine_recv_kernel(ids_ptr, w_ptr, cbuf_ptr, cflag_ptr, cdone_ptr, epoch_p
             hm = offs_h < H
             acc = tl.zeros([BLOCK_H], dtype=tl.float32)
             for j in tl.static_range(K):
-                if _pick(ids, offs_k, j) >= 0:
+                ej = _pick(ids, offs_k, j)
+                if (ej >= 0) & (ej < E):  # the slots the dispatch sent
                     row = (p * MK + t * K + j).to(tl.int64)
                     v = tl.load(cbuf + row * H + offs_h, mask=hm, other=0.0).to(tl.float32)
                     acc = acc + _pick(ws, offs_k, j) * v
@@ -480,7 +483,7 @@ class EPLowLatencyContext:
             self.c_done, self.epochs[1:], self.arrivals[2:], H, M * K, cap, rows, BLOCK_H=block_h, num_warps=4)
         _combine_recv_kernel[(max(T, 1),)](
             ids, weights, self.c_buf, self.c_flag, self.c_done, self.epochs[1:], self.arrivals[3:], out, T, H, M * K,
-            K=K, BLOCK_K=_pow2(K), BLOCK_H=block_h, num_warps=4, enable_fp_fusion=False)
+            self.num_experts, K=K, BLOCK_K=_pow2(K), BLOCK_H=block_h, num_warps=4, enable_fp_fusion=False)
         return out
 
     def close(self) -> None:
