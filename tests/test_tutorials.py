@@ -47,3 +47,15 @@ def test_tutorial_08_matches_torch():
     assert out.returncode == 0, out.stderr[-3000:]
     verdicts = [line.split()[-1] for line in out.stdout.splitlines() if line.strip().startswith("match")]
     assert verdicts == ["yes"], out.stdout
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_tutorial_09_ep_dispatch_combine_matches_torch_and_library(n):
+    """Dispatch/combine from the primitives, exact vs torch and EPLowLatencyContext on every rank."""
+    out = _run(["run", "-n", str(n), "--mode", "cpu", "tutorials/09_ep_dispatch_combine.py"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks = [line for line in out.stdout.splitlines() if line.startswith("rank ")]
+    assert len(ranks) == n and all(line.endswith("exact vs torch and EPLowLatencyContext") for line in ranks), \
+        out.stdout
+    verdicts = [line.split()[-1] for line in out.stdout.splitlines() if line.strip().startswith("match")]
+    assert verdicts == ["yes"], out.stdout

@@ -31,6 +31,10 @@ op                         shards                        methods
 ``ulysses_post_attn(o)``   (S, H/W, D) -> (S/W, H, D)     all-to-all
 ``ulysses_qkv_pre_attn``   x (S/W, hidden) @ w_qkv.t()    the projection overlapped with the all-to-all
 ``ulysses_post_attn_o``    o (S, H/W, D) -> @ w_o.t()     the all-to-all overlapped with the O projection
+``ag_moe(x, w1, ids, wts)``  x (T/W, H), w1 (E, H, N_loc)  token all-gather overlapped with the grouped GEMM:
+                           -> (h (T*k, N_loc), plan)      ``copy_engine``, ``sm``
+``moe_rs(h, w2, plan)``    h (T*k, I_loc) -> (T/W, H)     grouped GEMM, top-k sum, reduce-scatter
+``moe_ar(h, w2, plan)``    h (T*k, I_loc) -> (T, H)       grouped GEMM, top-k sum, all-reduce (decode)
 =========================  ============================  ===============================================
 """
 from __future__ import annotations
@@ -50,6 +54,7 @@ from .kernels.attention import flash_decode as _fd
 from .kernels.attention import sp_ag_attention as _spa
 from .kernels.attention import sp_flash_decode as _spd
 from .kernels.attention import ulysses as _uly
+from .kernels.moe import tp_moe as _tpm
 from .kernels.gemm import check_method as _check_method
 from .kernels.gemm import check_operands as _gemm_check
 from .kernels.gemm import check_out as _check_out
@@ -313,3 +318,50 @@ def ulysses_post_attn_o(o: torch.Tensor, w_o: torch.Tensor, *, chunks: int = 4, 
     _agree("ulysses_post_attn_o", o=_shape(_tensor("ulysses_post_attn_o", o)), w=_shape(w_o), chunks=chunks,
            method=method)
     return _uly.ulysses_post_attn_o(o, w_o, chunks=chunks, method=method)
+
+
+def ag_moe(x: torch.Tensor, w1: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, *,
+           method: str = "copy_engine"):
+    """Tensor-parallel MoE up-projection: every rank's tokens all-gathered while the grouped GEMM of their (token,
+    slot) pairs with this rank's expert slices ``w1`` [E, H, N_loc] runs; returns ``(h [T*k, N_loc], plan)`` (rows
+    in the plan's order, for :func:`moe_rs`). Collective. See :mod:`triton_dist.kernels.moe.tp_moe`."""
+    what = "ag_moe"
+    _tpm.check_inputs(what, x, w1, topk_ids, topk_weights, method)
+    _agree(what, x=_shape(x), w1=_shape(w1), topk=topk_ids.shape[1], method=method)
+    world = current_world().world_size
+    ctx = _gemm_context(what, _tpm.AgMoEContext, world * x.shape[0], x.shape[1], 1, x.dtype)
+    meta = _context("ag_moe_meta", _ag.AllGatherContext, 2 * topk_ids.numel(), torch.float32) if world > 1 else None
+    return _tpm.ag_moe(x, w1, topk_ids, topk_weights, ctx=ctx, meta_ctx=meta, method=method)
+
+
+def moe_plan(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int) -> _tpm.MoEPlan:
+    """The routing plan of tokens held by every rank (decode, for :func:`moe_gemm` then :func:`moe_ar`); local."""
+    return _tpm.moe_plan(topk_ids, topk_weights, num_experts)
+
+
+moe_gemm = _tpm.moe_gemm
+
+
+def moe_rs(h: torch.Tensor, w2: torch.Tensor, plan: _tpm.MoEPlan) -> torch.Tensor:
+    """Tensor-parallel MoE down-projection of :func:`ag_moe`'s activated rows, the top-k weighted sum and the
+    reduce-scatter to the tokens' ranks: ``[T/W, H]``. Collective. See :mod:`triton_dist.kernels.moe.tp_moe`."""
+    _agree("moe_rs", h=_shape(_tensor("moe_rs", h)), w2=_shape(w2))
+    tokens = plan.sources * plan.tokens_per_source
+    ctx = _context("moe_rs", _rs.ReduceScatterContext, tokens * w2.shape[2], torch.float32) \
+        if current_world().world_size > 1 else None
+    return _tpm.moe_rs(h, w2, plan, ctx=ctx)
+
+
+def moe_ar(h: torch.Tensor, w2: torch.Tensor, plan: _tpm.MoEPlan) -> torch.Tensor:
+    """:func:`moe_rs` ending in an all-reduce (decode, tokens replicated: a :func:`moe_plan`): ``[T, H]`` on every
+    rank. Collective. See :mod:`triton_dist.kernels.moe.tp_moe`."""
+    _agree("moe_ar", h=_shape(_tensor("moe_ar", h)), w2=_shape(w2))
+    tokens = plan.sources * plan.tokens_per_source
+    ctx = _context("moe_ar", _ar.AllReduceContext, tokens * w2.shape[2], torch.float32) \
+        if current_world().world_size > 1 else None
+    return _tpm.moe_ar(h, w2, plan, ctx=ctx)
+
+
+ag_moe_reference = _tpm.ag_moe_reference
+moe_rs_reference = _tpm.moe_rs_reference
+moe_ar_reference = _tpm.moe_ar_reference

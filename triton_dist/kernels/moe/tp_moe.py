@@ -1,0 +1,313 @@
+"""Tensor-parallel MoE: every rank holds a ``1 / world`` slice of every expert's intermediate dimension.
+
+Shapes (``W`` ranks, ``E`` experts, top-``k``; sequence-parallel activations as in :mod:`~triton_dist.kernels.ag_gemm`):
+
+* :func:`ag_moe` ``(x [T_loc, H], w1 [E, H, N], topk_ids [T_loc, k], topk_weights [T_loc, k]) -> (h, plan)``: every
+  rank's tokens all-gathered (``T = W * T_loc``, rank ``s``'s tokens at rows ``s * T_loc ..``) and each (token,
+  slot) pair's row multiplied by its expert's ``w1`` slice: ``h`` [T * k, N], the pairs in the *plan's* order
+  (grouped by source rank, then expert, then token, then slot). ``N`` is this rank's slice of the up / gate
+  projection (e.g. ``2 * I / W`` for a fused gate-up weight).
+* :func:`moe_rs` ``(h [T * k, I_loc], w2 [E, I_loc, H], plan) -> [T_loc, H]``: each pair's row times its expert's
+  ``w2`` slice, the top-k weighted sum per token (this rank's part of the sum over the intermediate dimension), then
+  the reduce-scatter over ranks: this rank's tokens of the full result.
+* :func:`moe_ar`: the same ending in an all-reduce (decode: the tokens replicated on every rank, a plan from
+  :func:`moe_plan`; ``[T, H]`` on every rank).
+
+The overlap in :func:`ag_moe`: the rows of rank ``s`` arrive in the gathered buffer of an ``ag_gemm`` context (copy
+engine or SM pull on a side stream, :func:`~triton_dist.kernels.ag_gemm.gather_chunks`) while the grouped GEMM
+runs on the main stream. The plan orders the pairs by source rank first, so every row tile of the GEMM reads one
+rank's tokens, and it waits only for that rank's chunk flag before it gathers its rows (pointer loads through the
+plan's token index: rows of many tokens per tile). The routing (the top-k ids and weights, all-gathered first: a
+few KB) is on the device, no host sync.
+
+The GEMM (:func:`moe_gemm`): a group per (source rank, expert), ``G = W * E`` groups in the plan's offsets, weight
+``g % E``; row tiles never straddle groups; fp32 accumulation. :func:`moe_rs` / :func:`moe_ar` today run its
+down-projection form, then ``routing.scatter_combine`` and our reduce-scatter / all-reduce in sequence (fp32
+partials, so the sum over ranks rounds once); their overlap (tiles reduced and sent as they finish) is not built yet.
+
+References: :func:`ag_moe_reference`, :func:`moe_rs_reference`, :func:`moe_ar_reference` (torch, fp32).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import triton
+import triton.language as tl
+from triton import knobs
+
+import triton_dist
+import triton_dist.language as dl
+from triton_dist.kernels import ag_gemm as _agg
+from triton_dist.kernels import all_gather as _ag
+from triton_dist.kernels import all_reduce as _ar
+from triton_dist.kernels import reduce_scatter as _rs
+from triton_dist.kernels._common import call_signature
+from triton_dist.kernels.gemm import check_method, dot_precision, grouped_tile, store_tile
+from triton_dist.kernels.grouped_gemm import expert_of_tile, expert_row_tiles, max_row_tiles
+from triton_dist.kernels.routing import Routing, build_routing, scatter_combine
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+METHODS = ("copy_engine", "sm")
+
+
+@dataclass
+class MoEPlan:
+    """The routing of one MoE call over ``num_tokens`` tokens (all ranks' for :func:`ag_moe`): ``routing`` over ``G =
+    sources * num_experts`` groups (group ``s * E + e``: source rank ``s``'s pairs for expert ``e``; ``sources`` is 1
+    for :func:`moe_plan`), the top-k weights of those tokens ([num_tokens, k] fp32), and the tokens per source rank."""
+
+    routing: Routing
+    weights: torch.Tensor
+    num_experts: int
+    sources: int
+    tokens_per_source: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.routing.num_rows
+
+
+# ---------------------------------------------------------------------------------------------- kernel
+@triton.jit
+def _moe_gemm_kernel(x, gidx, w, out, offs_ptr, sig_ptr, epoch_ptr, R, N, K, G, E_W,
+                     stride_xm, stride_we, stride_wk, stride_wn, stride_om, row_tile_bound,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                     G_BLOCK: tl.constexpr, GATHER: tl.constexpr, WAIT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Persistent over the tiles of ``G`` groups (offsets at ``offs_ptr``) times column tiles: tile rows ``r`` of
+    group ``g`` are ``x[gidx[r]]`` (``GATHER``; else ``x[r]``) times ``w[g % E_W]``, stored at ``out[r]``. ``WAIT``:
+    before reading a tile's rows wait ``flag[g // E_W] >= epoch`` (``sig_ptr + world + src``: ag_gemm's chunk flags)."""
+    lo, hi, first, end = expert_row_tiles(offs_ptr, G, R, G_BLOCK, BLOCK_M)
+    tiles_m = tl.minimum(tl.max(end, 0), row_tile_bound)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    if WAIT:
+        world = dl.num_ranks()
+        e_call = tl.load(epoch_ptr)
+    for t in range(tl.program_id(0), tiles_m * tiles_n, tl.num_programs(0)):
+        gm, pid_n = grouped_tile(t, tiles_m, tiles_n, GROUP_M)
+        g, off_m, rows_end = expert_of_tile(gm, lo, hi, first, end, G_BLOCK, BLOCK_M)
+        we = g % E_W
+        rows = off_m + tl.arange(0, BLOCK_M)
+        rmask = rows < rows_end
+        if GATHER:
+            src_rows = tl.load(gidx + rows, mask=rmask, other=0)
+        else:
+            src_rows = rows
+        xp = x
+        if WAIT:
+            token = dl.wait(sig_ptr + world + g // E_W, 1, "sys", "acquire", e_call, cmp="ge")
+            xp = dl.consume_token(x, token)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = offs_n < N
+        a_rows = xp + src_rows.to(tl.int64)[:, None] * stride_xm
+        b_base = w + we.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            kmask = kk < K
+            a = tl.load(a_rows + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(b_base + kk[:, None] * stride_wk, mask=kmask[:, None] & nmask[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        store_tile(out, acc, off_m, pid_n * BLOCK_N, rows_end, N, stride_om, 1, BLOCK_M, BLOCK_N)
+
+
+# ---------------------------------------------------------------------------------------------- host side
+def _config(dtype: torch.dtype, rows: int):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): small tiles in the CPU world, 64 x 128 x 64 on GPUs (pointer
+    loads: the gathered rows rule out TMA for A)."""
+    if knobs.runtime.interpret:
+        return 16, 32, 32, 4, 1
+    if dtype == torch.float32:
+        return 64, 64, 32, 4, 2
+    return 64, 128, 64, 4, 3
+
+
+def moe_gemm(x: torch.Tensor, w: torch.Tensor, plan: MoEPlan, *, gather: bool = True, out_dtype=None,
+             _wait=None) -> torch.Tensor:
+    """The grouped GEMM of a plan: row ``r`` of the result is ``x[token of r] @ w[expert of r]`` (``gather``; else
+    ``x[r] @ w[expert of r]``, ``x`` already in the plan's row order). ``x`` [*, K] with a unit stride along K; ``w``
+    [E, K, N] (any strides); result [plan rows, N] in ``out_dtype`` (default ``x``'s), fp32 accumulation."""
+    what = "moe_gemm"
+    for name, t in (("x", x), ("w", w)):
+        if not isinstance(t, torch.Tensor) or t.dtype not in DTYPES:
+            raise TypeError(f"{what}: {name} must be a bf16, fp16 or fp32 tensor, got "
+                            f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[1] or w.dtype != x.dtype:
+        raise ValueError(f"{what}: expected x [rows, K] and w [E, K, N] of one dtype, got {tuple(x.shape)} "
+                         f"{x.dtype} and {tuple(w.shape)} {w.dtype}")
+    if w.shape[0] != plan.num_experts:
+        raise ValueError(f"{what}: w has {w.shape[0]} experts, the plan {plan.num_experts}")
+    if x.stride(1) != 1:
+        raise ValueError(f"{what}: x must have a unit stride along K, got strides {x.stride()}")
+    r = plan.routing
+    rows, k, n = r.num_rows, x.shape[1], w.shape[2]
+    if not gather and x.shape[0] != rows:
+        raise ValueError(f"{what}: with gather=False x must hold the plan's {rows} rows, got {x.shape[0]}")
+    out = torch.empty((rows, n), dtype=out_dtype or x.dtype, device=x.device)
+    if rows == 0 or n == 0:
+        return out
+    bm, bn, bk, warps, stages = _config(x.dtype, rows)
+    groups = r.num_experts
+    bound = max_row_tiles(rows, groups, bm)
+    tiles = bound * triton.cdiv(n, bn)
+    sig, epoch, budget = _wait if _wait is not None else (out, out, None)
+    world = triton_dist.current_world()
+    programs = min(tiles, budget or (4 if world.interpreted else world.num_sms))
+    _moe_gemm_kernel[(max(1, programs),)](
+        x, r.gather_index, w, out, r.expert_offsets, sig, epoch, rows, n, k, groups,
+        plan.num_experts, x.stride(0), w.stride(0), w.stride(1), w.stride(2), out.stride(0), bound,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, G_BLOCK=triton.next_power_of_2(groups), GATHER=gather,
+        WAIT=_wait is not None, DOT_PRECISION=dot_precision(x.dtype), num_warps=warps, num_stages=stages)
+    return out
+
+
+def _check_routing_args(what, topk_ids, topk_weights, tokens, num_experts, device):
+    if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2 or topk_ids.dtype not in (torch.int32,
+                                                                                              torch.int64):
+        raise TypeError(f"{what}: topk_ids must be a [T, k] int32 or int64 tensor")
+    if topk_ids.shape[0] != tokens:
+        raise ValueError(f"{what}: topk_ids has {topk_ids.shape[0]} rows, x {tokens} tokens")
+    if not isinstance(topk_weights, torch.Tensor) or tuple(topk_weights.shape) != tuple(topk_ids.shape) or \
+            not topk_weights.dtype.is_floating_point:
+        raise ValueError(f"{what}: topk_weights must be a float tensor of topk_ids' shape {tuple(topk_ids.shape)}")
+    for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights)):
+        if t.device.type != device.type:
+            raise ValueError(f"{what}: {name} is on {t.device}, expected {device}")
+    if topk_ids.device.type == "cpu" and topk_ids.numel():
+        lo, hi = int(topk_ids.min()), int(topk_ids.max())
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(f"{what}: topk_ids must be in [0, {num_experts}), got values in [{lo}, {hi}]")
+
+
+def moe_plan(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int) -> MoEPlan:
+    """The plan of tokens every rank holds (decode with replicated tokens; one source): routing over the experts,
+    weights as fp32. On the device, no host sync."""
+    _check_routing_args("moe_plan", topk_ids, topk_weights, topk_ids.shape[0], num_experts, topk_ids.device)
+    routing = build_routing(topk_ids, num_experts, check_ids=False)
+    return MoEPlan(routing, topk_weights.to(torch.float32).contiguous(), num_experts, 1, topk_ids.shape[0])
+
+
+class AgMoEContext(_agg.AGGemmContext):
+    """:func:`ag_moe`'s gathered-token buffer (``max_tokens`` rows of ``hidden``), chunk flags, epoch and side
+    stream: an ``ag_gemm`` context (``n`` is unused). Made once per (max tokens, hidden, dtype), reused."""
+
+    op = "ag_moe"
+
+
+def ag_moe(x: torch.Tensor, w1: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, *,
+           ctx: AgMoEContext, meta_ctx: _ag.AllGatherContext | None, method: str = "copy_engine"):
+    """All-gather of the token shards overlapped with the grouped up-projection (module docstring). ``x`` [T_loc, H]
+    contiguous (the same ``T_loc`` on every rank), ``w1`` [E, H, N] (this rank's slice), ``topk_ids`` /
+    ``topk_weights`` [T_loc, k] (ids in ``[0, E)``). ``meta_ctx``: an fp32 all-gather context for ``T_loc * 2k``
+    elements (the routing; None at world size 1). Returns ``(h [W * T_loc * k, N], plan)``. ``method``: the
+    gather's (``copy_engine`` or ``sm``). Collective; no host sync."""
+    what = "ag_moe"
+    check_inputs(what, x, w1, topk_ids, topk_weights, method)
+    world = ctx.world.world_size
+    t_loc, hidden = x.shape
+    e, k = w1.shape[0], topk_ids.shape[1]
+    if hidden != ctx.k or x.dtype != ctx.dtype or world * t_loc > ctx.max_m:
+        raise ValueError(f"{what}: the context is for up to {ctx.max_m} gathered tokens of [*, {ctx.k}] "
+                         f"{ctx.dtype}, got x {tuple(x.shape)} {x.dtype} on {world} ranks")
+    meta = torch.cat([topk_ids.to(torch.float32), topk_weights.to(torch.float32)], dim=1)  # ids exact below 2^24
+    gathered_meta = _ag.all_gather(meta, ctx=meta_ctx) if world > 1 else meta
+    ids = gathered_meta[:, :k].to(torch.int64)
+    weights = gathered_meta[:, k:].contiguous()
+    src = torch.div(torch.arange(world * t_loc, device=x.device), max(t_loc, 1), rounding_mode="floor")
+    routing = build_routing(src[:, None] * e + ids, world * e, check_ids=False)
+    plan = MoEPlan(routing, weights, e, world, t_loc)
+    if world == 1:  # nothing to gather: the one chunk's flag is raised for good (ag_gemm's context)
+        return moe_gemm(x, w1, plan, _wait=(ctx.signals, ctx.epoch, None)), plan
+    epoch = ctx.next_epoch()
+    sig = call_signature(what, method, x.dtype, t_loc * hidden, hidden)
+    gathered = ctx.gathered[:world * t_loc]
+    with ctx.forked():
+        with ctx.side_stream():
+            _agg.gather_chunks(ctx, x, epoch, sig, method)
+        h = moe_gemm(gathered, w1, plan, _wait=(ctx.signals, epoch, _agg.consumer_programs(ctx, method)))
+    return h, plan
+
+
+def check_inputs(what: str, x, w1, topk_ids, topk_weights, method: str) -> None:
+    """:func:`ag_moe`'s argument checks (before any collective context is made for the call)."""
+    check_method(what, method, METHODS)
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_contiguous() or x.dtype not in DTYPES:
+        raise ValueError(f"{what}: x must be a contiguous [T_loc, H] bf16, fp16 or fp32 tensor")
+    if not isinstance(w1, torch.Tensor) or w1.dim() != 3 or w1.shape[1] != x.shape[1] or w1.dtype != x.dtype:
+        got = f"{tuple(w1.shape)} {w1.dtype}" if isinstance(w1, torch.Tensor) else type(w1).__name__
+        raise ValueError(f"{what}: w1 must be [E, H, N] (every expert's slice on this rank) of x's dtype with H = "
+                         f"{x.shape[1]}, got {got}")
+    _check_routing_args(what, topk_ids, topk_weights, x.shape[0], w1.shape[0], x.device)
+
+
+def _down_partial(h: torch.Tensor, w2: torch.Tensor, plan: MoEPlan) -> torch.Tensor:
+    """This rank's part of every token's output: the pairs' rows times ``w2``, top-k weighted per token (fp32)."""
+    y = moe_gemm(h, w2, plan, gather=False, out_dtype=torch.float32)
+    return scatter_combine(y, plan.routing, plan.weights)
+
+
+def moe_rs(h: torch.Tensor, w2: torch.Tensor, plan: MoEPlan, *, ctx: _rs.ReduceScatterContext | None) -> torch.Tensor:
+    """Down projection of :func:`ag_moe`'s (activated) rows, the top-k weighted sum, and the reduce-scatter of the
+    tokens to their ranks: ``[T_loc, H]`` in ``h``'s dtype. ``h`` [plan rows, I_loc] in the plan's row order, ``w2``
+    [E, I_loc, H]; ``ctx``: an fp32 reduce-scatter context for ``T * H`` elements (None at world size 1).
+    Collective."""
+    partial = _down_partial(h, w2, plan)
+    if ctx is None or ctx.world.world_size == 1:
+        return partial.to(h.dtype)
+    return _rs.reduce_scatter(partial, ctx=ctx).to(h.dtype)
+
+
+def moe_ar(h: torch.Tensor, w2: torch.Tensor, plan: MoEPlan, *, ctx: _ar.AllReduceContext | None) -> torch.Tensor:
+    """:func:`moe_rs` ending in an all-reduce: every token's full output ``[T, H]`` on every rank (decode: the plan
+    of :func:`moe_plan`, the tokens replicated). ``ctx``: an fp32 all-reduce context for ``T * H`` elements (None at
+    world size 1). Collective."""
+    partial = _down_partial(h, w2, plan)
+    if ctx is None or ctx.world.world_size == 1:
+        return partial.to(h.dtype)
+    return _ar.all_reduce(partial, ctx=ctx).to(h.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- references
+def _gather(t: torch.Tensor) -> torch.Tensor:
+    world = triton_dist.current_world()
+    parts = [torch.empty_like(t) for _ in range(world.world_size)]
+    dist.all_gather(parts, t.contiguous(), group=world.group)
+    return torch.cat(parts)
+
+
+def ag_moe_reference(x, w1, topk_ids, topk_weights):
+    """fp32 ``[T, k, N]``: every gathered token's row times the ``w1`` slice of each of its experts (pair order
+    ``[token, slot]``, not the plan's)."""
+    xs, ids = _gather(x).float(), _gather(topk_ids).long()
+    return torch.einsum("th,tkhn->tkn", xs, w1.float()[ids])
+
+
+def _down_reference(h_pairs, w2, ids, weights):
+    """fp32 ``[T, H]``: sum over slots of ``weights * (h_pairs[t, j] @ w2[ids[t, j]])``."""
+    y = torch.einsum("tki,tkih->tkh", h_pairs.float(), w2.float()[ids.long()])
+    return (y * weights.float()[..., None]).sum(1)
+
+
+def moe_rs_reference(h_pairs, w2, topk_ids, topk_weights):
+    """fp32 ``[T_loc, H]``: the down projection of the pairs' rows (``h_pairs`` [T, k, I_loc] in pair order, all
+    gathered tokens), weighted, summed over ranks, this rank's tokens."""
+    world = triton_dist.current_world()
+    full = _down_reference(h_pairs, w2, _gather(topk_ids), _gather(topk_weights))
+    dist.all_reduce(full, group=world.group)
+    t_loc = full.shape[0] // world.world_size
+    return full[world.rank * t_loc:(world.rank + 1) * t_loc]
+
+
+def moe_ar_reference(h_pairs, w2, topk_ids, topk_weights):
+    """fp32 ``[T, H]``: the down projection, weighted, summed over ranks (replicated tokens)."""
+    full = _down_reference(h_pairs, w2, topk_ids, topk_weights)
+    dist.all_reduce(full, group=triton_dist.current_world().group)
+    return full
+
+
+def plan_rows_to_pairs(rows: torch.Tensor, plan: MoEPlan) -> torch.Tensor:
+    """``[T, k, N]`` from rows in the plan's order (``rows[scatter_index[t, j]]``)."""
+    idx = plan.routing.scatter_index.long()
+    return rows[idx.reshape(-1)].view(idx.shape[0], idx.shape[1], -1)
