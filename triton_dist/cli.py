@@ -6,7 +6,7 @@
     triton-dist run -n 4 --share-gpus script.py     # 4 ranks on the GPUs there are (rank r on GPU r % G)
     triton-dist run -n 2 --mode cpu -m pkg.mod      # a module, on the CPU world
     triton-dist bench primitives [-n N] [args...]   # a benchmark of triton_dist.bench (primitives,
-                                                    # collectives, gemm, cores, attention)
+                                                    # collectives, gemm, cores, attention, moe)
     triton-dist demo [-n N]                         # the intra-node all-gather tutorial
     triton-dist mps start | stop DIR                # a private MPS daemon for shared-GPU worlds (prints exports)
 
@@ -19,7 +19,7 @@ import argparse
 import os
 import sys
 
-BENCHES = ["primitives", "collectives", "gemm", "cores", "attention"]
+BENCHES = ["primitives", "collectives", "gemm", "cores", "attention", "moe"]
 DEMO_SCRIPT = os.path.join("tutorials", "02_intra_node_allgather.py")
 EXIT_USAGE = 2
 EXIT_CODES = """exit codes:
