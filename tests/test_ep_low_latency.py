@@ -15,9 +15,9 @@ from _util import poison, rand, this_world
 def _routing(tokens, topk, experts, seed, rank):
     """Distinct experts per token, several of them on one rank; expert 1 never chosen; a few -1 slots."""
     g = torch.Generator().manual_seed(seed + 7 * rank)
-    ids = torch.stack([torch.randperm(experts, generator=g)[:topk] for _ in range(tokens)]) if tokens else \
+    ids = torch.stack([torch.randperm(experts - 1, generator=g)[:topk] for _ in range(tokens)]) if tokens else \
         torch.empty((0, topk), dtype=torch.int64)
-    ids = torch.where(ids == 1, torch.zeros_like(ids), ids)  # expert 0 may now repeat in a token: legal pairs
+    ids = torch.where(ids >= 1, ids + 1, ids)  # 0, 2, 3, ...: expert 1 gets no token
     if tokens > 2:
         ids[1, 0] = -1
     return ids.to(torch.int32)
@@ -110,6 +110,7 @@ def _bad(case):
         "ids_shape": lambda: ctx.dispatch(x, ids[:, :1]),
         "ids_range": lambda: ctx.dispatch(x, ids + 2 * w.world_size),
         "ids_dtype": lambda: ctx.dispatch(x, ids.float()),
+        "ids_twice": lambda: ctx.dispatch(x, ids),  # zeros: expert 0 twice per token
         "handle": lambda: ctx.combine(torch.ones((2, 4 * w.world_size, 32)), ids, torch.ones(3, 2), None),
     }
     try:
@@ -118,14 +119,15 @@ def _bad(case):
         return str(e)
     finally:
         ctx.close()
-    if case == "ids_range" and w.device.type == "cuda":  # unchecked there (a sync): ignored slots, no fault
-        return "in [-1, E): ignored on the GPU"
+    if case in ("ids_range", "ids_twice") and w.device.type == "cuda":  # unchecked there (a sync): no fault
+        return "in [-1, E) / names an expert twice: memory-safe on the GPU"
     return "no error"
 
 
 @pytest.mark.parametrize("case,needle", [
     ("too_many", "at most max_tokens = 4"), ("hidden", "[T, 32]"), ("dtype", "torch.float32 rows"),
     ("ids_shape", "expected (3, 2)"), ("ids_range", "in [-1,"), ("ids_dtype", "int32 or int64"),
+    ("ids_twice", "names an expert twice"),
     ("handle", "DispatchHandle")])
 def test_bad_input(world2, case, needle):
     assert all(needle in msg for msg in world2.run(_bad, case))

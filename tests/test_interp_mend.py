@@ -91,3 +91,26 @@ def test_bf16_reductions_and_dot():
     assert torch.equal(maxes, a.max(1).values)
     ref = a.double() @ b.double()
     assert (dot.double() - ref).norm() / ref.norm() < 1e-5  # fp32 accumulation of exact bf16 products
+
+
+@triton.jit
+def _fp8_cast_kernel(x_ptr, e4_ptr, e5_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    x = tl.load(x_ptr + offs)
+    tl.store(e4_ptr + offs, x.to(tl.float8e4nv))
+    tl.store(e5_ptr + offs, x.to(tl.float8e5))
+
+
+def test_fp32_to_fp8_rounds_to_nearest_even():
+    """Values whose rounding carries into the exponent (127.9 -> 128 in e4m3), ties, and saturation at the largest
+    finite value: as torch (and the GPU's cvt.rn.satfinite) round them."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.cat([torch.randn(1000, generator=g) * 100, torch.tensor([127.9, -127.9, 168.0, 88.0, 15.75, 448.0,
+                                                                        0.0, 1e-9, -3.0])])
+    x = x[:1024] if x.numel() >= 1024 else torch.cat([x, torch.ones(1024 - x.numel())])
+    x = x.clamp(-440, 440).to(DEVICE)  # in range of e4m3 (saturation differs between torch and satfinite above)
+    e4 = torch.empty(1024, dtype=torch.float8_e4m3fn, device=DEVICE)
+    e5 = torch.empty(1024, dtype=torch.float8_e5m2, device=DEVICE)
+    _fp8_cast_kernel[(1,)](x, e4, e5, N=1024)
+    assert torch.equal(e4.view(torch.uint8), x.to(torch.float8_e4m3fn).view(torch.uint8))
+    assert torch.equal(e5.view(torch.uint8), x.to(torch.float8_e5m2).view(torch.uint8))

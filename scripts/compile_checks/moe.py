@@ -15,7 +15,7 @@ def checks(check) -> None:
         buf = "*fp8e4nv" if fp8 else "*bf16"
         send = {"x_ptr": "*bf16", "ids_ptr": i32, "buf_ptr": buf, "scale_ptr": "*fp32", "src_ptr": i32,
                 "cnt_ptr": i32, "flag_ptr": i32, "done_ptr": i32, "epoch_ptr": i32, "arrive_ptr": i32,
-                "T": "i32", "H": "i32", "stride_x": "i32", "L": "i32", "M": "i32"}
+                "T": "i32", "H": "i32", "stride_x": "i32", "L": "i32", "M": "i32", "HC": "i32"}
         check(EP._dispatch_send_kernel, send, dict(K=8, BLOCK_K=8, BLOCK_T=32, BLOCK_H=1024, BLOCK_E=32,
                                                    BLOCK_P=64, FP8=fp8), options=opts)
         recv = {"buf_ptr": buf, "scale_ptr": "*fp32", "src_ptr": i32, "cnt_ptr": i32, "flag_ptr": i32,
@@ -25,15 +25,16 @@ def checks(check) -> None:
         check(EP._dispatch_recv_kernel, recv, dict(BLOCK_W=8, BLOCK_R=8, BLOCK_H=1024, BLOCK_G=64, FP8=fp8),
               options=opts)
     check(EP._combine_send_kernel,
-          {"y_ptr": "*bf16", "stride_yl": "i32", "stride_yr": "i32", "slot_ptr": i32, "rank_ptr": i32,
-           "count_ptr": i32, "cbuf_ptr": "*bf16", "cflag_ptr": i32, "cdone_ptr": i32, "epoch_ptr": i32,
-           "arrive_ptr": i32, "H": "i32", "MK": "i32", "CAP": "i32", "ROWS": "i32"}, dict(BLOCK_H=1024), options=opts)
+          {"y_ptr": "*bf16", "stride_yl": "i32", "stride_yr": "i32", "slot_ptr": i32, "layout_ptr": i32,
+           "cbuf_ptr": "*bf16", "cflag_ptr": i32, "cdone_ptr": i32, "epoch_ptr": i32, "arrive_ptr": i32, "H": "i32",
+           "MK": "i32", "CAP": "i32"}, dict(BLOCK_R=8, BLOCK_H=1024), options=opts)
     check(EP._combine_recv_kernel,
           {"ids_ptr": i32, "w_ptr": "*fp32", "cbuf_ptr": "*bf16", "cflag_ptr": i32, "cdone_ptr": i32,
-           "epoch_ptr": i32, "arrive_ptr": i32, "out_ptr": "*bf16", "T": "i32", "H": "i32", "MK": "i32", "E": "i32"},
+           "epoch_ptr": i32, "arrive_ptr": i32, "out_ptr": "*bf16", "T": "i32", "H": "i32", "MK": "i32", "E": "i32",
+           "HC": "i32"},
           dict(K=8, BLOCK_K=8, BLOCK_H=1024), options=dict(opts, enable_fp_fusion=False))
     for dtype, el in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
-        bm, bn, bk, warps, stages = TP._config(dtype, 4096)
+        bm, bn, bk, warps, stages = TP._config(dtype)
         for gather, wait, out in ((True, True, el), (False, False, "fp32")):
             sig = {"x": f"*{el}", "gidx": "*i32", "w": f"*{el}", "out": f"*{out}", "offs_ptr": "*i32",
                    "sig_ptr": "*i32", "epoch_ptr": "*i32", "R": "i32", "N": "i32", "K": "i32", "G": "i32",

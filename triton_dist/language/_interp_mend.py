@@ -65,7 +65,7 @@ _FP8 = {}  # Triton fp8 type name -> (torch dtype, largest finite value), filled
 
 
 def install() -> None:
-    """Apply both mends (idempotent)."""
+    """Apply the mends (idempotent)."""
     global _installed
     if _installed:
         return

@@ -4,7 +4,8 @@ primitives, fixed buffers, no host sync, CUDA-graph capturable.
 Ranks and experts (``W`` ranks, ``E`` experts, ``L = E / W`` local experts, rank ``r`` owns experts ``r * L ..
 r * L + L - 1``). Every rank holds up to ``M`` (``max_tokens``) tokens ``x`` [T, H] and their routing ``topk_ids``
 [T, K] (global expert ids; ``-1``: the slot sends nothing; so does an id out of ``[0, E)``, which is an error
-reported on the host for CPU tensors and, on GPUs, where checking would sync, an ignored slot, never a fault). A
+reported on the host for CPU tensors and, on GPUs, where checking would sync, an ignored slot, never a fault; a
+token's experts must be distinct, as a top-k's are: checked likewise, memory-safe but undefined on GPUs). A
 *pair* ``(t, j)`` is token ``t``'s copy for expert ``topk_ids[t, j]``; its *index* ``i`` is the number of this
 rank's earlier pairs (in ``t * K + j`` order) for the same expert, so a sender numbers its pairs without talking to
 anyone.
@@ -38,17 +39,18 @@ Protocol, call ``e`` (parity ``p = e % 2``; each op has its own device epoch cou
 its send kernel: no host op per call). Every step is one kernel; no program waits for a program of its own rank, so
 the CPU world's one-program-at-a-time interpreter makes progress.
 
-1. dispatch send (one program per token): wait ``d_done[*] >= e - 2`` (the receivers are done with parity ``p``);
-   number my pairs; store each pair's row (and scales) and return address into the expert rank's ``d_buf``; count
-   myself on an arrival counter. The last program to arrive counts the pairs per expert, stores the counts into
-   every rank's ``d_cnt[p, me]``, then (one fence, relaxed stores) sets ``d_flag[p, me] = e`` on every rank.
+1. dispatch send (one program per token and ``BLOCK_H`` values of its row): wait ``d_done[*] >= e - 2`` (the
+   receivers are done with parity ``p``); number my pairs; store each pair's row (and scales) and return address
+   into the expert rank's ``d_buf``; count myself on an arrival counter. The last program to arrive counts the
+   pairs per expert, stores the counts into every rank's ``d_cnt[p, me]``, then (one fence, relaxed stores) sets
+   ``d_flag[p, me] = e`` on every rank.
 2. dispatch receive (one program per (local expert, source)): wait ``d_flag[p, *] >= e``; offset = the counts of the
    sources before mine for this expert; copy the rows into ``recv_x``, the return addresses into the handle. The
    last program sets ``d_done[me] = e`` on every rank.
-3. combine send (programs over the rows of each local expert): wait ``c_done[*] >= e - 2``; store each row of ``y``
+3. combine send (one program per (local expert, source)): wait ``c_done[*] >= e - 2``; store each row of ``y``
    into its source rank's ``c_buf[p, t * K + j]``; the last program sets ``c_flag[p, me] = e`` on every rank.
-4. combine receive (one program per token): wait ``c_flag[p, *] >= e``; the weighted sum; the last program sets
-   ``c_done[me] = e`` on every rank.
+4. combine receive (one program per token and ``BLOCK_H`` values): wait ``c_flag[p, *] >= e``; the weighted sum;
+   the last program sets ``c_done[me] = e`` on every rank.
 
 A rank that sends nothing (``T = 0``, or every id ``-1``) still sets its flags, and an expert that receives nothing
 gets ``recv_count`` 0. Waits are the watchdog's (``TRITON_DIST_WAIT_TIMEOUT_S``): a missing peer is reported with the
@@ -109,13 +111,16 @@ def _pick(vec, offs, j):
 
 @triton.jit
 def _dispatch_send_kernel(x_ptr, ids_ptr, buf_ptr, scale_ptr, src_ptr, cnt_ptr, flag_ptr, done_ptr, epoch_ptr,
-                          arrive_ptr, T, H, stride_x, L, M,
+                          arrive_ptr, T, H, stride_x, L, M, HC,
                           K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
                           BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr, FP8: tl.constexpr):
-    """Program ``t``: token ``t``'s pairs (programs past ``T`` only arrive). Step 1 of the module docstring."""
+    """Program ``t * HC + c``: values ``c * BLOCK_H ..`` of token ``t``'s row, stored for each of its pairs
+    (programs past ``T`` only arrive). Step 1 of the module docstring."""
     me = dl.rank()
     W = dl.num_ranks()
-    t = tl.program_id(0)
+    pid = tl.program_id(0)
+    t = pid // HC
+    c = pid % HC
     e = tl.load(epoch_ptr) + 1
     p = e % 2
     token = dl.wait(done_ptr, W, "sys", "acquire", e - 2, cmp="ge")
@@ -135,28 +140,30 @@ def _dispatch_send_kernel(x_ptr, ids_ptr, buf_ptr, scale_ptr, src_ptr, cnt_ptr, 
             idx += tl.sum(tl.sum(same, axis=0), axis=0)
         earlier = (my[:, None] == my[None, :]) & (offs_k[:, None] < offs_k[None, :])
         idx += tl.sum(earlier.to(tl.int32), axis=0)
+        offs_h = c * BLOCK_H + tl.arange(0, BLOCK_H)
+        hm = offs_h < H
+        xv = tl.load(x_ptr + t.to(tl.int64) * stride_x + offs_h, mask=hm, other=0.0)  # once for the K stores
+        if FP8:
+            xg = tl.reshape(xv.to(tl.float32), [BLOCK_H // 128, 128])
+            amax = tl.maximum(tl.max(tl.abs(xg), axis=1), 1e-4)
+            # IEEE divisions (div_rn): what torch computes for tensor / tensor, bit for bit
+            inv = tl.math.div_rn(tl.full([BLOCK_H // 128], 448.0, tl.float32), amax)
+            xv = tl.reshape(xg * inv[:, None], [BLOCK_H]).to(buf.dtype.element_ty)
+            scale = tl.math.div_rn(amax, tl.full([BLOCK_H // 128], 448.0, tl.float32))
+            offs_g = c * (BLOCK_H // 128) + tl.arange(0, BLOCK_H // 128)
         for j in tl.static_range(K):
             ej = _pick(my, offs_k, j)
-            if (ej >= 0) & (ej < L * W):  # an id out of range sends nothing (never a write out of bounds)
+            ij = _pick(idx, offs_k, j)
+            # an id out of range, or a pair past M for its expert (a token naming an expert twice), sends nothing:
+            # never a write out of bounds
+            if (ej >= 0) & (ej < L * W) & (ij < M):
                 r = ej // L
-                row = (((p * L + ej % L) * W + me) * M + _pick(idx, offs_k, j)).to(tl.int64)
-                for h0 in range(0, H, BLOCK_H):
-                    offs_h = h0 + tl.arange(0, BLOCK_H)
-                    hm = offs_h < H
-                    xv = tl.load(x_ptr + t.to(tl.int64) * stride_x + offs_h, mask=hm, other=0.0)
-                    if FP8:
-                        xg = tl.reshape(xv.to(tl.float32), [BLOCK_H // 128, 128])
-                        amax = tl.maximum(tl.max(tl.abs(xg), axis=1), 1e-4)
-                        # IEEE divisions (div_rn): what torch computes for tensor / tensor, bit for bit
-                        inv = tl.math.div_rn(tl.full([BLOCK_H // 128], 448.0, tl.float32), amax)
-                        q = tl.reshape(xg * inv[:, None], [BLOCK_H])
-                        tl.store(dl.symm_at(buf + row * H + offs_h, r), q.to(buf.dtype.element_ty), mask=hm)
-                        offs_g = h0 // 128 + tl.arange(0, BLOCK_H // 128)
-                        scale = tl.math.div_rn(amax, tl.full([BLOCK_H // 128], 448.0, tl.float32))
-                        tl.store(dl.symm_at(scale_ptr + row * (H // 128) + offs_g, r), scale, mask=offs_g < H // 128)
-                    else:
-                        tl.store(dl.symm_at(buf + row * H + offs_h, r), xv, mask=hm)
-                tl.store(dl.symm_at(src_ptr + row, r), t * K + j)
+                row = (((p * L + ej % L) * W + me) * M + ij).to(tl.int64)
+                tl.store(dl.symm_at(buf + row * H + offs_h, r), xv, mask=hm)
+                if FP8:
+                    tl.store(dl.symm_at(scale_ptr + row * (H // 128) + offs_g, r), scale, mask=offs_g < H // 128)
+                if c == 0:
+                    tl.store(dl.symm_at(src_ptr + row, r), t * K + j)
     if _arrive(arrive_ptr):
         # the last program: pairs per expert, stored into every rank's counts; then every rank's flag
         n_pairs = T * K
@@ -168,6 +175,7 @@ def _dispatch_send_kernel(x_ptr, ids_ptr, buf_ptr, scale_ptr, src_ptr, cnt_ptr, 
                     pairs = p0 + tl.arange(0, BLOCK_P)
                     ids = tl.load(ids_ptr + pairs, mask=pairs < n_pairs, other=-1)
                     cnt += tl.sum((ids[:, None] == (r * L + offs_l)[None, :]).to(tl.int32), axis=0)
+                cnt = tl.minimum(cnt, M)  # the pairs sent (see above)
                 tl.store(dl.symm_at(cnt_ptr + (p * W + me) * L + offs_l, r), cnt, mask=offs_l < L)
         tl.debug_barrier()
         dl.fence("sys", "acq_rel")
@@ -222,31 +230,33 @@ def _dispatch_recv_kernel(buf_ptr, scale_ptr, src_ptr, cnt_ptr, flag_ptr, done_p
 
 
 @triton.jit
-def _combine_send_kernel(y_ptr, stride_yl, stride_yr, slot_ptr, rank_ptr, count_ptr, cbuf_ptr, cflag_ptr, cdone_ptr,
-                         epoch_ptr, arrive_ptr, H, MK, CAP, ROWS,
-                         BLOCK_H: tl.constexpr):
-    """Program ``l * chunks + c``: rows ``c * ROWS ..`` of local expert ``l``'s received rows. Step 3."""
+def _combine_send_kernel(y_ptr, stride_yl, stride_yr, slot_ptr, layout_ptr, cbuf_ptr, cflag_ptr, cdone_ptr,
+                         epoch_ptr, arrive_ptr, H, MK, CAP,
+                         BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Program ``l * W + s``: the rows of local expert ``l`` that came from rank ``s`` (``layout[l, s]``: first row,
+    rows), back to ``s``'s ``c_buf`` at their return addresses, ``BLOCK_R`` rows at a time. Step 3."""
     me = dl.rank()
     W = dl.num_ranks()
-    chunks = tl.cdiv(CAP, ROWS)
     pid = tl.program_id(0)
-    le = pid // chunks
-    c = pid % chunks
+    le = pid // W
+    s = pid % W
     e = tl.load(epoch_ptr) + 1
     p = e % 2
     token = dl.wait(cdone_ptr, W, "sys", "acquire", e - 2, cmp="ge")
     cbuf = dl.consume_token(cbuf_ptr, token)
-    n = tl.load(count_ptr + le)
-    for i in range(c * ROWS, tl.minimum(c * ROWS + ROWS, n)):
-        row = le * CAP + i
-        s = tl.load(rank_ptr + row)
-        q = tl.load(slot_ptr + row)
-        dst = dl.symm_at(cbuf + (p * MK + q).to(tl.int64) * H, s)
-        src = y_ptr + le.to(tl.int64) * stride_yl + i * stride_yr
+    off = tl.load(layout_ptr + (le * W + s) * 2)
+    n = tl.load(layout_ptr + (le * W + s) * 2 + 1)
+    for i0 in range(0, n, BLOCK_R):
+        rows = off + i0 + tl.arange(0, BLOCK_R)
+        rm = rows < off + n
+        q = tl.load(slot_ptr + le * CAP + rows, mask=rm, other=0)
+        dst_rows = (p * MK + q).to(tl.int64) * H
+        src_rows = le.to(tl.int64) * stride_yl + rows.to(tl.int64) * stride_yr
         for h0 in range(0, H, BLOCK_H):
             offs_h = h0 + tl.arange(0, BLOCK_H)
-            hm = offs_h < H
-            tl.store(dst + offs_h, tl.load(src + offs_h, mask=hm), mask=hm)
+            m2 = rm[:, None] & (offs_h < H)[None, :]
+            v = tl.load(y_ptr + src_rows[:, None] + offs_h[None, :], mask=m2)
+            tl.store(dl.symm_at(cbuf + dst_rows[:, None] + offs_h[None, :], s), v, mask=m2)
     if _arrive(arrive_ptr):
         _signal_every_rank(cflag_ptr + p * W + me, e)
         tl.store(epoch_ptr, e)
@@ -254,12 +264,14 @@ def _combine_send_kernel(y_ptr, stride_yl, stride_yr, slot_ptr, rank_ptr, count_
 
 @triton.jit
 def _combine_recv_kernel(ids_ptr, w_ptr, cbuf_ptr, cflag_ptr, cdone_ptr, epoch_ptr, arrive_ptr, out_ptr, T, H, MK, E,
+                         HC,
                          K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Program ``t``: ``out[t] = sum_j w[t, j] * c_buf[p, t * K + j]`` over the valid slots, in ``j`` order, fp32.
-    Step 4."""
+    """Program ``t * HC + hc``: values ``hc * BLOCK_H ..`` of ``out[t] = sum_j w[t, j] * c_buf[p, t * K + j]`` over
+    the valid slots, in ``j`` order, fp32. Step 4."""
     me = dl.rank()
     W = dl.num_ranks()
-    t = tl.program_id(0)
+    t = tl.program_id(0) // HC
+    hc = tl.program_id(0) % HC
     e = tl.load(epoch_ptr)
     p = e % 2
     token = dl.wait(cflag_ptr + p * W, W, "sys", "acquire", e, cmp="ge")
@@ -268,17 +280,16 @@ def _combine_recv_kernel(ids_ptr, w_ptr, cbuf_ptr, cflag_ptr, cdone_ptr, epoch_p
         offs_k = tl.arange(0, BLOCK_K)
         ids = tl.load(ids_ptr + t * K + offs_k, mask=offs_k < K, other=-1)
         ws = tl.load(w_ptr + t * K + offs_k, mask=offs_k < K, other=0.0)
-        for h0 in range(0, H, BLOCK_H):
-            offs_h = h0 + tl.arange(0, BLOCK_H)
-            hm = offs_h < H
-            acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-            for j in tl.static_range(K):
-                ej = _pick(ids, offs_k, j)
-                if (ej >= 0) & (ej < E):  # the slots the dispatch sent
-                    row = (p * MK + t * K + j).to(tl.int64)
-                    v = tl.load(cbuf + row * H + offs_h, mask=hm, other=0.0).to(tl.float32)
-                    acc = acc + _pick(ws, offs_k, j) * v
-            tl.store(out_ptr + t.to(tl.int64) * H + offs_h, acc.to(out_ptr.dtype.element_ty), mask=hm)
+        offs_h = hc * BLOCK_H + tl.arange(0, BLOCK_H)
+        hm = offs_h < H
+        acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for j in tl.static_range(K):
+            ej = _pick(ids, offs_k, j)
+            if (ej >= 0) & (ej < E):  # the slots the dispatch sent
+                row = (p * MK + t * K + j).to(tl.int64)
+                v = tl.load(cbuf + row * H + offs_h, mask=hm, other=0.0).to(tl.float32)
+                acc = acc + _pick(ws, offs_k, j) * v
+        tl.store(out_ptr + t.to(tl.int64) * H + offs_h, acc.to(out_ptr.dtype.element_ty), mask=hm)
     if _arrive(arrive_ptr):
         _signal_every_rank(cdone_ptr + me, e)
 
@@ -376,11 +387,15 @@ class EPLowLatencyContext:
             raise ValueError(f"{what}: topk_ids is {tuple(topk_ids.shape)}, expected ({tokens}, {self.topk}) "
                              f"(x's tokens, the context's top-k)")
         self._check_device(what, "topk_ids", topk_ids)
-        if topk_ids.device.type == "cpu" and topk_ids.numel():  # no sync there: check the ids' range
+        if topk_ids.device.type == "cpu" and topk_ids.numel():  # no sync there: check the ids
             lo, hi = int(topk_ids.min()), int(topk_ids.max())
             if lo < -1 or hi >= self.num_experts:
                 raise ValueError(f"{what}: topk_ids must be in [-1, {self.num_experts}) (-1: no expert), got "
                                  f"values in [{lo}, {hi}]")
+            srt = topk_ids.sort(dim=1).values
+            if bool(((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any()):
+                raise ValueError(f"{what}: a token names an expert twice in topk_ids; a token's experts must be "
+                                 "distinct (a top-k)")
         return topk_ids.to(torch.int32).contiguous()
 
     def _check_device(self, what: str, name: str, t: torch.Tensor) -> None:
@@ -428,9 +443,10 @@ class EPLowLatencyContext:
         block_h = min(_pow2(H), 256 if interp else 1024)
         if self.fp8:
             block_h = max(block_h, FP8_GROUP)
-        _dispatch_send_kernel[(max(T, 1),)](
+        hc = triton.cdiv(H, block_h)  # programs per token: one per BLOCK_H values (bytes in flight)
+        _dispatch_send_kernel[(max(T, 1) * hc,)](
             x, ids, self.d_buf, self.d_scale, self.d_src, self.d_cnt, self.d_flag, self.d_done, self.epochs,
-            self.arrivals, T, H, x.stride(0), L, M,
+            self.arrivals, T, H, x.stride(0), L, M, hc,
             K=K, BLOCK_K=_pow2(K), BLOCK_T=min(_pow2(T), 32), BLOCK_H=block_h, BLOCK_E=min(_pow2(L), 64),
             BLOCK_P=min(_pow2(T * K), 64), FP8=self.fp8, num_warps=4)
         _dispatch_recv_kernel[(L * W,)](
@@ -477,13 +493,14 @@ class EPLowLatencyContext:
             raise ValueError(f"{what}: out must be a contiguous ({T}, {H}) {self.dtype} tensor")
         interp = self.world.interpreted
         block_h = min(_pow2(H), 256 if interp else 1024)
-        rows = 4 if interp else 8
-        _combine_send_kernel[(L * triton.cdiv(cap, rows),)](
-            y, y.stride(0), y.stride(1), handle.src_slot, handle.src_rank, handle.recv_count, self.c_buf, self.c_flag,
-            self.c_done, self.epochs[1:], self.arrivals[2:], H, M * K, cap, rows, BLOCK_H=block_h, num_warps=4)
-        _combine_recv_kernel[(max(T, 1),)](
+        _combine_send_kernel[(L * W,)](
+            y, y.stride(0), y.stride(1), handle.src_slot, handle.layout, self.c_buf, self.c_flag, self.c_done,
+            self.epochs[1:], self.arrivals[2:], H, M * K, cap, BLOCK_R=4 if interp else 8, BLOCK_H=block_h,
+            num_warps=4)
+        hc = triton.cdiv(H, block_h)
+        _combine_recv_kernel[(max(T, 1) * hc,)](
             ids, weights, self.c_buf, self.c_flag, self.c_done, self.epochs[1:], self.arrivals[3:], out, T, H, M * K,
-            self.num_experts, K=K, BLOCK_K=_pow2(K), BLOCK_H=block_h, num_warps=4, enable_fp_fusion=False)
+            self.num_experts, hc, K=K, BLOCK_K=_pow2(K), BLOCK_H=block_h, num_warps=4, enable_fp_fusion=False)
         return out
 
     def close(self) -> None:

@@ -114,7 +114,7 @@ def _moe_gemm_kernel(x, gidx, w, out, offs_ptr, sig_ptr, epoch_ptr, R, N, K, G, 
 
 
 # ---------------------------------------------------------------------------------------------- host side
-def _config(dtype: torch.dtype, rows: int):
+def _config(dtype: torch.dtype):
     """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): small tiles in the CPU world, 64 x 128 x 64 on GPUs (pointer
     loads: the gathered rows rule out TMA for A)."""
     if knobs.runtime.interpret:
@@ -122,6 +122,16 @@ def _config(dtype: torch.dtype, rows: int):
     if dtype == torch.float32:
         return 64, 64, 32, 4, 2
     return 64, 128, 64, 4, 3
+
+
+def _sms(device: torch.device) -> int:
+    """Programs of a launch that owns the GPU: this rank's share of the SMs in a world (shared-GPU worlds split
+    them), the device's SMs without one, 4 in the CPU world."""
+    if knobs.runtime.interpret:
+        return 4
+    if triton_dist.is_initialized():
+        return triton_dist.current_world().num_sms
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def moe_gemm(x: torch.Tensor, w: torch.Tensor, plan: MoEPlan, *, gather: bool = True, out_dtype=None,
@@ -148,13 +158,12 @@ def moe_gemm(x: torch.Tensor, w: torch.Tensor, plan: MoEPlan, *, gather: bool = 
     out = torch.empty((rows, n), dtype=out_dtype or x.dtype, device=x.device)
     if rows == 0 or n == 0:
         return out
-    bm, bn, bk, warps, stages = _config(x.dtype, rows)
+    bm, bn, bk, warps, stages = _config(x.dtype)
     groups = r.num_experts
     bound = max_row_tiles(rows, groups, bm)
     tiles = bound * triton.cdiv(n, bn)
     sig, epoch, budget = _wait if _wait is not None else (out, out, None)
-    world = triton_dist.current_world()
-    programs = min(tiles, budget or (4 if world.interpreted else world.num_sms))
+    programs = min(tiles, budget or _sms(x.device))
     _moe_gemm_kernel[(max(1, programs),)](
         x, r.gather_index, w, out, r.expert_offsets, sig, epoch, rows, n, k, groups,
         plan.num_experts, x.stride(0), w.stride(0), w.stride(1), w.stride(2), out.stride(0), bound,
