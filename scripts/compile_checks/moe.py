@@ -15,9 +15,9 @@ def checks(check) -> None:
         buf = "*fp8e4nv" if fp8 else "*bf16"
         send = {"x_ptr": "*bf16", "ids_ptr": i32, "buf_ptr": buf, "scale_ptr": "*fp32", "src_ptr": i32,
                 "cnt_ptr": i32, "flag_ptr": i32, "done_ptr": i32, "epoch_ptr": i32, "arrive_ptr": i32,
-                "T": "i32", "H": "i32", "stride_x": "i32", "L": "i32", "M": "i32", "HC": "i32"}
+                "tally_ptr": i32, "T": "i32", "H": "i32", "stride_x": "i32", "L": "i32", "M": "i32", "HC": "i32"}
         check(EP._dispatch_send_kernel, send, dict(K=8, BLOCK_K=8, BLOCK_T=32, BLOCK_H=1024, BLOCK_E=32,
-                                                   BLOCK_P=64, FP8=fp8), options=opts)
+                                                   FP8=fp8), options=opts)
         recv = {"buf_ptr": buf, "scale_ptr": "*fp32", "src_ptr": i32, "cnt_ptr": i32, "flag_ptr": i32,
                 "done_ptr": i32, "epoch_ptr": i32, "arrive_ptr": i32, "out_ptr": buf, "out_scale_ptr": "*fp32",
                 "out_slot_ptr": i32, "out_rank_ptr": i32, "layout_ptr": i32, "count_ptr": i32, "H": "i32",

@@ -41,9 +41,9 @@ the CPU world's one-program-at-a-time interpreter makes progress.
 
 1. dispatch send (one program per token and ``BLOCK_H`` values of its row): wait ``d_done[*] >= e - 2`` (the
    receivers are done with parity ``p``); number my pairs; store each pair's row (and scales) and return address
-   into the expert rank's ``d_buf``; count myself on an arrival counter. The last program to arrive counts the
-   pairs per expert, stores the counts into every rank's ``d_cnt[p, me]``, then (one fence, relaxed stores) sets
-   ``d_flag[p, me] = e`` on every rank.
+   into the expert rank's ``d_buf``, tallying the pairs per expert (atomics on a local array); count myself on an
+   arrival counter. The last program to arrive stores the tally into every rank's ``d_cnt[p, me]`` (and resets
+   it), then (one fence, relaxed stores) sets ``d_flag[p, me] = e`` on every rank.
 2. dispatch receive (one program per (local expert, source)): wait ``d_flag[p, *] >= e``; offset = the counts of the
    sources before mine for this expert; copy the rows into ``recv_x``, the return addresses into the handle. The
    last program sets ``d_done[me] = e`` on every rank.
@@ -111,9 +111,9 @@ def _pick(vec, offs, j):
 
 @triton.jit
 def _dispatch_send_kernel(x_ptr, ids_ptr, buf_ptr, scale_ptr, src_ptr, cnt_ptr, flag_ptr, done_ptr, epoch_ptr,
-                          arrive_ptr, T, H, stride_x, L, M, HC,
+                          arrive_ptr, tally_ptr, T, H, stride_x, L, M, HC,
                           K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-                          BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr, FP8: tl.constexpr):
+                          BLOCK_E: tl.constexpr, FP8: tl.constexpr):
     """Program ``t * HC + c``: values ``c * BLOCK_H ..`` of token ``t``'s row, stored for each of its pairs
     (programs past ``T`` only arrive). Step 1 of the module docstring."""
     me = dl.rank()
@@ -164,19 +164,17 @@ def _dispatch_send_kernel(x_ptr, ids_ptr, buf_ptr, scale_ptr, src_ptr, cnt_ptr, 
                     tl.store(dl.symm_at(scale_ptr + row * (H // 128) + offs_g, r), scale, mask=offs_g < H // 128)
                 if c == 0:
                     tl.store(dl.symm_at(src_ptr + row, r), t * K + j)
+                    dl.atomic_add(tally_ptr + ej, 1, "gpu", "relaxed")  # pairs sent per expert (order-free)
     if _arrive(arrive_ptr):
-        # the last program: pairs per expert, stored into every rank's counts; then every rank's flag
-        n_pairs = T * K
+        # the last program: the pairs sent per expert (the tally), stored into every rank's counts, the tally reset
+        # for the next call; then every rank's flag
         for r in range(W):
             for l0 in range(0, L, BLOCK_E):
                 offs_l = l0 + tl.arange(0, BLOCK_E)
-                cnt = tl.zeros([BLOCK_E], dtype=tl.int32)
-                for p0 in range(0, n_pairs, BLOCK_P):
-                    pairs = p0 + tl.arange(0, BLOCK_P)
-                    ids = tl.load(ids_ptr + pairs, mask=pairs < n_pairs, other=-1)
-                    cnt += tl.sum((ids[:, None] == (r * L + offs_l)[None, :]).to(tl.int32), axis=0)
-                cnt = tl.minimum(cnt, M)  # the pairs sent (see above)
-                tl.store(dl.symm_at(cnt_ptr + (p * W + me) * L + offs_l, r), cnt, mask=offs_l < L)
+                lm = offs_l < L
+                cnt = tl.load(tally_ptr + r * L + offs_l, mask=lm, other=0)
+                tl.store(dl.symm_at(cnt_ptr + (p * W + me) * L + offs_l, r), cnt, mask=lm)
+                tl.store(tally_ptr + r * L + offs_l, tl.zeros_like(cnt), mask=lm)
         tl.debug_barrier()
         dl.fence("sys", "acq_rel")
         _signal_every_rank(flag_ptr + p * W + me, e)
@@ -360,6 +358,7 @@ class EPLowLatencyContext:
         dev = self.world.device
         self.epochs = torch.zeros(2, dtype=i32, device=dev)  # dispatch, combine
         self.arrivals = torch.zeros(4, dtype=i32, device=dev)  # one counter per kernel
+        self.tally = torch.zeros(num_experts, dtype=i32, device=dev)  # pairs sent per expert in a dispatch
         op = self.op
         label_words(self.d_flag, op, lambda i: (f"dispatch flag (parity {i // w}) of rank {i % w}: its rows and "
                                                 "counts", i % w))
@@ -446,9 +445,9 @@ class EPLowLatencyContext:
         hc = triton.cdiv(H, block_h)  # programs per token: one per BLOCK_H values (bytes in flight)
         _dispatch_send_kernel[(max(T, 1) * hc,)](
             x, ids, self.d_buf, self.d_scale, self.d_src, self.d_cnt, self.d_flag, self.d_done, self.epochs,
-            self.arrivals, T, H, x.stride(0), L, M, hc,
+            self.arrivals, self.tally, T, H, x.stride(0), L, M, hc,
             K=K, BLOCK_K=_pow2(K), BLOCK_T=min(_pow2(T), 32), BLOCK_H=block_h, BLOCK_E=min(_pow2(L), 64),
-            BLOCK_P=min(_pow2(T * K), 64), FP8=self.fp8, num_warps=4)
+            FP8=self.fp8, num_warps=4)
         _dispatch_recv_kernel[(L * W,)](
             self.d_buf, self.d_scale, self.d_src, self.d_cnt, self.d_flag, self.d_done, self.epochs,
             self.arrivals[1:], recv_x, recv_scale, src_slot, src_rank, layout, count, H, L, M,
