@@ -16,7 +16,8 @@ Expert parallelism, low latency (decode; DeepEP's low-latency semantics)::
     y = experts(recv_x, recv_count)                          # e.g. a grouped GEMM over the first recv_count rows
     out = ctx.combine(y, topk_ids, topk_weights, handle)     # [T, 7168], weighted sum at the source rank
 
-Every call is device-only (no host sync) and CUDA-graph capturable once the context exists.
+Every call is device-only (no host sync) and CUDA-graph capturable once the context exists. The tensor-parallel
+MoE ops (``ag_moe``, ``moe_rs``, ``moe_ar``, ``moe_plan``, ``moe_gemm``) are in :mod:`triton_dist.ops`.
 """
 from triton_dist.kernels.grouped_gemm import grouped_gemm
 from triton_dist.kernels.moe.ep_low_latency import (DispatchHandle, EPLowLatencyContext, combine_reference,

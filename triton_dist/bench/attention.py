@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from .cores import CheckedBench, add_timing_args, timing_defaults
 from .gemm import DTYPE_NAMES, _choices, _int_list, rotation
 from .harness import Recorder
-from .report import (Progress, add_render_args, announce_shared_gpu, have_matplotlib, load_runs,
-                     plot_ratio_panels, render_recorded)
+from .report import (Progress, add_render_args, announce_shared_gpu, card_plot_path, format_pair_tables, load_runs,
+                     plot_pairs, render_recorded)
 
 CASES = ("decode", "prefill", "sp_decode")
 OURS = {"flash_decode": ("triton_dist:flash_decode", "triton_dist:flash_decode_paged"),
@@ -202,36 +202,22 @@ def load_attention_rows(path: str, run_id: str | None = None) -> list[dict]:
 
 
 def format_attention_tables(rows: list[dict], notes: list[str] | None = None) -> str:
-    lines = []
-    for op, shapes in attention_pairs(rows).items():
-        met = sum(1 for o, b, _ in shapes.values() if o / b <= GOAL[op])
-        lines.append(f"{op}: ours / {BASELINE[op]} time (goal <= {GOAL[op]:.4g}): {met} of {len(shapes)} met")
-        for shape, (o, b, r) in shapes.items():
-            rate = f"{r['gbps'] / 1000:5.2f} TB/s" if op != "flash_attn" else f"{r['tflops']:6.1f} TFLOP/s"
-            lines.append(f"  {shape:<52} {o:10.1f} us {b:10.1f} us  x{o / b:6.3f}  {rate}"
-                         f"{'' if o / b <= GOAL[op] else '  *'}")
-    lines.extend(f"note: {n}" for n in notes or ())
-    return "\n".join(lines)
+    """Per op: each shape's time, SDPA's, the ratio, the rate (TB/s of K+V for decode, TFLOP/s for prefill) and
+    whether it meets the goal."""
+    def rate(op, r):
+        return f"  {r['gbps'] / 1000:5.2f} TB/s" if op != "flash_attn" else f"  {r['tflops']:6.1f} TFLOP/s"
+    return format_pair_tables(attention_pairs(rows), GOAL, BASELINE.get, rate, 52, notes)
 
 
 def default_plot_path(card: str) -> str:
-    from .harness import card_slug
-    return DEFAULT_PLOT.format(card=card_slug(card))
+    """``docs/perf/attention_<card>.png``."""
+    return card_plot_path(DEFAULT_PLOT, card)
 
 
 def plot_attention_rows(rows: list[dict], path: str, title: str | None = None) -> str | None:
     """One panel per op: ours / baseline time per shape, the goal as a line. PNG at ``path``, or None (a printed
     note) without matplotlib or rows."""
-    if not have_matplotlib(path):
-        return None
-    pairs = attention_pairs(rows)
-    if not pairs:
-        print(f"note: no attention rows to plot ({path} skipped)")
-        return None
-    panels = [(op, list(shapes), [o / b for o, b, _ in shapes.values()], GOAL[op], BASELINE[op])
-              for op, shapes in pairs.items()]
-    r0 = rows[-1]
-    return plot_ratio_panels(panels, path, title or f"{r0.get('card', '?')}: attention ({r0.get('date', '?')})", rows)
+    return plot_pairs(attention_pairs(rows), rows, path, GOAL, BASELINE.get, "attention", title)
 
 
 def build_parser() -> argparse.ArgumentParser:

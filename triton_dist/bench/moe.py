@@ -57,8 +57,8 @@ import torch.distributed as dist
 from .cores import CheckedBench, add_timing_args, timing_defaults
 from .gemm import DTYPE_NAMES, _choices
 from .harness import Recorder, agree, first_line, uniform
-from .report import (SHARED_GPU_NO_SYMM_MEM, Progress, add_render_args, announce_shared_gpu, have_matplotlib,
-                     load_runs, plot_ratio_panels, render_recorded)
+from .report import (SHARED_GPU_NO_SYMM_MEM, Progress, add_render_args, announce_shared_gpu, card_plot_path,
+                     format_pair_tables, load_runs, plot_pairs, render_recorded)
 
 CASES = ("ep_ll",)  # tensor-parallel MoE cases ("tp") go here, each a method of _MoEBench
 OPS = ("ep_dispatch", "ep_combine", "ep_round_trip")
@@ -380,38 +380,21 @@ def load_moe_rows(path: str, run_id: str | None = None) -> list[dict]:
 def format_moe_tables(rows: list[dict], notes: list[str] | None = None) -> str:
     """Per op: each shape's time, its baseline's (``[fp8]`` rows: torch_all_to_all_fp8's), the ratio, the payload
     rate and whether it meets the goal."""
-    lines = []
-    for op, shapes in moe_pairs(rows).items():
-        met = sum(1 for o, b, _ in shapes.values() if o / b <= GOAL[op])
-        lines.append(f"{op}: ours / torch_all_to_all time (goal <= {GOAL[op]:.4g}): {met} of {len(shapes)} met")
-        for shape, (o, b, r) in shapes.items():
-            rate = "" if r.get("gbps") is None else f"  {r['gbps']:8.1f} GB/s"
-            lines.append(f"  {shape:<46} {o:10.1f} us {b:10.1f} us  x{o / b:6.3f}{rate}"
-                         f"{'' if o / b <= GOAL[op] else '  *'}")
-    lines.extend(f"note: {n}" for n in notes or ())
-    return "\n".join(lines)
+    def rate(op, r):
+        return "" if r.get("gbps") is None else f"  {r['gbps']:8.1f} GB/s"
+    return format_pair_tables(moe_pairs(rows), GOAL, lambda op: "torch_all_to_all", rate, 46, notes)
 
 
 def default_plot_path(card: str) -> str:
     """``docs/perf/moe_<card>.png``."""
-    from .harness import card_slug
-    return DEFAULT_PLOT.format(card=card_slug(card))
+    return card_plot_path(DEFAULT_PLOT, card)
 
 
 def plot_moe_rows(rows: list[dict], path: str, title: str | None = None) -> str | None:
     """One panel per op: ours / baseline time per shape, the goal as a line. PNG at ``path``, or None (a printed
     note) without matplotlib or rows."""
-    if not have_matplotlib(path):
-        return None
-    pairs = moe_pairs(rows)
-    if not pairs:
-        print(f"note: no MoE rows to plot ({path} skipped)")
-        return None
-    panels = [(op, list(shapes), [o / b for o, b, _ in shapes.values()], GOAL[op], "torch_all_to_all")
-              for op, shapes in pairs.items()]
-    r0 = rows[-1]
-    return plot_ratio_panels(panels, path, title or f"{r0.get('card', '?')}: MoE dispatch / combine "
-                             f"({r0.get('date', '?')})", rows)
+    return plot_pairs(moe_pairs(rows), rows, path, GOAL, lambda op: "torch_all_to_all", "MoE dispatch / combine",
+                      title)
 
 
 def _positive(text: str) -> int:

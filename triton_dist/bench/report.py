@@ -368,6 +368,43 @@ def plot_ratio_panels(panels, path: str, title: str, rows: list[dict]) -> str:
     return path
 
 
+def format_pair_tables(pairs: dict, goal: dict, baseline, rate, width: int, notes=None) -> str:
+    """The ratio tables of a bench that pairs each of our providers with a baseline: ``pairs`` ``{op: {label:
+    (ours_us, baseline_us, our_row)}}``, ``goal[op]`` the largest ours / baseline time that meets it,
+    ``baseline(op)`` its name, ``rate(op, row)`` the line's rate column (with its leading spaces, or ""),
+    ``width`` the label column's. A line per label, ``*`` where the goal is missed; then the notes."""
+    lines = []
+    for op, shapes in pairs.items():
+        met = sum(1 for o, b, _ in shapes.values() if o / b <= goal[op])
+        lines.append(f"{op}: ours / {baseline(op)} time (goal <= {goal[op]:.4g}): {met} of {len(shapes)} met")
+        for shape, (o, b, r) in shapes.items():
+            lines.append(f"  {shape:<{width}} {o:10.1f} us {b:10.1f} us  x{o / b:6.3f}{rate(op, r)}"
+                         f"{'' if o / b <= goal[op] else '  *'}")
+    lines.extend(f"note: {n}" for n in notes or ())
+    return "\n".join(lines)
+
+
+def plot_pairs(pairs: dict, rows: list[dict], path: str, goal: dict, baseline, what: str,
+               title: str | None = None) -> str | None:
+    """:func:`plot_ratio_panels` of :func:`format_pair_tables`' ``pairs``: one panel per op; the default title names
+    the card, ``what`` and the date of the last row. None (with a printed note) without matplotlib or pairs."""
+    if not have_matplotlib(path):
+        return None
+    if not pairs:
+        print(f"note: no {what} rows to plot ({path} skipped)")
+        return None
+    panels = [(op, list(shapes), [o / b for o, b, _ in shapes.values()], goal[op], baseline(op))
+              for op, shapes in pairs.items()]
+    r0 = rows[-1]
+    return plot_ratio_panels(panels, path, title or f"{r0.get('card', '?')}: {what} ({r0.get('date', '?')})", rows)
+
+
+def card_plot_path(template: str, card: str) -> str:
+    """``template`` (a path with ``{card}``) for ``card``'s slug."""
+    from .harness import card_slug
+    return template.format(card=card_slug(card))
+
+
 def have_matplotlib(path: str) -> bool:
     """Whether matplotlib imports; prints why ``path`` is skipped when not."""
     try:
