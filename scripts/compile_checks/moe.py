@@ -1,10 +1,12 @@
 """MoE kernels: expert-parallel low-latency dispatch / combine (kernels/moe/ep_low_latency.py), the four kernels at
 the GPU block sizes their launchers pick for the goal shape (hidden 7168, top-8, 32 local experts of 8 ranks, 128
 tokens), bf16 rows and fp8 (e4m3 values with fp32 scales); the tensor-parallel MoE GEMM (kernels/moe/tp_moe.py) at
-its GPU configs, gathered rows with chunk waits (ag_moe) and plan-ordered rows (the down projection, fp32 out)."""
+its GPU configs, gathered rows with chunk waits (ag_moe) and plan-ordered rows (the down projection, fp32 out); the
+normal (prefill) EP dispatch's three kernels (8 ranks, 32 local experts)."""
 import torch
 
 from triton_dist.kernels.moe import ep_low_latency as EP
+from triton_dist.kernels.moe import ep_normal as EN
 from triton_dist.kernels.moe import tp_moe as TP
 
 
@@ -43,3 +45,15 @@ def checks(check) -> None:
             check(TP._moe_gemm_kernel, sig, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, G_BLOCK=512,
                                                  GATHER=gather, WAIT=wait, DOT_PRECISION="ieee"),
                   options=dict(num_warps=warps, num_stages=stages))
+    check(EN._counts_kernel, {"tally_ptr": i32, "cnt_ptr": i32, "flag_ptr": i32, "done_ptr": i32, "epoch_ptr": i32,
+                              "E": "i32"}, dict(BLOCK_E=256), options=opts)
+    check(EN._send_kernel,
+          {"x_ptr": "*bf16", "ids_ptr": i32, "idx_ptr": i32, "buf_ptr": "*bf16", "src_ptr": i32, "rank_ptr": i32,
+           "cnt_ptr": i32, "flag1_ptr": i32, "flag2_ptr": i32, "epoch_ptr": i32, "arrive_ptr": i32,
+           "dropped_ptr": i32, "T": "i32", "H": "i32", "stride_x": "i32", "L": "i32", "R": "i32", "HC": "i32"},
+          dict(K=8, BLOCK_K=8, BLOCK_W=8, BLOCK_L=32, BLOCK_H=1024), options=opts)
+    check(EN._recv_kernel,
+          {"buf_ptr": "*bf16", "src_ptr": i32, "rank_ptr": i32, "cnt_ptr": i32, "flag2_ptr": i32, "done_ptr": i32,
+           "epoch_ptr": i32, "arrive_ptr": i32, "out_ptr": "*bf16", "out_slot_ptr": i32, "out_rank_ptr": i32,
+           "offsets_ptr": i32, "counts_ptr": i32, "layout_ptr": i32, "H": "i32", "L": "i32", "R": "i32"},
+          dict(BLOCK_W=8, BLOCK_L=32, BLOCK_R=16, BLOCK_H=1024), options=opts)

@@ -311,18 +311,14 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-class EPLowLatencyContext:
-    """Buffers and epoch counters of low-latency dispatch / combine for up to ``max_tokens`` tokens per rank of
-    ``hidden`` values (``dtype``: bf16, fp16 or fp32), ``topk`` experts per token out of ``num_experts`` (a multiple
-    of the world size). ``fp8``: dispatch sends e4m3 values with fp32 scales per 128 (``hidden % 128 == 0``); the
-    combine always moves ``dtype``. Collective to make and to :meth:`close` (symmetric allocations): every rank makes
-    the same contexts in the same order. Symmetric memory per rank: about ``2 * E/W * W * M * H`` elements for the
-    dispatch and ``2 * M * K * H`` for the combine."""
+class _EPContext:
+    """What every expert-parallel context shares: the argument checks, the combine's buffers (``c_buf``, ``c_flag``,
+    ``c_done``, its epoch and arrival counters) and :meth:`combine`; a subclass adds its dispatch's buffers and says
+    how its rows are laid out (:meth:`_combine_rows`)."""
 
-    op = "ep_low_latency"
+    op = "ep"
 
-    def __init__(self, max_tokens: int, hidden: int, topk: int, num_experts: int, dtype: torch.dtype = torch.bfloat16,
-                 *, fp8: bool = False):
+    def __init__(self, max_tokens: int, hidden: int, topk: int, num_experts: int, dtype: torch.dtype):
         what = type(self).__name__
         self.world = triton_dist.current_world()
         w = self.world.world_size
@@ -336,45 +332,87 @@ class EPLowLatencyContext:
             raise ValueError(f"{what}: topk = {topk} is more than num_experts = {num_experts}")
         if dtype not in DTYPES:
             raise TypeError(f"{what}: dtype must be one of bf16, fp16, fp32, got {dtype}")
-        if not isinstance(fp8, bool):
-            raise TypeError(f"{what}: fp8 must be a bool, got {fp8!r}")
-        if fp8 and hidden % FP8_GROUP:
-            raise ValueError(f"{what}: fp8 dispatch needs hidden % {FP8_GROUP} == 0 (one scale per {FP8_GROUP} "
-                             f"values), got hidden = {hidden}")
         self.max_tokens, self.hidden, self.topk, self.num_experts = max_tokens, hidden, topk, num_experts
-        self.dtype, self.fp8 = dtype, fp8
+        self.dtype, self.fp8 = dtype, False
         self.local_experts = num_experts // w
-        L, M, H, K = self.local_experts, max_tokens, hidden, topk
         i32 = torch.int32
-        self.d_buf = triton_dist.empty((2, L, w, M, H), FP8 if fp8 else dtype)
-        self.d_scale = triton_dist.empty((2, L, w, M, H // FP8_GROUP) if fp8 else (1,), torch.float32)
-        self.d_src = triton_dist.empty((2, L, w, M), i32)
-        self.d_cnt = triton_dist.zeros((2, w, L), i32)
-        self.d_flag = triton_dist.zeros((2, w), i32)
-        self.d_done = triton_dist.zeros((w,), i32)
-        self.c_buf = triton_dist.empty((2, M * K, H), dtype)
+        self.c_buf = triton_dist.empty((2, max_tokens * topk, hidden), dtype)
         self.c_flag = triton_dist.zeros((2, w), i32)
         self.c_done = triton_dist.zeros((w,), i32)
         dev = self.world.device
-        self.epochs = torch.zeros(2, dtype=i32, device=dev)  # dispatch, combine
-        self.arrivals = torch.zeros(4, dtype=i32, device=dev)  # one counter per kernel
-        self.tally = torch.zeros(num_experts, dtype=i32, device=dev)  # pairs sent per expert in a dispatch
-        op = self.op
-        label_words(self.d_flag, op, lambda i: (f"dispatch flag (parity {i // w}) of rank {i % w}: its rows and "
-                                                "counts", i % w))
-        label_words(self.d_done, op, lambda i: (f"dispatch done flag of rank {i}: it finished reading what this "
-                                                "rank sent it two calls ago", i))
-        label_words(self.c_flag, op, lambda i: (f"combine flag (parity {i // w}) of rank {i % w}: the expert "
-                                                "outputs it holds of this rank's tokens", i % w))
-        label_words(self.c_done, op, lambda i: (f"combine done flag of rank {i}: it finished reading the outputs "
-                                                "this rank sent it two calls ago", i))
-        self.world.barrier(f"creating a context of {op}")  # every flag is zero before any rank signals into it
+        self.c_epoch = torch.zeros(1, dtype=i32, device=dev)
+        self.c_arrivals = torch.zeros(2, dtype=i32, device=dev)
+        self._symmetric = [self.c_buf, self.c_flag, self.c_done]
+        label_words(self.c_flag, self.op, lambda i: (f"combine flag (parity {i // w}) of rank {i % w}: the expert "
+                                                     "outputs it holds of this rank's tokens", i % w))
+        label_words(self.c_done, self.op, lambda i: (f"combine done flag of rank {i}: it finished reading the "
+                                                     "outputs this rank sent it two calls ago", i))
         self._closed = False
 
-    @property
-    def capacity(self) -> int:
-        """Rows per local expert in ``recv_x``: ``world * max_tokens``."""
-        return self.world.world_size * self.max_tokens
+    def _ready(self) -> None:
+        """The end of a subclass's ``__init__``: every rank's flags are zero before any rank signals into them."""
+        self.world.barrier(f"creating a context of {self.op}")
+
+    def _combine_rows(self, handle) -> tuple[tuple, bool, int]:
+        """``(y's shape, whether y has a local-expert dimension, rows per local expert in the handle's row numbering
+        (0: rows numbered across experts))`` for :meth:`combine`."""
+        raise NotImplementedError
+
+    def combine(self, y: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, handle: "DispatchHandle",
+                *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Send the experts' outputs back and sum them at the source with the routing weights (module docstring).
+        ``y``: the experts' output in the dispatch's row order (``recv_x``'s shape; rows past the counts ignored; unit
+        stride along H), of the context's dtype; ``topk_ids`` / ``topk_weights`` [T, K] of this rank's dispatch
+        (weights: any float dtype, summed in fp32); ``handle`` from that dispatch. Returns ``out`` [T, H] (the
+        context's dtype). Collective."""
+        what = f"{self.op}.combine"
+        self._check_open(what)
+        if not isinstance(handle, DispatchHandle):
+            raise TypeError(f"{what}: handle must be the DispatchHandle of the matching dispatch, got "
+                            f"{type(handle).__name__}")
+        W, L, M, H, K = self.world.world_size, self.local_experts, self.max_tokens, self.hidden, self.topk
+        shape, per_expert, cap = self._combine_rows(handle)
+        if not isinstance(y, torch.Tensor) or tuple(y.shape) != shape or y.dtype != self.dtype:
+            got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"{what}: y must be the experts' output {list(shape)} {self.dtype} (recv_x's rows), "
+                             f"got {got}")
+        if y.stride(-1) != 1:
+            raise ValueError(f"{what}: y must have a unit stride along hidden, got strides {y.stride()}")
+        self._check_device(what, "y", y)
+        T = handle.num_tokens
+        ids = self._check_ids(what, topk_ids, T)
+        if not isinstance(topk_weights, torch.Tensor) or tuple(topk_weights.shape) != (T, K) or \
+                not topk_weights.dtype.is_floating_point:
+            got = f"{tuple(topk_weights.shape)} {topk_weights.dtype}" if isinstance(topk_weights, torch.Tensor) \
+                else type(topk_weights).__name__
+            raise ValueError(f"{what}: topk_weights must be a float [{T}, {K}] tensor, got {got}")
+        self._check_device(what, "topk_weights", topk_weights)
+        weights = topk_weights.to(torch.float32).contiguous()
+        if out is None:
+            out = torch.empty((T, H), dtype=self.dtype, device=y.device)
+        elif not isinstance(out, torch.Tensor) or tuple(out.shape) != (T, H) or out.dtype != self.dtype or \
+                not out.is_contiguous():
+            raise ValueError(f"{what}: out must be a contiguous ({T}, {H}) {self.dtype} tensor")
+        interp = self.world.interpreted
+        block_h = min(_pow2(H), 256 if interp else 1024)
+        _combine_send_kernel[(L * W,)](
+            y, y.stride(0) if per_expert else 0, y.stride(-2), handle.src_slot, handle.layout, self.c_buf,
+            self.c_flag, self.c_done, self.c_epoch, self.c_arrivals, H, M * K, cap, BLOCK_R=4 if interp else 8,
+            BLOCK_H=block_h, num_warps=4)
+        hc = triton.cdiv(H, block_h)
+        _combine_recv_kernel[(max(T, 1) * hc,)](
+            ids, weights, self.c_buf, self.c_flag, self.c_done, self.c_epoch, self.c_arrivals[1:], out, T, H, M * K,
+            self.num_experts, hc, K=K, BLOCK_K=_pow2(K), BLOCK_H=block_h, num_warps=4, enable_fp_fusion=False)
+        return out
+
+    def close(self) -> None:
+        """Free the symmetric buffers (collective: every rank closes its contexts in the same order)."""
+        if self._closed:
+            return
+        self.world.barrier(f"closing a context of {self.op}")
+        for t in self._symmetric:
+            triton_dist.free(t)
+        self._closed = True
 
     def _check_ids(self, what: str, topk_ids: torch.Tensor, tokens: int) -> torch.Tensor:
         if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2 or topk_ids.dtype not in (torch.int32,
@@ -406,14 +444,8 @@ class EPLowLatencyContext:
         if self._closed:
             raise RuntimeError(f"{what}: the context was closed")
 
-    def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor):
-        """Send each token's row to its top-k experts' ranks (module docstring). ``x`` [T, H] of the context's dtype,
-        ``T <= max_tokens`` (0 allowed), contiguous rows; ``topk_ids`` [T, K] int32 / int64 in ``[-1, E)``
-        (checked on the host only for CPU tensors). Returns ``(recv_x, recv_count, handle)``: ``recv_x`` [L, W * M,
-        H] (or ``(values, scales)`` with fp8), ``recv_count`` [L] int32, ``handle`` for :meth:`combine`. Collective
-        (every rank calls it, each with its own tokens); no host sync."""
-        what = f"{self.op}.dispatch"
-        self._check_open(what)
+    def _check_x(self, what: str, x: torch.Tensor) -> int:
+        """``x`` [T, H] of the context's dtype with unit-stride rows, ``T <= max_tokens``, on this rank: returns T."""
         if not isinstance(x, torch.Tensor) or x.dim() != 2:
             got = f"{x.dim()} dims" if isinstance(x, torch.Tensor) else type(x).__name__
             raise TypeError(f"{what}: x must be a [T, hidden] tensor, got {got}")
@@ -427,7 +459,68 @@ class EPLowLatencyContext:
             raise ValueError(f"{what}: x must have contiguous rows (unit stride along hidden), got strides "
                              f"{x.stride()}")
         self._check_device(what, "x", x)
-        T = x.shape[0]
+        return x.shape[0]
+
+
+class EPLowLatencyContext(_EPContext):
+    """Buffers and epoch counters of low-latency dispatch / combine for up to ``max_tokens`` tokens per rank of
+    ``hidden`` values (``dtype``: bf16, fp16 or fp32), ``topk`` experts per token out of ``num_experts`` (a multiple
+    of the world size). ``fp8``: dispatch sends e4m3 values with fp32 scales per 128 (``hidden % 128 == 0``); the
+    combine always moves ``dtype``. Collective to make and to :meth:`close` (symmetric allocations): every rank makes
+    the same contexts in the same order. Symmetric memory per rank: about ``2 * E/W * W * M * H`` elements for the
+    dispatch and ``2 * M * K * H`` for the combine."""
+
+    op = "ep_low_latency"
+
+    def __init__(self, max_tokens: int, hidden: int, topk: int, num_experts: int, dtype: torch.dtype = torch.bfloat16,
+                 *, fp8: bool = False):
+        what = type(self).__name__
+        if not isinstance(fp8, bool):
+            raise TypeError(f"{what}: fp8 must be a bool, got {fp8!r}")
+        if fp8 and isinstance(hidden, int) and hidden % FP8_GROUP:
+            raise ValueError(f"{what}: fp8 dispatch needs hidden % {FP8_GROUP} == 0 (one scale per {FP8_GROUP} "
+                             f"values), got hidden = {hidden}")
+        super().__init__(max_tokens, hidden, topk, num_experts, dtype)
+        self.fp8 = fp8
+        w = self.world.world_size
+        L, M, H = self.local_experts, max_tokens, hidden
+        i32 = torch.int32
+        self.d_buf = triton_dist.empty((2, L, w, M, H), FP8 if fp8 else dtype)
+        self.d_scale = triton_dist.empty((2, L, w, M, H // FP8_GROUP) if fp8 else (1,), torch.float32)
+        self.d_src = triton_dist.empty((2, L, w, M), i32)
+        self.d_cnt = triton_dist.zeros((2, w, L), i32)
+        self.d_flag = triton_dist.zeros((2, w), i32)
+        self.d_done = triton_dist.zeros((w,), i32)
+        self._symmetric += [self.d_buf, self.d_scale, self.d_src, self.d_cnt, self.d_flag, self.d_done]
+        dev = self.world.device
+        self.epochs = torch.zeros(1, dtype=i32, device=dev)  # the dispatch's
+        self.arrivals = torch.zeros(2, dtype=i32, device=dev)  # one counter per dispatch kernel
+        self.tally = torch.zeros(num_experts, dtype=i32, device=dev)  # pairs sent per expert in a dispatch
+        op = self.op
+        label_words(self.d_flag, op, lambda i: (f"dispatch flag (parity {i // w}) of rank {i % w}: its rows and "
+                                                "counts", i % w))
+        label_words(self.d_done, op, lambda i: (f"dispatch done flag of rank {i}: it finished reading what this "
+                                                "rank sent it two calls ago", i))
+        self._ready()
+
+    def _combine_rows(self, handle) -> tuple[tuple, bool, int]:
+        cap = self.capacity
+        return (self.local_experts, cap, self.hidden), True, cap
+
+    @property
+    def capacity(self) -> int:
+        """Rows per local expert in ``recv_x``: ``world * max_tokens``."""
+        return self.world.world_size * self.max_tokens
+
+    def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor):
+        """Send each token's row to its top-k experts' ranks (module docstring). ``x`` [T, H] of the context's dtype,
+        ``T <= max_tokens`` (0 allowed), contiguous rows; ``topk_ids`` [T, K] int32 / int64 in ``[-1, E)``
+        (checked on the host only for CPU tensors). Returns ``(recv_x, recv_count, handle)``: ``recv_x`` [L, W * M,
+        H] (or ``(values, scales)`` with fp8), ``recv_count`` [L] int32, ``handle`` for :meth:`combine`. Collective
+        (every rank calls it, each with its own tokens); no host sync."""
+        what = f"{self.op}.dispatch"
+        self._check_open(what)
+        T = self._check_x(what, x)
         ids = self._check_ids(what, topk_ids, T)
         W, L, M, H, K = self.world.world_size, self.local_experts, self.max_tokens, self.hidden, self.topk
         dev = x.device
@@ -455,62 +548,6 @@ class EPLowLatencyContext:
             FP8=self.fp8, num_warps=4)
         handle = DispatchHandle(count, src_rank, src_slot, layout, T, K)
         return ((recv_x, recv_scale) if self.fp8 else recv_x), count, handle
-
-    def combine(self, y: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, handle: DispatchHandle,
-                *, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Send the experts' outputs back and sum them at the source with the routing weights (module docstring).
-        ``y`` [L, W * M, H] of the context's dtype in ``recv_x``'s row order (rows past ``recv_count`` ignored; unit
-        stride along H); ``topk_ids`` / ``topk_weights`` [T, K] of this rank's dispatch (weights: any float dtype,
-        summed in fp32); ``handle`` from that dispatch. Returns ``out`` [T, H] (the context's dtype). Collective."""
-        what = f"{self.op}.combine"
-        self._check_open(what)
-        if not isinstance(handle, DispatchHandle):
-            raise TypeError(f"{what}: handle must be the DispatchHandle of the matching dispatch, got "
-                            f"{type(handle).__name__}")
-        W, L, M, H, K = self.world.world_size, self.local_experts, self.max_tokens, self.hidden, self.topk
-        cap = W * M
-        if not isinstance(y, torch.Tensor) or tuple(y.shape) != (L, cap, H) or y.dtype != self.dtype:
-            got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
-            raise ValueError(f"{what}: y must be the experts' output [{L}, {cap}, {H}] {self.dtype} (recv_x's rows), "
-                             f"got {got}")
-        if y.stride(2) != 1:
-            raise ValueError(f"{what}: y must have a unit stride along hidden, got strides {y.stride()}")
-        self._check_device(what, "y", y)
-        T = handle.num_tokens
-        ids = self._check_ids(what, topk_ids, T)
-        if not isinstance(topk_weights, torch.Tensor) or tuple(topk_weights.shape) != (T, K) or \
-                not topk_weights.dtype.is_floating_point:
-            got = f"{tuple(topk_weights.shape)} {topk_weights.dtype}" if isinstance(topk_weights, torch.Tensor) \
-                else type(topk_weights).__name__
-            raise ValueError(f"{what}: topk_weights must be a float [{T}, {K}] tensor, got {got}")
-        self._check_device(what, "topk_weights", topk_weights)
-        weights = topk_weights.to(torch.float32).contiguous()
-        if out is None:
-            out = torch.empty((T, H), dtype=self.dtype, device=y.device)
-        elif not isinstance(out, torch.Tensor) or tuple(out.shape) != (T, H) or out.dtype != self.dtype or \
-                not out.is_contiguous():
-            raise ValueError(f"{what}: out must be a contiguous ({T}, {H}) {self.dtype} tensor")
-        interp = self.world.interpreted
-        block_h = min(_pow2(H), 256 if interp else 1024)
-        _combine_send_kernel[(L * W,)](
-            y, y.stride(0), y.stride(1), handle.src_slot, handle.layout, self.c_buf, self.c_flag, self.c_done,
-            self.epochs[1:], self.arrivals[2:], H, M * K, cap, BLOCK_R=4 if interp else 8, BLOCK_H=block_h,
-            num_warps=4)
-        hc = triton.cdiv(H, block_h)
-        _combine_recv_kernel[(max(T, 1) * hc,)](
-            ids, weights, self.c_buf, self.c_flag, self.c_done, self.epochs[1:], self.arrivals[3:], out, T, H, M * K,
-            self.num_experts, hc, K=K, BLOCK_K=_pow2(K), BLOCK_H=block_h, num_warps=4, enable_fp_fusion=False)
-        return out
-
-    def close(self) -> None:
-        """Free the symmetric buffers (collective: every rank closes its contexts in the same order)."""
-        if self._closed:
-            return
-        self.world.barrier(f"closing a context of {self.op}")
-        for t in (self.d_buf, self.d_scale, self.d_src, self.d_cnt, self.d_flag, self.d_done, self.c_buf, self.c_flag,
-                  self.c_done):
-            triton_dist.free(t)
-        self._closed = True
 
 
 # ---------------------------------------------------------------------------------------------- references
