@@ -28,10 +28,11 @@ MoE ops (``ag_moe``, ``moe_rs``, ``moe_ar``, ``moe_plan``, ``moe_gemm``) are in 
 from triton_dist.kernels.grouped_gemm import grouped_gemm
 from triton_dist.kernels.moe.ep_low_latency import (DispatchHandle, EPLowLatencyContext, combine_reference,
                                                     dispatch_reference, quantize_fp8_reference)
+from triton_dist.kernels.moe.a2a_gemm import A2AGemmContext, a2a_gemm, a2a_gemm_reference
 from triton_dist.kernels.moe.ep_normal import EPNormalContext
 from triton_dist.kernels.routing import (Routing, build_routing, gather_rows, rank_counts, routing_reference,
                                          scatter_combine)
 
 __all__ = ["Routing", "build_routing", "routing_reference", "gather_rows", "scatter_combine", "rank_counts",
            "grouped_gemm", "EPLowLatencyContext", "EPNormalContext", "DispatchHandle", "dispatch_reference",
-           "combine_reference", "quantize_fp8_reference"]
+           "combine_reference", "quantize_fp8_reference", "A2AGemmContext", "a2a_gemm", "a2a_gemm_reference"]

@@ -35,6 +35,7 @@ op                         shards                        methods
                            -> (h (T*k, N_loc), plan)      ``copy_engine``, ``sm``
 ``moe_rs(h, w2, plan)``    h (T*k, I_loc) -> (T/W, H)     grouped GEMM, top-k sum, reduce-scatter
 ``moe_ar(h, w2, plan)``    h (T*k, I_loc) -> (T, H)       grouped GEMM, top-k sum, all-reduce (decode)
+``a2a_gemm(x, w, s, r)``   rows split by s -> (r, N)      all_to_all_single overlapped with the GEMM @ w
 =========================  ============================  ===============================================
 """
 from __future__ import annotations
@@ -54,6 +55,7 @@ from .kernels.attention import flash_decode as _fd
 from .kernels.attention import sp_ag_attention as _spa
 from .kernels.attention import sp_flash_decode as _spd
 from .kernels.attention import ulysses as _uly
+from .kernels.moe import a2a_gemm as _a2ag
 from .kernels.moe import tp_moe as _tpm
 from .kernels.gemm import check_method as _check_method
 from .kernels.gemm import check_operands as _gemm_check
@@ -365,3 +367,15 @@ def moe_ar(h: torch.Tensor, w2: torch.Tensor, plan: _tpm.MoEPlan) -> torch.Tenso
 ag_moe_reference = _tpm.ag_moe_reference
 moe_rs_reference = _tpm.moe_rs_reference
 moe_ar_reference = _tpm.moe_ar_reference
+
+
+def a2a_gemm(x: torch.Tensor, w: torch.Tensor, in_splits, out_rows: int, *, ctx: _a2ag.A2AGemmContext) -> torch.Tensor:
+    """``all_to_all_single(x, in_splits) @ w`` (``[out_rows, N]``), the GEMM on each source rank's rows as they
+    land. ``ctx``: a :class:`triton_dist.moe.A2AGemmContext` (made collectively, with capacities every rank agrees
+    on: the row counts differ by rank, so no cached context is made here). Collective. See
+    :mod:`triton_dist.kernels.moe.a2a_gemm`."""
+    _agree("a2a_gemm", k=_tensor("a2a_gemm", x).shape[-1], dtype=x.dtype)  # the rows differ by rank
+    return _a2ag.a2a_gemm(x, w, in_splits, out_rows, ctx=ctx)
+
+
+a2a_gemm_reference = _a2ag.a2a_gemm_reference

@@ -2,9 +2,11 @@
 the GPU block sizes their launchers pick for the goal shape (hidden 7168, top-8, 32 local experts of 8 ranks, 128
 tokens), bf16 rows and fp8 (e4m3 values with fp32 scales); the tensor-parallel MoE GEMM (kernels/moe/tp_moe.py) at
 its GPU configs, gathered rows with chunk waits (ag_moe) and plan-ordered rows (the down projection, fp32 out); the
-normal (prefill) EP dispatch's three kernels (8 ranks, 32 local experts)."""
+normal (prefill) EP dispatch's three kernels (8 ranks, 32 local experts); a2a_gemm's two small kernels (its GEMM is
+the MoE GEMM above)."""
 import torch
 
+from triton_dist.kernels.moe import a2a_gemm as A2A
 from triton_dist.kernels.moe import ep_low_latency as EP
 from triton_dist.kernels.moe import ep_normal as EN
 from triton_dist.kernels.moe import tp_moe as TP
@@ -41,7 +43,7 @@ def checks(check) -> None:
             sig = {"x": f"*{el}", "gidx": "*i32", "w": f"*{el}", "out": f"*{out}", "offs_ptr": "*i32",
                    "sig_ptr": "*i32", "epoch_ptr": "*i32", "R": "i32", "N": "i32", "K": "i32", "G": "i32",
                    "E_W": "i32", "stride_xm": "i32", "stride_we": "i32", "stride_wk": "i32", "stride_wn": "i32",
-                   "stride_om": "i32", "row_tile_bound": "i32"}
+                   "stride_om": "i32", "row_tile_bound": "i32", "sig_base": "i32", "x_par": "i32", "sig_par": "i32"}
             check(TP._moe_gemm_kernel, sig, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, G_BLOCK=512,
                                                  GATHER=gather, WAIT=wait, DOT_PRECISION="ieee"),
                   options=dict(num_warps=warps, num_stages=stages))
@@ -57,3 +59,6 @@ def checks(check) -> None:
            "epoch_ptr": i32, "arrive_ptr": i32, "out_ptr": "*bf16", "out_slot_ptr": i32, "out_rank_ptr": i32,
            "offsets_ptr": i32, "counts_ptr": i32, "layout_ptr": i32, "H": "i32", "L": "i32", "R": "i32"},
           dict(BLOCK_W=8, BLOCK_L=32, BLOCK_R=16, BLOCK_H=1024), options=opts)
+    check(A2A._source_offsets_kernel, {"cnt_ptr": i32, "flag_ptr": i32, "epoch_ptr": i32, "offs_ptr": i32},
+          dict(BLOCK_W=8), options=dict(num_warps=1))
+    check(A2A._release_kernel, {"done_ptr": i32, "epoch_ptr": i32}, options=dict(num_warps=1))

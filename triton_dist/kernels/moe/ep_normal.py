@@ -208,24 +208,12 @@ class EPNormalContext(_EPContext):
         self._check_open(what)
         T = self._check_x(what, x)
         ids = self._check_ids(what, topk_ids, T)
-        W, L, H, K, E, R = (self.world.world_size, self.local_experts, self.hidden, self.topk, self.num_experts,
-                            self.max_recv_rows)
+        W, L, H, K, R = self.world.world_size, self.local_experts, self.hidden, self.topk, self.max_recv_rows
         dev = x.device
-        # each pair's index among this rank's pairs for its expert, and the pairs per expert (an extra expert E
-        # for the -1 slots), on the device
-        key = torch.where((ids >= 0) & (ids < E), ids, E).to(torch.int64)
-        routing = build_routing(key, E + 1, check_ids=False)
-        idx = (routing.scatter_index - routing.expert_offsets[key]).to(torch.int32).contiguous()
-        tally = routing.counts[:E].to(torch.int32).contiguous()
+        idx = self._publish_counts(ids)
+        self._send(x, ids, idx)
         interp = self.world.interpreted
-        _counts_kernel[(1,)](tally, self.n_cnt, self.n_flag1, self.n_done, self.epoch, E,
-                             BLOCK_E=min(_pow2(E), 1024), num_warps=4)
         block_h = min(_pow2(H), 256 if interp else 1024)
-        hc = triton.cdiv(H, block_h)
-        _send_kernel[(max(T, 1) * hc,)](
-            x, ids, idx, self.n_buf, self.n_src, self.n_rank, self.n_cnt, self.n_flag1, self.n_flag2, self.epoch,
-            self.arrivals, self.dropped, T, H, x.stride(0), L, R, hc,
-            K=K, BLOCK_K=_pow2(K), BLOCK_W=_pow2(W), BLOCK_L=_pow2(L), BLOCK_H=block_h, num_warps=4)
         recv_x = torch.empty((R, H), dtype=self.dtype, device=dev)
         src_slot = torch.empty((R,), dtype=torch.int32, device=dev)
         src_rank = torch.empty((R,), dtype=torch.int32, device=dev)
@@ -245,6 +233,29 @@ class EPNormalContext(_EPContext):
             raise ValueError(f"{what}: this rank received {sum(host)} rows, the context holds max_recv_rows = {R}: "
                              "rows were dropped; make the context with a larger max_recv_rows")
         return recv_x, offsets, handle, host
+
+    def _publish_counts(self, ids: torch.Tensor) -> torch.Tensor:
+        """Step 1 (one launch after torch's routing): this rank's pairs per expert into every rank's table; returns
+        each pair's index among this rank's pairs for its expert ([T, K] int32, on the device)."""
+        E = self.num_experts
+        key = torch.where((ids >= 0) & (ids < E), ids, E).to(torch.int64)  # an extra expert E for the -1 slots
+        routing = build_routing(key, E + 1, check_ids=False)
+        idx = (routing.scatter_index - routing.expert_offsets[key]).to(torch.int32).contiguous()
+        tally = routing.counts[:E].to(torch.int32).contiguous()
+        _counts_kernel[(1,)](tally, self.n_cnt, self.n_flag1, self.n_done, self.epoch, E,
+                             BLOCK_E=min(_pow2(E), 1024), num_warps=4)
+        return idx
+
+    def _send(self, x: torch.Tensor, ids: torch.Tensor, idx: torch.Tensor) -> None:
+        """Step 2: every pair's row to its place at its receiver (after :meth:`_publish_counts`)."""
+        W, L, H, K, R = self.world.world_size, self.local_experts, self.hidden, self.topk, self.max_recv_rows
+        block_h = min(_pow2(H), 256 if self.world.interpreted else 1024)
+        hc = triton.cdiv(H, block_h)
+        T = x.shape[0]
+        _send_kernel[(max(T, 1) * hc,)](
+            x, ids, idx, self.n_buf, self.n_src, self.n_rank, self.n_cnt, self.n_flag1, self.n_flag2, self.epoch,
+            self.arrivals, self.dropped, T, H, x.stride(0), L, R, hc,
+            K=K, BLOCK_K=_pow2(K), BLOCK_W=_pow2(W), BLOCK_L=_pow2(L), BLOCK_H=block_h, num_warps=4)
 
     def dropped_pairs(self) -> int:
         """Pairs this rank could not place at their receiver (its capacity exceeded) over all calls so far (a host

@@ -72,19 +72,23 @@ class MoEPlan:
 # ---------------------------------------------------------------------------------------------- kernel
 @triton.jit
 def _moe_gemm_kernel(x, gidx, w, out, offs_ptr, sig_ptr, epoch_ptr, R, N, K, G, E_W,
-                     stride_xm, stride_we, stride_wk, stride_wn, stride_om, row_tile_bound,
+                     stride_xm, stride_we, stride_wk, stride_wn, stride_om, row_tile_bound, sig_base, x_par, sig_par,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                      G_BLOCK: tl.constexpr, GATHER: tl.constexpr, WAIT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Persistent over the tiles of ``G`` groups (offsets at ``offs_ptr``) times column tiles: tile rows ``r`` of
     group ``g`` are ``x[gidx[r]]`` (``GATHER``; else ``x[r]``) times ``w[g % E_W]``, stored at ``out[r]``. ``WAIT``:
-    before reading a tile's rows wait ``flag[g // E_W] >= epoch`` (``sig_ptr + world + src``: ag_gemm's chunk flags)."""
+    before reading a tile's rows wait ``sig_ptr[sig_base + p * sig_par + g // E_W] >= e`` (``e`` at ``epoch_ptr``,
+    ``p = e % 2``; ag_moe: ag_gemm's chunk flags at ``world + src``), and read ``x`` from ``x + p * x_par``
+    (double-buffered sources; ``x_par = sig_par = 0``: one buffer)."""
     lo, hi, first, end = expert_row_tiles(offs_ptr, G, R, G_BLOCK, BLOCK_M)
     tiles_m = tl.minimum(tl.max(end, 0), row_tile_bound)
     tiles_n = tl.cdiv(N, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     if WAIT:
-        world = dl.num_ranks()
         e_call = tl.load(epoch_ptr)
+        par = e_call % 2
+        x += (par * x_par).to(tl.int64)
+        sig_ptr += sig_base + par * sig_par
     for t in range(tl.program_id(0), tiles_m * tiles_n, tl.num_programs(0)):
         gm, pid_n = grouped_tile(t, tiles_m, tiles_n, GROUP_M)
         g, off_m, rows_end = expert_of_tile(gm, lo, hi, first, end, G_BLOCK, BLOCK_M)
@@ -97,7 +101,7 @@ def _moe_gemm_kernel(x, gidx, w, out, offs_ptr, sig_ptr, epoch_ptr, R, N, K, G, 
             src_rows = rows
         xp = x
         if WAIT:
-            token = dl.wait(sig_ptr + world + g // E_W, 1, "sys", "acquire", e_call, cmp="ge")
+            token = dl.wait(sig_ptr + g // E_W, 1, "sys", "acquire", e_call, cmp="ge")
             xp = dl.consume_token(x, token)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = offs_n < N
@@ -134,8 +138,41 @@ def _sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@dataclass(frozen=True)
+class GemmWait:
+    """Per-tile waits of :func:`launch_moe_gemm`: ``sig`` (int32 flags) at ``sig_base + p * sig_par + group //
+    E_W`` >= the epoch at ``epoch`` (``p``: its parity; ``x`` read at ``x + p * x_par``), the grid at most
+    ``budget`` programs (the SMs left to the comm kernels' side stream)."""
+
+    sig: torch.Tensor
+    epoch: torch.Tensor
+    budget: int | None
+    sig_base: int
+    x_par: int = 0
+    sig_par: int = 0
+
+
+def launch_moe_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, offsets: torch.Tensor, gidx, groups: int,
+                    rows: int, gather: bool, wait: GemmWait | None) -> None:
+    """The grouped GEMM kernel on ``groups`` groups of rows (``offsets`` [groups + 1] on the device, ``rows`` an
+    upper bound of its last entry), group ``g`` with ``w[g % w.shape[0]]`` (:func:`moe_gemm`; ``a2a_gemm``)."""
+    bm, bn, bk, warps, stages = _config(x.dtype)
+    k, n = w.shape[1], w.shape[2]
+    bound = max_row_tiles(rows, groups, bm)
+    tiles = bound * triton.cdiv(n, bn)
+    budget = wait.budget if wait is not None else None
+    programs = min(tiles, budget or _sms(x.device))
+    _moe_gemm_kernel[(max(1, programs),)](
+        x, gidx if gidx is not None else offsets, w, out, offsets, wait.sig if wait else out,
+        wait.epoch if wait else out, rows, n, k, groups, w.shape[0], x.stride(0), w.stride(0), w.stride(1),
+        w.stride(2), out.stride(0), bound, wait.sig_base if wait else 0, wait.x_par if wait else 0,
+        wait.sig_par if wait else 0,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, G_BLOCK=triton.next_power_of_2(groups), GATHER=gather,
+        WAIT=wait is not None, DOT_PRECISION=dot_precision(x.dtype), num_warps=warps, num_stages=stages)
+
+
 def moe_gemm(x: torch.Tensor, w: torch.Tensor, plan: MoEPlan, *, gather: bool = True, out_dtype=None,
-             _wait=None) -> torch.Tensor:
+             _wait: GemmWait | None = None) -> torch.Tensor:
     """The grouped GEMM of a plan: row ``r`` of the result is ``x[token of r] @ w[expert of r]`` (``gather``; else
     ``x[r] @ w[expert of r]``, ``x`` already in the plan's row order). ``x`` [*, K] with a unit stride along K; ``w``
     [E, K, N] (any strides); result [plan rows, N] in ``out_dtype`` (default ``x``'s), fp32 accumulation."""
@@ -152,23 +189,12 @@ def moe_gemm(x: torch.Tensor, w: torch.Tensor, plan: MoEPlan, *, gather: bool = 
     if x.stride(1) != 1:
         raise ValueError(f"{what}: x must have a unit stride along K, got strides {x.stride()}")
     r = plan.routing
-    rows, k, n = r.num_rows, x.shape[1], w.shape[2]
+    rows, n = r.num_rows, w.shape[2]
     if not gather and x.shape[0] != rows:
         raise ValueError(f"{what}: with gather=False x must hold the plan's {rows} rows, got {x.shape[0]}")
     out = torch.empty((rows, n), dtype=out_dtype or x.dtype, device=x.device)
-    if rows == 0 or n == 0:
-        return out
-    bm, bn, bk, warps, stages = _config(x.dtype)
-    groups = r.num_experts
-    bound = max_row_tiles(rows, groups, bm)
-    tiles = bound * triton.cdiv(n, bn)
-    sig, epoch, budget = _wait if _wait is not None else (out, out, None)
-    programs = min(tiles, budget or _sms(x.device))
-    _moe_gemm_kernel[(max(1, programs),)](
-        x, r.gather_index, w, out, r.expert_offsets, sig, epoch, rows, n, k, groups,
-        plan.num_experts, x.stride(0), w.stride(0), w.stride(1), w.stride(2), out.stride(0), bound,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, G_BLOCK=triton.next_power_of_2(groups), GATHER=gather,
-        WAIT=_wait is not None, DOT_PRECISION=dot_precision(x.dtype), num_warps=warps, num_stages=stages)
+    if rows and n:
+        launch_moe_gemm(x, w, out, r.expert_offsets, r.gather_index, r.num_experts, rows, gather, _wait)
     return out
 
 
@@ -228,14 +254,14 @@ def ag_moe(x: torch.Tensor, w1: torch.Tensor, topk_ids: torch.Tensor, topk_weigh
     routing = build_routing(src[:, None] * e + ids, world * e, check_ids=False)
     plan = MoEPlan(routing, weights, e, world, t_loc)
     if world == 1:  # nothing to gather: the one chunk's flag is raised for good (ag_gemm's context)
-        return moe_gemm(x, w1, plan, _wait=(ctx.signals, ctx.epoch, None)), plan
+        return moe_gemm(x, w1, plan, _wait=GemmWait(ctx.signals, ctx.epoch, None, world)), plan
     epoch = ctx.next_epoch()
     sig = call_signature(what, method, x.dtype, t_loc * hidden, hidden)
     gathered = ctx.gathered[:world * t_loc]
     with ctx.forked():
         with ctx.side_stream():
             _agg.gather_chunks(ctx, x, epoch, sig, method)
-        h = moe_gemm(gathered, w1, plan, _wait=(ctx.signals, epoch, _agg.consumer_programs(ctx, method)))
+        h = moe_gemm(gathered, w1, plan, _wait=GemmWait(ctx.signals, epoch, _agg.consumer_programs(ctx, method), world))
     return h, plan
 
 
