@@ -134,10 +134,13 @@ def test_bad_input(world2, case, needle):
 
 
 def _make(kw):
+    """The error of making a context with ``kw`` ("no error" if none); a failed one leaves no symmetric memory."""
+    heap = this_world().heap
+    before = heap.bytes_in_use
     try:
         moe.EPLowLatencyContext(**kw).close()
     except (ValueError, TypeError) as e:
-        return str(e)
+        return str(e) if heap.bytes_in_use == before else f"leaked {heap.bytes_in_use - before} bytes: {e}"
     return "no error"
 
 
@@ -148,7 +151,7 @@ def test_context_arguments(world2):
                        (dict(base, hidden=100, fp8=True), "hidden % 128 == 0"),
                        (dict(base, dtype=torch.int32), "dtype must be one of"),
                        (dict(base, topk=5), "more than num_experts")):
-        assert all(needle in m for m in world2.run(make, kw))
+        assert all(needle in m and not m.startswith("leaked") for m in world2.run(make, kw))
 
 
 def _graph_replay(seed):

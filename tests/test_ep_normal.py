@@ -78,10 +78,13 @@ def test_capacity(world2, seed):
 
 
 def _make(kw):
+    """The error of making a context with ``kw`` ("no error" if none); a failed one leaves no symmetric memory."""
+    heap = this_world().heap
+    before = heap.bytes_in_use
     try:
         moe.EPNormalContext(**kw).close()
     except (ValueError, TypeError) as e:
-        return str(e)
+        return str(e) if heap.bytes_in_use == before else f"leaked {heap.bytes_in_use - before} bytes: {e}"
     return "no error"
 
 
@@ -89,7 +92,7 @@ def test_context_arguments(world2):
     base = dict(max_tokens=4, hidden=64, topk=2, num_experts=4)
     for kw, needle in ((dict(base, max_recv_rows=0), "max_recv_rows must be an int >= 1"),
                        (dict(base, num_experts=3), "multiple of the world size")):
-        assert all(needle in m for m in world2.run(_make, kw))
+        assert all(needle in m and not m.startswith("leaked") for m in world2.run(_make, kw))
     assert all(m == "no error" for m in world2.run(_make, dict(base, max_recv_rows=10 ** 6)))  # capped
 
 

@@ -168,11 +168,12 @@ class EPNormalContext(_EPContext):
     def __init__(self, max_tokens: int, hidden: int, topk: int, num_experts: int, dtype: torch.dtype = torch.bfloat16,
                  *, max_recv_rows: int | None = None):
         what = type(self).__name__
+        if max_recv_rows is not None and (not isinstance(max_recv_rows, int) or isinstance(max_recv_rows, bool)
+                                          or max_recv_rows < 1):  # before any symmetric allocation
+            raise ValueError(f"{what}: max_recv_rows must be an int >= 1, got {max_recv_rows!r}")
         super().__init__(max_tokens, hidden, topk, num_experts, dtype)
         w = self.world.world_size
         rows = 2 * max_tokens * topk if max_recv_rows is None else max_recv_rows
-        if not isinstance(rows, int) or isinstance(rows, bool) or rows < 1:
-            raise ValueError(f"{what}: max_recv_rows must be an int >= 1, got {max_recv_rows!r}")
         self.max_recv_rows = rows = min(rows, w * max_tokens * topk)
         i32 = torch.int32
         self.n_buf = triton_dist.empty((2, rows, hidden), dtype)
