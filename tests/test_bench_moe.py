@@ -1,6 +1,7 @@
 """The MoE benchmark: its --smoke path end to end on a CPU world of two ranks (the low-latency dispatch / combine, bf16
-and fp8, against the torch all_to_all_single baselines; every round trip checked bit for bit before it is timed), the
-routing and payload helpers, and the tables and plot drawn from recorded rows (--render)."""
+and fp8, against the torch all_to_all_single baselines; every round trip checked bit for bit before it is timed; the
+tensor-parallel layer against torch + collectives, checked against fp32), the routing and payload helpers, and the
+tables and plot drawn from recorded rows (--render)."""
 import json
 import os
 import subprocess
@@ -40,6 +41,17 @@ def test_smoke_dispatch_combine_against_all_to_all(tmp_path):
     assert f"{M.SYMM_MEM} not run: PyTorch's symmetric memory needs CUDA" in out.stdout + out.stderr
     for op in M.OPS:
         assert f"{op}: ours / torch_all_to_all time" in out.stdout
+
+
+def test_smoke_tensor_parallel_layer_against_torch_nccl(tmp_path):
+    out, rows = _bench(2, tmp_path, "--cases", "tp")
+    assert {(r["op"], r["provider"]) for r in rows} == {(M.TP_OP, "triton_dist:tp_moe"), (M.TP_OP, "torch_nccl")}
+    assert all(r["shape"] == "T=8,H=64,I=64,k=2,E=4,world=2" and r["tflops"] is not None for r in rows)
+    assert "tp_moe: ours / torch_nccl time" in out.stdout
+    assert M.TPCase().shape(8) == "T=4096,H=2048,I=768,k=8,E=128,world=8"
+    h = torch.randn(3, 8)
+    gate, up = h.chunk(2, dim=-1)
+    assert torch.equal(M.gate_up_act(h), torch.nn.functional.silu(gate) * up)
 
 
 def test_routing_and_payload():

@@ -2,7 +2,7 @@
 
 ::
 
-    triton-dist bench moe -n 8 [--cases ep_ll] [--tokens 128] [--hidden 7168] [--topk 8] [--experts 256]
+    triton-dist bench moe -n 8 [--cases ep_ll,tp] [--tokens 128] [--hidden 7168] [--topk 8] [--experts 256]
                                [--fp8 both|off|only] [--samples 20] [--graph-calls 20] [--out DIR]
                                [--plot PATH | --no-plot]
     triton-dist bench moe -n 4 --share-gpus                   # shared-GPU world: plumbing, rows marked shared_gpu
@@ -29,6 +29,13 @@ regrouping by expert a grouped GEMM needs is not charged to it). ``torch_symm_me
 is the same over PyTorch's device-side 2-D all-to-all (NVSHMEM: splits on the device, rows arrive expert-major), run
 only where the op exists and PyTorch's symmetric memory is on NVSHMEM (``TRITON_DIST_BACKEND=nvshmem``); elsewhere a
 note says why it was skipped (always in the CPU world and in shared-GPU worlds).
+
+``tp`` (``--cases tp``, any world): the tensor-parallel MoE layer on Qwen3-30B-A3B's shape (4096 tokens over the
+ranks, hidden 2048, 128 experts of intermediate 768 split over the ranks, top-8, bf16): ``ops.ag_moe`` (the token
+all-gather overlapped with the gate-up grouped GEMM), SiLU * up, ``ops.moe_rs`` (provider ``triton_dist:tp_moe``)
+against :func:`torch_tp_moe` (``torch_nccl``: ``all_gather``, the pairs sorted by expert, ``torch._grouped_mm`` twice,
+the weighted sum, ``reduce_scatter_tensor``), op ``tp_moe``, both checked against the layer in fp32 first; at world
+size 1 it times the compute alone. ``tflops`` counts this rank's share of the layer's GEMMs, ``gbps`` its weights.
 
 Timing: :func:`~triton_dist.bench.harness.time_call`, the slowest rank's median. Ours and the symmetric-memory
 baseline (no host sync) are CUDA-graph replays of ``--graph-calls`` calls (what decode pays in a captured step);
@@ -60,12 +67,15 @@ from .harness import Recorder, agree, first_line, uniform
 from .report import (SHARED_GPU_NO_SYMM_MEM, Progress, add_render_args, announce_shared_gpu, card_plot_path,
                      format_pair_tables, load_runs, plot_pairs, render_recorded)
 
-CASES = ("ep_ll",)  # tensor-parallel MoE cases ("tp") go here, each a method of _MoEBench
+CASES = ("ep_ll", "tp")  # each a method of _MoEBench; tp runs when asked (--cases tp)
+DEFAULT_CASES = ("ep_ll",)
 OPS = ("ep_dispatch", "ep_combine", "ep_round_trip")
+TP_OP = "tp_moe"
 # our providers and the baseline each is paired with in the tables and the plot
-BASELINE = {"triton_dist:ep_ll": "torch_all_to_all", "triton_dist:ep_ll_fp8": "torch_all_to_all_fp8"}
+BASELINE = {"triton_dist:ep_ll": "torch_all_to_all", "triton_dist:ep_ll_fp8": "torch_all_to_all_fp8",
+            "triton_dist:tp_moe": "torch_nccl"}
 SYMM_MEM = "torch_symm_mem:all_to_all_vdev_2d"
-GOAL = {op: 1.0 for op in OPS}  # ours / baseline time at most
+GOAL = {op: 1.0 for op in OPS + (TP_OP,)}  # ours / baseline time at most
 DEFAULT_PLOT = os.path.join("docs", "perf", "moe_{card}.png")
 FP8_MODES = {"both": (False, True), "off": (False,), "only": (True,)}
 
@@ -89,6 +99,27 @@ class EPCase:
         pairs = self.tokens * self.topk
         row = self.hidden + 4 * (self.hidden // 128) if fp8 else self.hidden * elem
         return pairs * row, pairs * self.hidden * elem
+
+
+@dataclass(frozen=True)
+class TPCase:
+    """One tensor-parallel case (Qwen3-30B-A3B's MoE layer by default): ``tokens`` over all ranks (each holds
+    ``tokens / world``), ``hidden``, ``inter`` the intermediate size of each expert (each rank ``inter / world`` of
+    it, gate and up fused), ``topk`` of ``experts``."""
+
+    tokens: int = 4096
+    hidden: int = 2048
+    inter: int = 768
+    topk: int = 8
+    experts: int = 128
+
+    def shape(self, world: int) -> str:
+        """``T=4096,H=2048,I=768,k=8,E=128,world=8``."""
+        return f"T={self.tokens},H={self.hidden},I={self.inter},k={self.topk},E={self.experts},world={world}"
+
+    def flops(self) -> int:
+        """The layer's GEMM FLOPs over all ranks: every pair through gate-up (``2 I`` columns) and down."""
+        return 2 * self.tokens * self.topk * self.hidden * 3 * self.inter
 
 
 def smoke_case(world: int) -> EPCase:
@@ -306,8 +337,85 @@ def symm_mem_skip_reason(world) -> str | None:
     return None
 
 
+def gate_up_act(h: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up of fused gate-up rows ``[*, 2 I]`` (gate first), in fp32, cast back."""
+    gate, up = h.float().chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up).to(h.dtype)
+
+
+def _grouped(rows, w, offsets, counts):
+    """``rows`` (expert-sorted) times each expert's ``w`` [E, K, N]: ``torch._grouped_mm`` where torch has it for
+    these operands, else a loop over the experts (a host sync for the counts)."""
+    from triton_dist.kernels.grouped_gemm import torch_grouped_mm
+    out, _ = torch_grouped_mm(rows, w, offsets)
+    if out is not None:
+        return out
+    out = torch.empty((rows.shape[0], w.shape[2]), dtype=rows.dtype, device=rows.device)
+    lo = 0
+    for e, n in enumerate(counts.tolist()):
+        out[lo:lo + n] = rows[lo:lo + n] @ w[e]
+        lo += n
+    return out
+
+
+def torch_tp_moe(x, w1, w2, ids, wts, group):
+    """The sequential torch + NCCL tensor-parallel MoE layer: all-gather of the tokens and their routing, the pairs
+    sorted by expert, the grouped gate-up GEMM, SiLU * up, the grouped down GEMM, the top-k weighted sum (fp32), the
+    reduce-scatter of the tokens to their ranks."""
+    world = dist.get_world_size(group)
+
+    def gather(t):
+        parts = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(parts, t.contiguous(), group=group)
+        return torch.cat(parts)
+    xs, idg, wg = gather(x), gather(ids), gather(wts)
+    t, k = idg.shape
+    flat = idg.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(w1.shape[0], dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]).to(torch.int32)
+    rows = xs[torch.div(order, k, rounding_mode="floor")]
+    y = _grouped(gate_up_act(_grouped(rows, w1, offsets, counts)), w2, offsets, counts)
+    pair = torch.empty_like(y)
+    pair[order] = y
+    full = (pair.view(t, k, -1).float() * wg.float()[..., None]).sum(1)
+    if x.device.type == "cuda":
+        out = torch.empty((t // world, full.shape[1]), dtype=full.dtype, device=x.device)
+        dist.reduce_scatter_tensor(out, full, group=group)
+    else:  # gloo has no reduce_scatter_tensor
+        dist.all_reduce(full, group=group)
+        out = full[dist.get_rank(group) * (t // world):(dist.get_rank(group) + 1) * (t // world)].clone()
+    return out.to(x.dtype)
+
+
 # ---------------------------------------------------------------------------------------------- the bench
 class _MoEBench(CheckedBench):
+    def tp(self, case: TPCase) -> None:
+        """The tensor-parallel layer: ``ops.ag_moe`` (tokens gathered while the gate-up GEMM runs), SiLU * up,
+        ``ops.moe_rs`` against :func:`torch_tp_moe`, both checked against the layer in fp32 first."""
+        from triton_dist import ops
+        w = self.world
+        W = w.world_size
+        t_loc, i_loc = case.tokens // W, case.inter // W
+        shape = case.shape(W)
+        seed = zlib.crc32(shape.encode()) + 1009 * w.rank
+        x = self.rand((t_loc, case.hidden), seed)
+        ids = routing(t_loc, case.topk, case.experts, seed).to(w.device)
+        wts = uniform((t_loc, case.topk), seed + 1, torch.float32, w.device)
+        w1 = self.rand((case.experts, case.hidden, 2 * i_loc), seed + 2, case.hidden ** -0.5)
+        w2 = self.rand((case.experts, i_loc, case.hidden), seed + 3, case.inter ** -0.5)
+        ref = torch_tp_moe(x.float(), w1.float(), w2.float(), ids, wts, w.group).float()
+        tol = 3e-2 * ref.abs().max().item() + 1e-3
+
+        def ours(i):
+            h, plan = ops.ag_moe(x, w1, ids, wts)
+            return ops.moe_rs(gate_up_act(h), w2, plan)
+
+        providers = [("triton_dist:tp_moe", ours), ("torch_nccl", lambda i: torch_tp_moe(x, w1, w2, ids, wts, w.group))]
+        self._time(TP_OP, shape, providers, ref, tol, 1, nbytes=2 * case.experts * case.hidden * 3 * i_loc,
+                   flops=case.flops() // W, graph=0)
+
+
     def ep_ll(self, case: EPCase, fp8: bool, symm_mem_skip: str | None) -> None:
         """One ``ep_ll`` case (bf16 or fp8 dispatch): ours and the baselines, each checked, then their three ops
         timed."""
@@ -357,7 +465,7 @@ def moe_pairs(rows: list[dict]) -> dict:
     one."""
     cells: dict = {}
     for r in rows:
-        if r.get("op") not in OPS:
+        if r.get("op") not in OPS + (TP_OP,):
             continue
         cells.setdefault((r["op"], r["shape"]), {})[r["provider"]] = r
     out: dict = {}
@@ -366,7 +474,7 @@ def moe_pairs(rows: list[dict]) -> dict:
             if ours in c and base in c:
                 label = shape + (" [fp8]" if ours.endswith("_fp8") else "")
                 out.setdefault(op, {})[label] = (c[ours]["median_us"], c[base]["median_us"], c[ours])
-    return {op: out[op] for op in OPS if op in out}
+    return {op: out[op] for op in OPS + (TP_OP,) if op in out}
 
 
 def load_moe_rows(path: str, run_id: str | None = None) -> list[dict]:
@@ -377,12 +485,16 @@ def load_moe_rows(path: str, run_id: str | None = None) -> list[dict]:
     return rows
 
 
+def _baseline_name(op: str) -> str:
+    return "torch_nccl" if op == TP_OP else "torch_all_to_all"
+
+
 def format_moe_tables(rows: list[dict], notes: list[str] | None = None) -> str:
     """Per op: each shape's time, its baseline's (``[fp8]`` rows: torch_all_to_all_fp8's), the ratio, the payload
     rate and whether it meets the goal."""
     def rate(op, r):
         return "" if r.get("gbps") is None else f"  {r['gbps']:8.1f} GB/s"
-    return format_pair_tables(moe_pairs(rows), GOAL, lambda op: "torch_all_to_all", rate, 46, notes)
+    return format_pair_tables(moe_pairs(rows), GOAL, _baseline_name, rate, 46, notes)
 
 
 def default_plot_path(card: str) -> str:
@@ -393,8 +505,7 @@ def default_plot_path(card: str) -> str:
 def plot_moe_rows(rows: list[dict], path: str, title: str | None = None) -> str | None:
     """One panel per op: ours / baseline time per shape, the goal as a line. PNG at ``path``, or None (a printed
     note) without matplotlib or rows."""
-    return plot_pairs(moe_pairs(rows), rows, path, GOAL, lambda op: "torch_all_to_all", "MoE dispatch / combine",
-                      title)
+    return plot_pairs(moe_pairs(rows), rows, path, GOAL, _baseline_name, "MoE", title)
 
 
 def _positive(text: str) -> int:
@@ -411,8 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The options of ``triton-dist bench moe``."""
     ap = argparse.ArgumentParser(prog="triton-dist bench moe", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="directory of <card>.jsonl [default: bench/results; --smoke: none]")
-    ap.add_argument("--cases", type=_choices(CASES), default=list(CASES),
-                    help="comma-separated subset of " + ",".join(CASES))
+    ap.add_argument("--cases", type=_choices(CASES), default=list(DEFAULT_CASES),
+                    help="comma-separated subset of " + ",".join(CASES) + " [default: ep_ll]")
     d = EPCase()
     ap.add_argument("--tokens", type=_positive, default=d.tokens, help=f"tokens per rank [default: {d.tokens}]")
     ap.add_argument("--hidden", type=_positive, default=d.hidden, help=f"values per token [default: {d.hidden}]")
@@ -461,7 +572,7 @@ def main(argv=None) -> None:
                    shared_gpu=world.shared_gpu)
     skip = symm_mem_skip_reason(world)
     per_case = len(OPS) * (2 + (skip is None)) * len(fp8_modes)
-    progress = Progress(per_case * ("ep_ll" in args.cases), enabled=world.rank == 0)
+    progress = Progress(per_case * ("ep_ll" in args.cases) + 2 * ("tp" in args.cases), enabled=world.rank == 0)
     bench = _MoEBench(world, rec, args, dtype, progress)
     if heap and world.rank == 0:
         progress.note(f"symmetric heap {heap / 2**30:.2f} GiB per rank (TRITON_DIST_HEAP_SIZE overrides)")
@@ -470,6 +581,11 @@ def main(argv=None) -> None:
             bench.note(f"{SYMM_MEM} not run: {skip}")
         for fp8 in fp8_modes:
             bench.ep_ll(case, fp8, skip)
+    if "tp" in args.cases:
+        tp = TPCase(4 * world.world_size, 64, 32 * world.world_size, 2, 4) if args.smoke else TPCase()
+        if tp.tokens % world.world_size or tp.inter % world.world_size:
+            raise SystemExit(f"the tp case needs tokens and inter divisible by the world size {world.world_size}")
+        bench.tp(tp)
     progress.finish()
     bench.finish(args, lambda rows: format_moe_tables(rows) if moe_pairs(rows) else "", plot_moe_rows,
                  default_plot_path)
