@@ -133,25 +133,25 @@ def test_bad_input(world2, case, needle):
     assert all(needle in msg for msg in world2.run(_bad, case))
 
 
-def _make(kw):
-    """The error of making a context with ``kw`` ("no error" if none); a failed one leaves no symmetric memory."""
+def _make(kw, cls="EPLowLatencyContext"):
+    """The error of making a ``moe.<cls>`` with ``kw`` ("no error" if none); a failed one leaves no symmetric
+    memory."""
     heap = this_world().heap
     before = heap.bytes_in_use
     try:
-        moe.EPLowLatencyContext(**kw).close()
+        getattr(moe, cls)(**kw).close()
     except (ValueError, TypeError) as e:
         return str(e) if heap.bytes_in_use == before else f"leaked {heap.bytes_in_use - before} bytes: {e}"
     return "no error"
 
 
 def test_context_arguments(world2):
-    make = _make
     base = dict(max_tokens=4, hidden=128, topk=2, num_experts=4)
     for kw, needle in ((dict(base, num_experts=3), "multiple of the world size"),
                        (dict(base, hidden=100, fp8=True), "hidden % 128 == 0"),
                        (dict(base, dtype=torch.int32), "dtype must be one of"),
                        (dict(base, topk=5), "more than num_experts")):
-        assert all(needle in m and not m.startswith("leaked") for m in world2.run(make, kw))
+        assert all(needle in m and not m.startswith("leaked") for m in world2.run(_make, kw))
 
 
 def _graph_replay(seed):

@@ -24,8 +24,6 @@ No host sync; with ``in_splits`` on the device a call is CUDA-graph capturable. 
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.distributed as dist
 import triton
@@ -33,6 +31,7 @@ import triton.language as tl
 
 import triton_dist
 import triton_dist.language as dl
+from triton_dist.kernels.gemm import OverlapContext
 from triton_dist.kernels.moe.ep_low_latency import _signal_every_rank
 from triton_dist.kernels.moe.ep_normal import EPNormalContext
 from triton_dist.kernels.moe.tp_moe import GemmWait, launch_moe_gemm
@@ -80,19 +79,9 @@ class A2AGemmContext(EPNormalContext):
             self.side = torch.cuda.Stream(self.world.device)
             self._fork, self._join = torch.cuda.Event(), torch.cuda.Event()
 
-    @contextlib.contextmanager
-    def _forked(self):
-        if self.side is None:
-            yield None
-            return
-        main = torch.cuda.current_stream(self.world.device)
-        self._fork.record(main)
-        self.side.wait_event(self._fork)
-        try:
-            yield self.side
-        finally:
-            self._join.record(self.side)
-            main.wait_event(self._join)
+    # the overlapped GEMMs' fork / join of the side stream (the attributes they use: world, side, _fork, _join)
+    forked = OverlapContext.forked
+    side_stream = OverlapContext.side_stream
 
 
 def _destinations(in_splits, rows: int, world: int, device) -> torch.Tensor:
@@ -136,8 +125,8 @@ def a2a_gemm(x: torch.Tensor, w: torch.Tensor, in_splits, out_rows: int, *, ctx:
     R = ctx.max_recv_rows
     budget = None if ctx.world.interpreted else max(1, ctx.world.num_sms - COMM_SMS)
     wait = GemmWait(ctx.n_flag2, ctx.epoch, budget, 0, x_par=R * ctx.hidden, sig_par=W)
-    with ctx._forked() as side:
-        with (torch.cuda.stream(side) if side is not None else contextlib.nullcontext()):
+    with ctx.forked():
+        with ctx.side_stream():
             ctx._send(x, dest, idx)
         if out_rows and n:
             launch_moe_gemm(ctx.n_buf.view(2 * R, ctx.hidden), w.unsqueeze(0), out, offsets, None, W, out_rows,
