@@ -43,11 +43,16 @@ def test_smoke_dispatch_combine_against_all_to_all(tmp_path):
         assert f"{op}: ours / torch_all_to_all time" in out.stdout
 
 
-def test_smoke_tensor_parallel_layer_against_torch_nccl(tmp_path):
-    out, rows = _bench(2, tmp_path, "--cases", "tp")
-    assert {(r["op"], r["provider"]) for r in rows} == {(M.TP_OP, "triton_dist:tp_moe"), (M.TP_OP, "torch_nccl")}
-    assert all(r["shape"] == "T=8,H=64,I=64,k=2,E=4,world=2" and r["tflops"] is not None for r in rows)
+def test_smoke_normal_dispatch_and_tensor_parallel_layer(tmp_path):
+    out, rows = _bench(2, tmp_path, "--cases", "ep_normal,tp")
+    tp = [r for r in rows if r["op"] == M.TP_OP]
+    assert {r["provider"] for r in tp} == {"triton_dist:tp_moe", "torch_nccl"} and len(tp) == 2
+    assert all(r["shape"] == "T=8,H=64,I=64,k=2,E=4,world=2" and r["tflops"] is not None for r in tp)
     assert "tp_moe: ours / torch_nccl time" in out.stdout
+    ep = [r for r in rows if r["op"] != M.TP_OP]  # ep_normal: 8 tokens per rank, every round trip checked exactly
+    assert {(r["op"], r["provider"]) for r in ep} == {(op, p) for op in M.OPS
+                                                      for p in ("triton_dist:ep_normal", "torch_all_to_all")}
+    assert all(r["shape"] == "T=8,H=128,k=2,E=4,world=2" for r in ep) and len(ep) == 6
     assert M.TPCase().shape(8) == "T=4096,H=2048,I=768,k=8,E=128,world=8"
     h = torch.randn(3, 8)
     gate, up = h.chunk(2, dim=-1)

@@ -177,6 +177,13 @@ def test_gather_rows_and_scatter_combine(padded, dtype):
                     * y[(r.padded_scatter_index if padded else r.scatter_index)[:, j].long()].double()
                     for j in range(k))
         torch.testing.assert_close(out.double(), exact, rtol=1e-5 if dtype == torch.float32 else 2e-3, atol=1e-5)
+    # a token range in fp32 (one source rank's tokens of a plan): exactly those rows of the fp32 sum
+    part = rt.scatter_combine(y, r, wts, padded=padded, tokens=(3, 9), out_dtype=torch.float32,
+                              out=poison(torch.empty((6, h), dtype=torch.float32, device=DEVICE)))
+    full = rt.scatter_combine(y, r, wts, padded=padded, out_dtype=torch.float32)
+    assert torch.equal(part, full[3:9])
+    with pytest.raises(ValueError, match=r"tokens must be \(start, stop\) with 0 <= start <= stop <= 11"):
+        rt.scatter_combine(y, r, wts, padded=padded, tokens=(5, 12))
 
 
 # ------------------------------------------------------------------------------------------------ grouped GEMM

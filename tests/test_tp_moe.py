@@ -35,6 +35,7 @@ def _tp_body(t_loc, hidden, n_loc, experts, k, dtype, seed, method):
     out = ops.moe_rs(a, w2, plan)
     want = ops.moe_rs_reference(plan_rows_to_pairs(a, plan), w2, ids, wts)
     ok &= out.shape == (t_loc, hidden) and out.dtype == dtype and torch.allclose(out.float(), want, **tol)
+    ok &= torch.equal(ops.moe_rs(a, w2, plan), out)  # back to back: the next epoch, the same sums in the same order
     # decode: the same tokens on every rank (rank 0's), the plan local, the down projection all-reduced
     xr, idr, wr = (rand((t_loc, hidden), dtype, seed, w.device), _ids(t_loc, k, experts, seed + 10).to(w.device),
                    rand((t_loc, k), torch.float32, seed + 20, w.device).abs())
@@ -91,6 +92,10 @@ def _bad(case):
         "ids": lambda: ops.ag_moe(x, w1, ids + 4, wts),
         "wts": lambda: ops.ag_moe(x, w1, ids, wts[:, :1]),
         "x": lambda: ops.ag_moe(x.t(), w1, ids, wts),
+        "rs_plan": lambda: ops.moe_rs(torch.ones((6, 8), device=w.device), torch.ones((4, 8, 16), device=w.device),
+                                      ops.moe_plan(ids, wts, 4)),
+        "rs_h": lambda: ops.moe_rs(torch.ones((5, 8), device=w.device), torch.ones((4, 8, 16), device=w.device),
+                                   ops.moe_plan(ids, wts, 4)),
     }
     if case == "ids" and w.device.type == "cuda":  # checked for CPU tensors only (on GPUs it would sync)
         return "topk_ids must be in [0, 4): not checked on the GPU"
@@ -103,7 +108,8 @@ def _bad(case):
 
 @pytest.mark.parametrize("case,needle", [("method", "method must be"), ("w1", "w1 must be [E, H, N]"),
                                          ("ids", "topk_ids must be in [0, 4)"), ("wts", "topk_weights must be"),
-                                         ("x", "contiguous [T_loc, H]")])
+                                         ("x", "contiguous [T_loc, H]"),
+                                         ("rs_plan", "got a plan of 1 x 3 tokens"), ("rs_h", "h must be [plan rows = 6")])
 def test_bad_input(world2, case, needle):
     assert all(needle in m for m in world2.run(_bad, case))
 

@@ -349,7 +349,7 @@ def moe_rs(h: torch.Tensor, w2: torch.Tensor, plan: _tpm.MoEPlan) -> torch.Tenso
     reduce-scatter to the tokens' ranks: ``[T/W, H]``. Collective. See :mod:`triton_dist.kernels.moe.tp_moe`."""
     _agree("moe_rs", h=_shape(_tensor("moe_rs", h)), w2=_shape(w2))
     tokens = plan.sources * plan.tokens_per_source
-    ctx = _context("moe_rs", _rs.ReduceScatterContext, tokens * w2.shape[2], torch.float32) \
+    ctx = _gemm_context("moe_rs", _tpm.MoERSContext, tokens, w2.shape[1], w2.shape[2], h.dtype) \
         if current_world().world_size > 1 else None
     return _tpm.moe_rs(h, w2, plan, ctx=ctx)
 

@@ -1,7 +1,7 @@
 """MoE kernels: expert-parallel low-latency dispatch / combine (kernels/moe/ep_low_latency.py), the four kernels at
 the GPU block sizes their launchers pick for the goal shape (hidden 7168, top-8, 32 local experts of 8 ranks, 128
 tokens), bf16 rows and fp8 (e4m3 values with fp32 scales); the tensor-parallel MoE GEMM (kernels/moe/tp_moe.py) at
-its GPU configs, gathered rows with chunk waits (ag_moe) and plan-ordered rows (the down projection, fp32 out); the
+its GPU configs (each tile shape), gathered rows with chunk waits (ag_moe) and plan-ordered rows (the down projection); the
 normal (prefill) EP dispatch's three kernels (8 ranks, 32 local experts); a2a_gemm's two small kernels (its GEMM is
 the MoE GEMM above)."""
 import torch
@@ -38,15 +38,18 @@ def checks(check) -> None:
            "HC": "i32"},
           dict(K=8, BLOCK_K=8, BLOCK_H=1024), options=dict(opts, enable_fp_fusion=False))
     for dtype, el in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
-        bm, bn, bk, warps, stages = TP._config(dtype)
-        for gather, wait, out in ((True, True, el), (False, False, "fp32")):
-            sig = {"x": f"*{el}", "gidx": "*i32", "w": f"*{el}", "out": f"*{out}", "offs_ptr": "*i32",
-                   "sig_ptr": "*i32", "epoch_ptr": "*i32", "R": "i32", "N": "i32", "K": "i32", "G": "i32",
-                   "E_W": "i32", "stride_xm": "i32", "stride_we": "i32", "stride_wk": "i32", "stride_wn": "i32",
-                   "stride_om": "i32", "row_tile_bound": "i32", "sig_base": "i32", "x_par": "i32", "sig_par": "i32"}
-            check(TP._moe_gemm_kernel, sig, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, G_BLOCK=512,
-                                                 GATHER=gather, WAIT=wait, DOT_PRECISION="ieee"),
-                  options=dict(num_warps=warps, num_stages=stages))
+        shapes = ((256, 1536), (32, 2048), (32, 96)) if dtype != torch.float32 else ((256, 1536),)
+        for rows_per_group, n in shapes:  # each tile shape _config picks
+            bm, bn, bk, warps, stages = TP._config(dtype, rows_per_group, n)
+            for gather, wait, out in ((True, True, el), (False, False, el)):
+                sig = {"x": f"*{el}", "gidx": "*i32", "w": f"*{el}", "out": f"*{out}", "offs_ptr": "*i32",
+                       "sig_ptr": "*i32", "epoch_ptr": "*i32", "R": "i32", "N": "i32", "K": "i32", "G": "i32",
+                       "E_W": "i32", "stride_xm": "i32", "stride_we": "i32", "stride_wk": "i32", "stride_wn": "i32",
+                       "stride_om": "i32", "row_tile_bound": "i32", "sig_base": "i32", "x_par": "i32",
+                       "sig_par": "i32"}
+                check(TP._moe_gemm_kernel, sig, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, G_BLOCK=512,
+                                                     GATHER=gather, WAIT=wait, DOT_PRECISION="ieee"),
+                      options=dict(num_warps=warps, num_stages=stages))
     check(EN._counts_kernel, {"tally_ptr": i32, "cnt_ptr": i32, "flag_ptr": i32, "done_ptr": i32, "epoch_ptr": i32,
                               "E": "i32"}, dict(BLOCK_E=256), options=opts)
     check(EN._send_kernel,

@@ -2,7 +2,8 @@
 
 ::
 
-    triton-dist bench moe -n 8 [--cases ep_ll,tp] [--tokens 128] [--hidden 7168] [--topk 8] [--experts 256]
+    triton-dist bench moe -n 8 [--cases ep_ll,ep_normal,tp] [--tokens 128] [--normal-tokens 4096] [--hidden 7168]
+                               [--topk 8] [--experts 256]
                                [--fp8 both|off|only] [--samples 20] [--graph-calls 20] [--out DIR]
                                [--plot PATH | --no-plot]
     triton-dist bench moe -n 4 --share-gpus                   # shared-GPU world: plumbing, rows marked shared_gpu
@@ -29,6 +30,10 @@ regrouping by expert a grouped GEMM needs is not charged to it). ``torch_symm_me
 is the same over PyTorch's device-side 2-D all-to-all (NVSHMEM: splits on the device, rows arrive expert-major), run
 only where the op exists and PyTorch's symmetric memory is on NVSHMEM (``TRITON_DIST_BACKEND=nvshmem``); elsewhere a
 note says why it was skipped (always in the CPU world and in shared-GPU worlds).
+
+``ep_normal`` (``--cases ep_normal``): the same three ops of :class:`triton_dist.moe.EPNormalContext` (provider
+``triton_dist:ep_normal``, bf16; packed receive rows, the prefill kind) at ``--normal-tokens`` tokens per rank, against
+the same ``torch_all_to_all`` (and symmetric-memory) baselines; ``y`` is its packed receive buffer.
 
 ``tp`` (``--cases tp``, any world): the tensor-parallel MoE layer on Qwen3-30B-A3B's shape (4096 tokens over the
 ranks, hidden 2048, 128 experts of intermediate 768 split over the ranks, top-8, bf16): ``ops.ag_moe`` (the token
@@ -67,13 +72,14 @@ from .harness import Recorder, agree, first_line, uniform
 from .report import (SHARED_GPU_NO_SYMM_MEM, Progress, add_render_args, announce_shared_gpu, card_plot_path,
                      format_pair_tables, load_runs, plot_pairs, render_recorded)
 
-CASES = ("ep_ll", "tp")  # each a method of _MoEBench; tp runs when asked (--cases tp)
+CASES = ("ep_ll", "ep_normal", "tp")  # each a method of _MoEBench; ep_normal and tp run when asked (--cases)
 DEFAULT_CASES = ("ep_ll",)
 OPS = ("ep_dispatch", "ep_combine", "ep_round_trip")
 TP_OP = "tp_moe"
 # our providers and the baseline each is paired with in the tables and the plot
 BASELINE = {"triton_dist:ep_ll": "torch_all_to_all", "triton_dist:ep_ll_fp8": "torch_all_to_all_fp8",
-            "triton_dist:tp_moe": "torch_nccl"}
+            "triton_dist:ep_normal": "torch_all_to_all", "triton_dist:tp_moe": "torch_nccl"}
+NORMAL_TOKENS = 4096  # tokens per rank of the ep_normal case (prefill)
 SYMM_MEM = "torch_symm_mem:all_to_all_vdev_2d"
 GOAL = {op: 1.0 for op in OPS + (TP_OP,)}  # ours / baseline time at most
 DEFAULT_PLOT = os.path.join("docs", "perf", "moe_{card}.png")
@@ -141,10 +147,19 @@ def context_bytes(case: EPCase, elem: int, fp8: bool) -> int:
     return d_buf + 2 * e * m * 4 + 2 * e * 4 + 2 * m * k * h * elem + (1 << 16)
 
 
-def heap_bytes_for(case: EPCase, elem: int, fp8_modes) -> int:
-    """Symmetric heap for the run: the largest context (one at a time: each is closed after its rows) with room to
-    spare; at least 2 GiB."""
+def normal_context_bytes(case: EPCase, elem: int, world: int) -> int:
+    """Symmetric bytes per rank of an :class:`~triton_dist.moe.EPNormalContext` of ``case`` (default capacity)."""
+    pairs = case.tokens * case.topk
+    rows = min(2 * pairs, world * pairs)
+    return 2 * rows * (case.hidden * elem + 8) + 2 * pairs * case.hidden * elem + (1 << 20)
+
+
+def heap_bytes_for(case: EPCase, elem: int, fp8_modes, normal: EPCase | None = None, world: int = 1) -> int:
+    """Symmetric heap for the run: the largest context (one at a time: each is closed after its rows; ``normal``:
+    the ep_normal case's too) with room to spare; at least 2 GiB."""
     need = max(context_bytes(case, elem, fp8) for fp8 in fp8_modes)
+    if normal is not None:
+        need = max(need, normal_context_bytes(normal, elem, world))
     return max(2 << 30, need * 5 // 4 + (256 << 20))
 
 
@@ -169,11 +184,14 @@ def _first_call(check, call):
 
 # ---------------------------------------------------------------------------------------------- providers
 class _Ours:
-    """``triton_dist:ep_ll`` (``_fp8``): dispatch and combine of an EPLowLatencyContext."""
+    """``triton_dist:ep_ll`` (``_fp8``): dispatch and combine of an EPLowLatencyContext; ``triton_dist:ep_normal``:
+    of an EPNormalContext (its packed receive buffer is ``y``)."""
 
     def __init__(self, ctx, x, ids, weights):
         self.ctx, self.x, self.ids, self.weights = ctx, x, ids, weights
-        self.name = "triton_dist:ep_ll_fp8" if ctx.fp8 else "triton_dist:ep_ll"
+        self.fp8 = getattr(ctx, "fp8", False)
+        kind = "ep_normal" if ctx.op == "ep_normal" else "ep_ll"
+        self.name = f"triton_dist:{kind}" + ("_fp8" if self.fp8 else "")
         self.out = torch.empty_like(x)
         self.y = self.handle = None
 
@@ -181,7 +199,7 @@ class _Ours:
         """One round trip: dispatch, ``y`` = the received rows (dequantised with fp8), combine; keeps ``y`` and the
         handle for :meth:`combine` and :meth:`round_trip`."""
         recv, _, self.handle = self.ctx.dispatch(self.x, self.ids)
-        self.y = dequantize(recv[0], recv[1], self.x.dtype) if self.ctx.fp8 else recv
+        self.y = dequantize(recv[0], recv[1], self.x.dtype) if self.fp8 else recv
         return self.combine()
 
     def dispatch(self):
@@ -416,9 +434,9 @@ class _MoEBench(CheckedBench):
                    flops=case.flops() // W, graph=0)
 
 
-    def ep_ll(self, case: EPCase, fp8: bool, symm_mem_skip: str | None) -> None:
-        """One ``ep_ll`` case (bf16 or fp8 dispatch): ours and the baselines, each checked, then their three ops
-        timed."""
+    def ep(self, case: EPCase, fp8: bool, symm_mem_skip: str | None, normal: bool = False) -> None:
+        """One ``ep_ll`` case (bf16 or fp8 dispatch) or, with ``normal``, the ``ep_normal`` case: ours and the
+        baselines, each checked, then their three ops timed."""
         from triton_dist import moe
         w = self.world
         W, T, H, K, E = w.world_size, case.tokens, case.hidden, case.topk, case.experts
@@ -432,7 +450,8 @@ class _MoEBench(CheckedBench):
             rows = dequantize(*moe.quantize_fp8_reference(x), x.dtype)
         ref = moe.combine_reference(rows[:, None, :].expand(T, K, H), ids, weights, x.dtype).float()
 
-        ctx = moe.EPLowLatencyContext(T, H, K, E, x.dtype, fp8=fp8)
+        ctx = moe.EPNormalContext(T, H, K, E, x.dtype) if normal else moe.EPLowLatencyContext(T, H, K, E, x.dtype,
+                                                                                            fp8=fp8)
         providers = [(_Ours(ctx, x, ids, weights), True), (_TorchAllToAll(x, ids, weights, E, w.group, fp8), False)]
         if symm_mem_skip is None:
             err, prov = None, None
@@ -461,8 +480,8 @@ class _MoEBench(CheckedBench):
 # ---------------------------------------------------------------------------------------------- report
 def moe_pairs(rows: list[dict]) -> dict:
     """``{op: {label: (ours_us, baseline_us, ours_row)}}``: each of our providers against its baseline (label: the
-    shape, plus ``[fp8]`` for the fp8 dispatch); a later row of the same (op, shape, provider) replaces an earlier
-    one."""
+    shape, plus ``[fp8]`` for the fp8 dispatch, ``[normal]`` for ep_normal); a later row of the same (op, shape,
+    provider) replaces an earlier one."""
     cells: dict = {}
     for r in rows:
         if r.get("op") not in OPS + (TP_OP,):
@@ -472,7 +491,7 @@ def moe_pairs(rows: list[dict]) -> dict:
     for (op, shape), c in cells.items():
         for ours, base in BASELINE.items():
             if ours in c and base in c:
-                label = shape + (" [fp8]" if ours.endswith("_fp8") else "")
+                label = shape + (" [fp8]" if ours.endswith("_fp8") else " [normal]" if "ep_normal" in ours else "")
                 out.setdefault(op, {})[label] = (c[ours]["median_us"], c[base]["median_us"], c[ours])
     return {op: out[op] for op in OPS + (TP_OP,) if op in out}
 
@@ -524,6 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=None, help="directory of <card>.jsonl [default: bench/results; --smoke: none]")
     ap.add_argument("--cases", type=_choices(CASES), default=list(DEFAULT_CASES),
                     help="comma-separated subset of " + ",".join(CASES) + " [default: ep_ll]")
+    ap.add_argument("--normal-tokens", type=_positive, default=NORMAL_TOKENS,
+                    help=f"tokens per rank of the ep_normal case [default: {NORMAL_TOKENS}]")
     d = EPCase()
     ap.add_argument("--tokens", type=_positive, default=d.tokens, help=f"tokens per rank [default: {d.tokens}]")
     ap.add_argument("--hidden", type=_positive, default=d.hidden, help=f"values per token [default: {d.hidden}]")
@@ -549,6 +570,7 @@ def main(argv=None) -> None:
     dtype = getattr(torch, DTYPE_NAMES[args.dtype])
     fp8_modes = FP8_MODES[args.fp8]
     case = EPCase(args.tokens, args.hidden, args.topk, args.experts)
+    normal = EPCase(args.normal_tokens, args.hidden, args.topk, args.experts) if "ep_normal" in args.cases else None
     if args.topk > args.experts:
         ap.error(f"--topk {args.topk} is more than --experts {args.experts}")
     if any(fp8_modes) and args.hidden % 128 and not args.smoke:
@@ -557,13 +579,15 @@ def main(argv=None) -> None:
     gpu_expected = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
     if gpu_expected and not args.smoke and not os.environ.get("TRITON_DIST_HEAP_SIZE") and \
             os.environ.get("TRITON_DIST_BACKEND", "auto").lower() in ("auto", "cuda"):
-        heap = heap_bytes_for(case, torch.empty((), dtype=dtype).element_size(), fp8_modes)
+        heap = heap_bytes_for(case, torch.empty((), dtype=dtype).element_size(), fp8_modes, normal,
+                              int(os.environ.get("WORLD_SIZE", "1")))
     world = triton_dist.init(heap_size=heap)
     if world.interpreted and not args.smoke:
         raise SystemExit("triton-dist bench moe needs a GPU (the CPU world has no meaningful timings; --smoke runs "
                          "tiny shapes there as a plumbing check)")
     if args.smoke:
         case = smoke_case(world.world_size)
+        normal = EPCase(2 * case.tokens, case.hidden, case.topk, case.experts) if normal else None
     if case.experts % world.world_size:
         raise SystemExit(f"--experts {case.experts} must be a multiple of the world size {world.world_size} (each "
                          "rank owns experts / world of them)")
@@ -572,7 +596,9 @@ def main(argv=None) -> None:
                    shared_gpu=world.shared_gpu)
     skip = symm_mem_skip_reason(world)
     per_case = len(OPS) * (2 + (skip is None)) * len(fp8_modes)
-    progress = Progress(per_case * ("ep_ll" in args.cases) + 2 * ("tp" in args.cases), enabled=world.rank == 0)
+    normal_ops = len(OPS) * (2 + (skip is None)) * (normal is not None)
+    progress = Progress(per_case * ("ep_ll" in args.cases) + normal_ops + 2 * ("tp" in args.cases),
+                        enabled=world.rank == 0)
     bench = _MoEBench(world, rec, args, dtype, progress)
     if heap and world.rank == 0:
         progress.note(f"symmetric heap {heap / 2**30:.2f} GiB per rank (TRITON_DIST_HEAP_SIZE overrides)")
@@ -580,7 +606,9 @@ def main(argv=None) -> None:
         if skip:
             bench.note(f"{SYMM_MEM} not run: {skip}")
         for fp8 in fp8_modes:
-            bench.ep_ll(case, fp8, skip)
+            bench.ep(case, fp8, skip)
+    if normal is not None:
+        bench.ep(normal, False, skip, normal=True)
     if "tp" in args.cases:
         tp = TPCase(4 * world.world_size, 64, 32 * world.world_size, 2, 4) if args.smoke else TPCase()
         if tp.tokens % world.world_size or tp.inter % world.world_size:

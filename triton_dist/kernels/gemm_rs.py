@@ -329,21 +329,29 @@ def gemm_rs(a: torch.Tensor, b: torch.Tensor, *, ctx: GemmRSContext, method: str
 
 
 def _gemm_rs_decomposed(ctx: GemmRSContext, a, b, out, m_loc: int, epoch: torch.Tensor, sig: int) -> None:
-    """One torch.matmul per destination's rows on the current stream, in the order rank+1, ..., rank; each peer's
-    partial is copied into its receive buffer by DMA on a copy stream while the next matmul runs; then the
-    reduction."""
+    """One torch.matmul per destination's rows (:func:`decomposed_reduce_scatter`)."""
+    decomposed_reduce_scatter(ctx, lambda dst, part: torch.matmul(a[dst * m_loc:(dst + 1) * m_loc], b, out=part),
+                              out, m_loc, epoch, sig)
+
+
+def decomposed_reduce_scatter(ctx: GemmRSContext, compute, out: torch.Tensor, m_loc: int, epoch: torch.Tensor,
+                              sig: int) -> None:
+    """The pipeline of method ``decomposed``, any producer: ``compute(dst, part)`` writes this rank's partial of
+    ``dst``'s ``m_loc`` rows into ``part`` ([m_loc, n], the context's ``partial_dtype``), called on the current stream
+    for dst = rank+1, ..., rank; each peer's partial is copied into its receive buffer by DMA on a copy stream while
+    the next ``compute`` runs; then the reduction into ``out`` ([m_loc, n]). ``epoch``: the call's (bumped)."""
     rank, world = ctx.world.rank, ctx.world.world_size
     send = ctx.send_buffer()
     with ctx.forked():
         for i in range(1, world):
             dst = (rank + i) % world
-            torch.matmul(a[dst * m_loc:(dst + 1) * m_loc], b, out=send[dst, :m_loc])
+            compute(dst, send[dst, :m_loc])
             ctx.chunk_done(dst)
             with ctx.copy_stream(i - 1, after_chunk=dst):
                 _dec_signal_kernel[(1,)](ctx.signals, ctx.headers, epoch, dst, sig, PHASE=0, num_warps=1)
                 ctx.peer_recv[dst][rank, :m_loc].copy_(send[dst, :m_loc])
                 _dec_signal_kernel[(1,)](ctx.signals, ctx.headers, epoch, dst, sig, PHASE=1, num_warps=1)
-        torch.matmul(a[rank * m_loc:(rank + 1) * m_loc], b, out=send[rank, :m_loc])
+        compute(rank, send[rank, :m_loc])
     block = 1024 if ctx.world.interpreted else 8192
     programs = min(ctx.num_programs, triton.cdiv(m_loc * ctx.n, block))
     _dec_reduce_kernel[(programs,)](send[rank], ctx.recv, out, ctx.signals, ctx.headers, epoch, m_loc * ctx.n,

@@ -311,17 +311,23 @@ def gather_rows_reference(x: torch.Tensor, routing: Routing, *, padded: bool = F
 
 
 def scatter_combine(y: torch.Tensor, routing: Routing, topk_weights: torch.Tensor | None, *, padded: bool = False,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, tokens: tuple[int, int] | None = None,
+                    out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The top-k weighted sum of the expert outputs back to tokens: ``out[t] = sum_j topk_weights[t, j] *
-    y[scatter_index[t, j]]`` ([T, H], ``y``'s dtype), accumulated in fp32 in slot order (deterministic).
+    y[scatter_index[t, j]]`` ([T, H] in ``out_dtype``, default ``y``'s), accumulated in fp32 in slot order
+    (deterministic).
 
     ``y``: [T*k, H] in sorted order, or [padded_rows, H] with ``padded`` (pad rows are never read).
-    ``topk_weights``: [T, k], any float dtype; None sums the slots unweighted."""
+    ``topk_weights``: [T, k], any float dtype; None sums the slots unweighted. ``tokens``: ``(start, stop)``, only
+    those tokens (``out`` [stop - start, H]: e.g. one source rank's tokens of a plan)."""
     what = "scatter_combine"
     _check_routing(what, routing, padded)
     idx = routing.padded_scatter_index if padded else routing.scatter_index
     _check_rows(what, "y", y, routing.padded_rows if padded else routing.num_rows, routing.device)
     t, k = routing.num_tokens, routing.topk
+    start, stop = (0, t) if tokens is None else tokens
+    if not 0 <= start <= stop <= t:
+        raise ValueError(f"{what}: tokens must be (start, stop) with 0 <= start <= stop <= {t}, got {tokens}")
     if topk_weights is not None:
         if not isinstance(topk_weights, torch.Tensor):
             raise TypeError(f"{what}: topk_weights must be a torch.Tensor or None, got {type(topk_weights).__name__}")
@@ -330,13 +336,15 @@ def scatter_combine(y: torch.Tensor, routing: Routing, topk_weights: torch.Tenso
                              f"{tuple(topk_weights.shape)} {topk_weights.dtype}")
         if topk_weights.device != y.device:
             raise ValueError(f"{what}: topk_weights is on {topk_weights.device}, y on {y.device}")
+    if out_dtype is not None and out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"{what}: out_dtype must be bf16, fp16 or fp32, got {out_dtype}")
     h = y.shape[1]
-    out = check_out(what, out, (t, h), y.dtype, y.device)
-    if t and h:
+    out = check_out(what, out, (stop - start, h), out_dtype or y.dtype, y.device)
+    if stop > start and h:
         block_t, block_h = _blocks(h, 4)
-        w = topk_weights if topk_weights is not None else y
-        _scatter_combine_kernel[(triton.cdiv(t, block_t), triton.cdiv(h, block_h))](
-            y, idx.contiguous(), w, out, t, h, y.stride(0), out.stride(0),
+        w = topk_weights[start:stop] if topk_weights is not None else y
+        _scatter_combine_kernel[(triton.cdiv(stop - start, block_t), triton.cdiv(h, block_h))](
+            y, idx[start:stop].contiguous(), w, out, stop - start, h, y.stride(0), out.stride(0),
             w.stride(0) if topk_weights is not None else 0, w.stride(1) if topk_weights is not None else 0,
             TOPK=k, WEIGHTED=topk_weights is not None, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4)
     return out

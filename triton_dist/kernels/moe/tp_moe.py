@@ -21,9 +21,15 @@ plan's token index: rows of many tokens per tile). The routing (the top-k ids an
 few KB) is on the device, no host sync.
 
 The GEMM (:func:`moe_gemm`): a group per (source rank, expert), ``G = W * E`` groups in the plan's offsets, weight
-``g % E``; row tiles never straddle groups; fp32 accumulation. :func:`moe_rs` / :func:`moe_ar` today run its
-down-projection form, then ``routing.scatter_combine`` and our reduce-scatter / all-reduce in sequence (fp32
-partials, so the sum over ranks rounds once); their overlap (tiles reduced and sent as they finish) is not built yet.
+``g % E``; row tiles never straddle groups; fp32 accumulation.
+
+The overlap in :func:`moe_rs`: the plan's rows of one source rank's tokens are a contiguous run of groups, so the
+down projection is computed one owner at a time (``dst = rank+1, ..., rank``): the grouped GEMM of the pairs of
+``dst``'s tokens, their top-k weighted sum in fp32 into a local partial, then a DMA of that partial into ``dst``'s
+receive buffer on a copy stream while the next owner's chunk computes (``gemm_rs``'s ``decomposed`` pipeline,
+:func:`~triton_dist.kernels.gemm_rs.decomposed_reduce_scatter`); each rank sums its tokens' ``W`` partials in rank
+order (fp32, one rounding). :func:`moe_ar` (decode sizes) runs the GEMM, the weighted sum and the one-shot
+all-reduce in sequence.
 
 References: :func:`ag_moe_reference`, :func:`moe_rs_reference`, :func:`moe_ar_reference` (torch, fp32).
 """
@@ -40,9 +46,9 @@ from triton import knobs
 import triton_dist
 import triton_dist.language as dl
 from triton_dist.kernels import ag_gemm as _agg
+from triton_dist.kernels import gemm_rs as _grs
 from triton_dist.kernels import all_gather as _ag
 from triton_dist.kernels import all_reduce as _ar
-from triton_dist.kernels import reduce_scatter as _rs
 from triton_dist.kernels._common import call_signature
 from triton_dist.kernels.gemm import check_method, dot_precision, grouped_tile, store_tile
 from triton_dist.kernels.grouped_gemm import expert_of_tile, expert_row_tiles, max_row_tiles
@@ -118,14 +124,20 @@ def _moe_gemm_kernel(x, gidx, w, out, offs_ptr, sig_ptr, epoch_ptr, R, N, K, G, 
 
 
 # ---------------------------------------------------------------------------------------------- host side
-def _config(dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): small tiles in the CPU world, 64 x 128 x 64 on GPUs (pointer
-    loads: the gathered rows rule out TMA for A)."""
+def _config(dtype: torch.dtype, rows_per_group: int, n: int):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): small tiles in the CPU world; on GPUs (pointer loads: the gathered
+    rows rule out TMA for A) 128 x 256 tiles on 8 warps for groups of 128 rows or more, 64 x 256 on 4 warps below
+    (row tiles never straddle groups), 128 columns where N <= 128. Measured on one H200 at Qwen3-30B-A3B's shape
+    (``docs/perf/NOTES.md``, "Mixture of experts", seventh session): these are the fastest of the configs timed at
+    4-256 rows per group, 1.8x / 1.6x the former fixed 64 x 128 x 64 at 256 rows per group."""
     if knobs.runtime.interpret:
         return 16, 32, 32, 4, 1
     if dtype == torch.float32:
         return 64, 64, 32, 4, 2
-    return 64, 128, 64, 4, 3
+    bn = 128 if n <= 128 else 256
+    if rows_per_group >= 128:
+        return 128, bn, 64, 8, 3
+    return 64, bn, 64, 4, 3
 
 
 def _sms(device: torch.device) -> int:
@@ -153,11 +165,12 @@ class GemmWait:
 
 
 def launch_moe_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, offsets: torch.Tensor, gidx, groups: int,
-                    rows: int, gather: bool, wait: GemmWait | None) -> None:
+                    rows: int, gather: bool, wait: GemmWait | None, group_rows: int | None = None) -> None:
     """The grouped GEMM kernel on ``groups`` groups of rows (``offsets`` [groups + 1] on the device, ``rows`` an
-    upper bound of its last entry), group ``g`` with ``w[g % w.shape[0]]`` (:func:`moe_gemm`; ``a2a_gemm``)."""
-    bm, bn, bk, warps, stages = _config(x.dtype)
+    upper bound of its last entry), group ``g`` with ``w[g % w.shape[0]]`` (:func:`moe_gemm`; ``a2a_gemm``).
+    ``group_rows``: the host's estimate of the rows in these groups (default ``rows``), for the tile shape."""
     k, n = w.shape[1], w.shape[2]
+    bm, bn, bk, warps, stages = _config(x.dtype, (rows if group_rows is None else group_rows) // max(groups, 1), n)
     bound = max_row_tiles(rows, groups, bm)
     tiles = bound * triton.cdiv(n, bn)
     budget = wait.budget if wait is not None else None
@@ -171,12 +184,8 @@ def launch_moe_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, offsets
         WAIT=wait is not None, DOT_PRECISION=dot_precision(x.dtype), num_warps=warps, num_stages=stages)
 
 
-def moe_gemm(x: torch.Tensor, w: torch.Tensor, plan: MoEPlan, *, gather: bool = True, out_dtype=None,
-             _wait: GemmWait | None = None) -> torch.Tensor:
-    """The grouped GEMM of a plan: row ``r`` of the result is ``x[token of r] @ w[expert of r]`` (``gather``; else
-    ``x[r] @ w[expert of r]``, ``x`` already in the plan's row order). ``x`` [*, K] with a unit stride along K; ``w``
-    [E, K, N] (any strides); result [plan rows, N] in ``out_dtype`` (default ``x``'s), fp32 accumulation."""
-    what = "moe_gemm"
+def moe_gemm_checks(what: str, x, w, plan: MoEPlan, gather: bool) -> None:
+    """:func:`moe_gemm`'s argument checks (``what``: the calling op's name, for the errors)."""
     for name, t in (("x", x), ("w", w)):
         if not isinstance(t, torch.Tensor) or t.dtype not in DTYPES:
             raise TypeError(f"{what}: {name} must be a bf16, fp16 or fp32 tensor, got "
@@ -188,12 +197,21 @@ def moe_gemm(x: torch.Tensor, w: torch.Tensor, plan: MoEPlan, *, gather: bool = 
         raise ValueError(f"{what}: w has {w.shape[0]} experts, the plan {plan.num_experts}")
     if x.stride(1) != 1:
         raise ValueError(f"{what}: x must have a unit stride along K, got strides {x.stride()}")
-    r = plan.routing
-    rows, n = r.num_rows, w.shape[2]
+    rows = plan.routing.num_rows
     if not gather and x.shape[0] != rows:
         raise ValueError(f"{what}: with gather=False x must hold the plan's {rows} rows, got {x.shape[0]}")
+
+
+def moe_gemm(x: torch.Tensor, w: torch.Tensor, plan: MoEPlan, *, gather: bool = True, out_dtype=None,
+             _wait: GemmWait | None = None) -> torch.Tensor:
+    """The grouped GEMM of a plan: row ``r`` of the result is ``x[token of r] @ w[expert of r]`` (``gather``; else
+    ``x[r] @ w[expert of r]``, ``x`` already in the plan's row order). ``x`` [*, K] with a unit stride along K; ``w``
+    [E, K, N] (any strides); result [plan rows, N] in ``out_dtype`` (default ``x``'s), fp32 accumulation."""
+    moe_gemm_checks("moe_gemm", x, w, plan, gather)
+    rows, n = plan.routing.num_rows, w.shape[2]
     out = torch.empty((rows, n), dtype=out_dtype or x.dtype, device=x.device)
     if rows and n:
+        r = plan.routing
         launch_moe_gemm(x, w, out, r.expert_offsets, r.gather_index, r.num_experts, rows, gather, _wait)
     return out
 
@@ -277,31 +295,90 @@ def check_inputs(what: str, x, w1, topk_ids, topk_weights, method: str) -> None:
     _check_routing_args(what, topk_ids, topk_weights, x.shape[0], w1.shape[0], x.device)
 
 
-def _down_partial(h: torch.Tensor, w2: torch.Tensor, plan: MoEPlan) -> torch.Tensor:
-    """This rank's part of every token's output: the pairs' rows times ``w2``, top-k weighted per token (fp32)."""
-    y = moe_gemm(h, w2, plan, gather=False, out_dtype=torch.float32)
-    return scatter_combine(y, plan.routing, plan.weights)
+class MoERSContext(_grs.GemmRSContext):
+    """:func:`moe_rs`'s receive buffer (``world x ceil(max_tokens / world) x hidden`` fp32 partials, symmetric),
+    signals, epoch, side and copy streams: a ``gemm_rs`` context with fp32 partials (``inter`` is unused). Made once
+    per (max tokens, hidden, dtype) and reused; collective."""
+
+    op = "moe_rs"
+
+    def __init__(self, max_tokens: int, inter: int, hidden: int, dtype: torch.dtype, **kw):
+        super().__init__(max_tokens, inter, hidden, dtype, partial_dtype=torch.float32, **kw)
 
 
-def moe_rs(h: torch.Tensor, w2: torch.Tensor, plan: MoEPlan, *, ctx: _rs.ReduceScatterContext | None) -> torch.Tensor:
+def _check_down(what: str, h, w2, plan: MoEPlan) -> None:
+    if not isinstance(plan, MoEPlan):
+        raise TypeError(f"{what}: plan must be a MoEPlan (from ag_moe or moe_plan), got {type(plan).__name__}")
+    if not isinstance(h, torch.Tensor) or h.dim() != 2 or h.shape[0] != plan.num_rows:
+        got = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
+        raise ValueError(f"{what}: h must be [plan rows = {plan.num_rows}, I_loc] in the plan's row order, got {got}")
+
+
+def _down_rows(h, w2, plan: MoEPlan, y: torch.Tensor, source: int | None) -> None:
+    """``y[r] = h[r] @ w2[expert of r]`` for the pairs of ``source``'s tokens (every pair with None): the grouped
+    GEMM on the plan's groups of that source (a slice of its offsets), ``y`` in ``h``'s dtype."""
+    r, e = plan.routing, plan.num_experts
+    groups = r.num_experts if source is None else e
+    offs = r.expert_offsets if source is None else r.expert_offsets[source * e:(source + 1) * e + 1]
+    if r.num_rows and w2.shape[2]:
+        launch_moe_gemm(h, w2, y, offs, None, groups, r.num_rows, False, None,
+                        group_rows=r.num_rows // (1 if source is None else plan.sources))
+
+
+def _down_partial(h, w2, plan: MoEPlan, out_dtype) -> torch.Tensor:
+    """This rank's part of every token's output: the pairs' rows times ``w2`` (in ``h``'s dtype, as torch's MoE
+    rounds them), top-k weighted per token in fp32, stored in ``out_dtype``."""
+    return scatter_combine(moe_gemm(h, w2, plan, gather=False), plan.routing, plan.weights, out_dtype=out_dtype)
+
+
+def moe_rs(h: torch.Tensor, w2: torch.Tensor, plan: MoEPlan, *, ctx: MoERSContext | None) -> torch.Tensor:
     """Down projection of :func:`ag_moe`'s (activated) rows, the top-k weighted sum, and the reduce-scatter of the
     tokens to their ranks: ``[T_loc, H]`` in ``h``'s dtype. ``h`` [plan rows, I_loc] in the plan's row order, ``w2``
-    [E, I_loc, H]; ``ctx``: an fp32 reduce-scatter context for ``T * H`` elements (None at world size 1).
-    Collective."""
-    partial = _down_partial(h, w2, plan)
+    [E, I_loc, H]; ``ctx``: a :class:`MoERSContext` for at least ``T`` tokens of ``H`` (None at world size 1).
+
+    Pipelined by owner rank (``gemm_rs``'s ``decomposed`` pipeline): for dst = rank+1, ..., rank the grouped GEMM of
+    the pairs of ``dst``'s tokens (the plan's groups of source ``dst``) and their top-k weighted sum (fp32) into a
+    local partial; each partial is copied into ``dst``'s receive buffer by DMA on a copy stream while the next
+    chunk computes; each rank sums the ``world`` partials of its tokens in rank order (fp32, one rounding).
+    Collective; no host sync."""
+    what = "moe_rs"
+    _check_down(what, h, w2, plan)
+    world, t_loc, hidden = plan.sources, plan.tokens_per_source, w2.shape[2]
     if ctx is None or ctx.world.world_size == 1:
-        return partial.to(h.dtype)
-    return _rs.reduce_scatter(partial, ctx=ctx).to(h.dtype)
+        if world != 1:
+            raise ValueError(f"{what}: the plan has {world} source ranks; a MoERSContext of that world is needed")
+        return _down_partial(h, w2, plan, h.dtype)
+    if ctx.world.world_size != world or hidden != ctx.n or t_loc > ctx.max_m_loc or h.dtype != ctx.dtype:
+        raise ValueError(f"{what}: the context is for {ctx.world.world_size} ranks of up to {ctx.max_m_loc} tokens "
+                         f"of [*, {ctx.n}] {ctx.dtype}; got a plan of {world} x {t_loc} tokens, w2 "
+                         f"{tuple(w2.shape)}, h {h.dtype}")
+    moe_gemm_checks(what, h, w2, plan, gather=False)
+    epoch = ctx.next_epoch()
+    sig = call_signature(what, "decomposed", h.dtype, world * t_loc * hidden, hidden)
+    y = torch.empty((plan.num_rows, hidden), dtype=h.dtype, device=h.device)
+    out = torch.empty((t_loc, hidden), dtype=h.dtype, device=h.device)
+
+    def compute(dst: int, part: torch.Tensor) -> None:
+        _down_rows(h, w2, plan, y, dst)
+        scatter_combine(y, plan.routing, plan.weights, tokens=(dst * t_loc, (dst + 1) * t_loc), out=part,
+                        out_dtype=part.dtype)
+
+    if t_loc and hidden:
+        _grs.decomposed_reduce_scatter(ctx, compute, out, t_loc, epoch, sig)
+    return out
 
 
 def moe_ar(h: torch.Tensor, w2: torch.Tensor, plan: MoEPlan, *, ctx: _ar.AllReduceContext | None) -> torch.Tensor:
     """:func:`moe_rs` ending in an all-reduce: every token's full output ``[T, H]`` on every rank (decode: the plan
     of :func:`moe_plan`, the tokens replicated). ``ctx``: an fp32 all-reduce context for ``T * H`` elements (None at
-    world size 1). Collective."""
-    partial = _down_partial(h, w2, plan)
+    world size 1). The grouped GEMM, the top-k weighted sum (fp32) and our all-reduce in sequence: at decode sizes
+    (``T * H`` fp32 of a few hundred KB) the one-shot all-reduce is a few microseconds, less than splitting the
+    GEMM would cost. Collective."""
+    what = "moe_ar"
+    _check_down(what, h, w2, plan)
     if ctx is None or ctx.world.world_size == 1:
-        return partial.to(h.dtype)
-    return _ar.all_reduce(partial, ctx=ctx).to(h.dtype)
+        return _down_partial(h, w2, plan, h.dtype)
+    return _ar.all_reduce(_down_partial(h, w2, plan, torch.float32), ctx=ctx).to(h.dtype)
 
 
 # ---------------------------------------------------------------------------------------------- references
