@@ -1,0 +1,59 @@
+"""RMSNorm and rotary position embeddings, as Hugging Face's Qwen3 / Llama compute them (replicated: no split)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .parallel import ParallelLayer, _param
+
+
+class RMSNorm(ParallelLayer):
+    """``weight * (x / sqrt(mean(x^2) + eps))``, the statistics in fp32 and the product in ``x``'s dtype (HF's
+    ``Qwen3RMSNorm`` / ``LlamaRMSNorm`` bit for bit on the same device)."""
+
+    def __init__(self, size: int, eps: float = 1e-6, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = _param((size,), dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
+    """The rotary inverse frequencies ([head_dim / 2] fp32): ``theta ** (-2i / d)``, with Llama 3's long-context
+    rescaling when ``scaling`` (``rope_scaling`` / ``rope_parameters`` of the config) says ``rope_type: llama3``."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind in (None, "default"):
+        return inv
+    if kind != "llama3":
+        raise ValueError(f"rope type {kind!r} is not supported (default and llama3 are)")
+    factor = scaling["factor"]
+    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    old = scaling.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old / low, old / high
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    mid = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, mid, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """``cos, sin`` [*positions.shape, head_dim] in ``dtype`` (HF's: angles in fp32, both halves repeated)."""
+    freqs = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` for ``x`` [..., S, H, D] and ``cos`` / ``sin`` [..., S, D]."""
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[..., None, :] + rot * sin[..., None, :]
