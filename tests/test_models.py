@@ -1,7 +1,8 @@
 """Models against Hugging Face ``transformers``: tiny random Qwen3, Llama and Qwen3-MoE checkpoints saved to a temp
 directory (safetensors, HF's own ``save_pretrained``), loaded by our loader at TP=1 and TP=2 in every mode, and the
 logits of a prefill and 8 decode steps compared with HF's forward over the whole sequence (fp32 on the CPU world;
-each rank loads only its shards). Greedy tokens from the same logits are identical across modes."""
+each rank loads only its shards). Greedy tokens from the same logits are identical across modes. On GPUs (marked
+``gpu``) bf16 too, judged against HF's own bf16 error."""
 import pytest
 import torch
 
@@ -39,7 +40,8 @@ def _hf_model(kind: str):
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """``{kind: (directory, token ids [B, PROMPT + DECODE], HF logits [B, PROMPT + DECODE, vocab])}``."""
+    """``{kind: (directory, token ids [B, PROMPT + DECODE], HF logits [B, PROMPT + DECODE, vocab], HF's bf16 logits'
+    largest error)}``."""
     out = {}
     for kind in ("qwen3", "llama", "qwen3_moe"):
         m = _hf_model(kind)
@@ -47,15 +49,17 @@ def checkpoints(tmp_path_factory):
         m.save_pretrained(path)
         ids = torch.randint(0, 96, (B, PROMPT + DECODE), generator=torch.Generator().manual_seed(3))
         with torch.no_grad():
-            out[kind] = (path, ids, m(ids).logits.float())
+            ref = m(ids).logits.float()
+            bf16_err = float((m.to(torch.bfloat16)(ids).logits.float() - ref).abs().max())
+        out[kind] = (path, ids, ref, bf16_err)
     return out
 
 
-def _run(path, ids, mode):
+def _run(path, ids, mode, dtype=torch.float32):
     """Prefill the prompt, then decode the given tokens one at a time: every step's logits, [B, T, vocab]."""
     cfg = ModelConfig.from_dir(path)
     w = this_world()
-    model = build_model(cfg, mode=mode, device=w.device, dtype=torch.float32)
+    model = build_model(cfg, mode=mode, device=w.device, dtype=dtype)
     loader.load_checkpoint(model, path)
     caches = model.new_caches(B, 32)
     ids = ids.to(w.device)
@@ -67,13 +71,13 @@ def _run(path, ids, mode):
             step = Step(B, 1, torch.full((B, 1), t, device=w.device),
                         torch.full((B,), t + 1, dtype=torch.int32, device=w.device))
             logits.append(model(ids[:, t:t + 1], step, caches)[:, None])
-    return torch.cat(logits, 1).cpu()
+    return torch.cat(logits, 1).float().cpu()
 
 
-def _all_modes(path, ids, ref):
+def _all_modes(path, ids, ref, dtype=torch.float32):
     out = {}
     for mode in MODES:
-        got = _run(path, ids, mode)
+        got = _run(path, ids, mode, dtype)
         # logits of positions 0 .. PROMPT-1 from the prefill, then each decode step's
         out[mode] = (torch.allclose(got, ref, **TOL),
                      float((got - ref).abs().max()), got.argmax(-1))
@@ -82,7 +86,7 @@ def _all_modes(path, ids, ref):
 
 @pytest.mark.parametrize("kind", ["qwen3", "llama", "qwen3_moe"])
 def test_matches_transformers_one_rank(world1, checkpoints, kind):
-    path, ids, ref = checkpoints[kind]
+    path, ids, ref, _ = checkpoints[kind]
     res = world1.run(_all_modes, path, ids, ref)[0]
     assert all(ok for ok, _, _ in res.values()), {m: err for m, (_, err, _) in res.items()}
     greedy = [g for _, _, g in res.values()]
@@ -91,8 +95,21 @@ def test_matches_transformers_one_rank(world1, checkpoints, kind):
 
 @pytest.mark.parametrize("kind", ["qwen3", "qwen3_moe"])
 def test_matches_transformers_two_ranks(world2, checkpoints, kind):
-    path, ids, ref = checkpoints[kind]
+    path, ids, ref, _ = checkpoints[kind]
     for res in world2.run(_all_modes, path, ids, ref):
         assert all(ok for ok, _, _ in res.values()), {m: err for m, (_, err, _) in res.items()}
         greedy = [g for _, _, g in res.values()]
         assert all(torch.equal(g, greedy[0]) for g in greedy)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["qwen3", "llama", "qwen3_moe"])
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_bf16_within_transformers_own_error(worlds, checkpoints, kind, ranks):
+    """bf16 on the GPU (one rank, and two sharing it): every mode's largest logit error against HF's fp32 at most
+    3x (+ 0.02) that of HF's own bf16 forward."""
+    from conftest import get_world
+    path, ids, ref, bf16_err = checkpoints[kind]
+    for res in get_world(worlds, ranks).run(_all_modes, path, ids, ref, torch.bfloat16):
+        errs = {m: err for m, (_, err, _) in res.items()}
+        assert all(e <= 3 * bf16_err + 0.02 for e in errs.values()), (errs, bf16_err)

@@ -1,0 +1,246 @@
+"""Our ops as PyTorch custom operators: ``import triton_dist.library`` registers them as ``torch.ops.triton_dist.*``.
+
+A registered op is one opaque node to ``torch.compile`` (``fullgraph=True`` traces through it with no graph break),
+``torch.export`` and AOT autograd: its fake implementation gives the output's shape, dtype and layout without
+running anything, and its real implementation calls the op of :mod:`triton_dist.ops` of the same name, so the
+contexts and symmetric buffers that op caches are shared with direct calls. Importing this module registers the ops
+and does nothing else (no world, no allocation, no compilation); :mod:`triton_dist` does not import it.
+
+Registered ops (schemas as ``str(torch.ops.triton_dist.<op>.default._schema)`` prints them)::
+
+    triton_dist::all_reduce(Tensor x, *, str method="auto") -> Tensor
+    triton_dist::all_gather(Tensor x, *, str method="auto") -> Tensor
+    triton_dist::reduce_scatter(Tensor x, *, str method="auto") -> Tensor
+    triton_dist::ag_gemm(Tensor a, Tensor b, *, str method="auto") -> Tensor
+    triton_dist::gemm_rs(Tensor a, Tensor b, *, str method="auto") -> Tensor
+    triton_dist::gemm_ar(Tensor a, Tensor b, *, str method="auto") -> Tensor
+    triton_dist::flash_attn(Tensor q, Tensor k, Tensor v, *, bool causal=False, float? scale=None, float softcap=0.) -> Tensor
+    triton_dist::flash_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor kv_lens, *, Tensor? block_table=None, float? scale=None, float softcap=0., ScalarType? out_dtype=None) -> Tensor
+    triton_dist::decode_gemm(Tensor a, Tensor b) -> Tensor
+    triton_dist::tp_moe_ag_rs(Tensor x, Tensor w1, Tensor w2, Tensor topk_ids, Tensor topk_weights, *, str method="copy_engine") -> Tensor
+    triton_dist::tp_moe_ar(Tensor x, Tensor w1, Tensor w2, Tensor topk_ids, Tensor topk_weights) -> Tensor
+
+Shapes and methods are those of :mod:`triton_dist.ops` (``W`` = world size): ``all_gather`` (m, ...) -> (W*m, ...),
+``reduce_scatter`` (W*m, ...) -> (m, ...), ``ag_gemm`` (m, K) @ (K, N) -> (W*m, N), ``gemm_rs`` (M, K_loc) @ (K_loc,
+N) -> (M/W, N), ``gemm_ar`` -> (M, N); ``flash_attn`` q [B, Tq, Hq, D] -> q's shape, ``flash_decode`` q [B, Hq, D]
+-> q's shape (in ``out_dtype``, default q's); ``decode_gemm`` (1 to 256 rows) is local and needs no world. The two
+MoE ops fuse what :class:`triton_dist.layers.moe.TPMoE` does with the plan objects, which a schema cannot carry:
+``w1`` [E, H, 2*I_loc] (this rank's gate columns, then its up columns: ``gate_up_proj.transpose(1, 2)`` of the
+layer), ``w2`` [E, I_loc, H], ``topk_ids`` [T, k] int32/int64, ``topk_weights`` [T, k]; the activation is
+``silu(gate) * up``. ``tp_moe_ag_rs``: sequence-sharded tokens x [T_loc, H] -> this rank's tokens [T_loc, H]
+(:func:`~triton_dist.ops.ag_moe` then :func:`~triton_dist.ops.moe_rs`); ``tp_moe_ar``: tokens replicated on every
+rank (decode) x [T, H] -> [T, H] (:func:`~triton_dist.ops.moe_plan`, :func:`~triton_dist.ops.moe_gemm`,
+:func:`~triton_dist.ops.moe_ar`).
+
+Differences from the direct calls, all because an operator schema is functional (it mutates nothing and returns new
+tensors that alias nothing):
+
+* no ``out=``; ``return_lse`` and ``ag_gemm``'s ``return_gathered`` are not offered (the gathered A is a view of a
+  context buffer that the next call overwrites: no tensor a compiler may keep);
+* ``x`` of the collectives and ``a`` of the GEMMs may have any layout (they are made contiguous first: under a
+  compiler the layout is its choice); the outputs are contiguous.
+
+Fake implementations read the world size from :func:`triton_dist.current_world` when they run (at trace time), so a
+graph traced in a world of ``W`` ranks has ``W`` baked in. The collectives are collective as ever: every rank runs
+the same graph, with the same shapes. No autograd formula is registered: a backward through these ops raises.
+"""
+import typing
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .kernels import decode_gemm as _dg
+from .runtime.world import current_world
+
+__all__ = ["all_reduce", "all_gather", "reduce_scatter", "ag_gemm", "gemm_rs", "gemm_ar", "flash_attn",
+           "flash_decode", "decode_gemm", "tp_moe_ag_rs", "tp_moe_ar", "OPS"]
+
+Tensor = torch.Tensor
+
+
+def _op(name: str):
+    """``torch.library.custom_op`` of a functional op ``triton_dist::<name>`` (schema inferred from the hints)."""
+    return torch.library.custom_op(f"triton_dist::{name}", mutates_args=())
+
+
+def _world_size(what: str) -> int:
+    return current_world().world_size
+
+
+def _dim0(what: str, x: Tensor) -> None:
+    if x.dim() == 0:
+        raise ValueError(f"{what}: x must have at least one dimension (rows along dim 0), got a 0-d tensor")
+
+
+def _matrices(what: str, a: Tensor, b: Tensor) -> None:
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"{what}: expected a (M, K) and b (K, N), got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+# ------------------------------------------------------------------------------------------------ collectives
+@_op("all_reduce")
+def all_reduce(x: Tensor, *, method: str = "auto") -> Tensor:
+    """:func:`triton_dist.ops.all_reduce`: the sum of ``x`` over all ranks, same shape."""
+    return ops.all_reduce(x.contiguous(), method=method)
+
+
+@all_reduce.register_fake
+def _(x, *, method="auto"):
+    return x.new_empty(x.shape)
+
+
+@_op("all_gather")
+def all_gather(x: Tensor, *, method: str = "auto") -> Tensor:
+    """:func:`triton_dist.ops.all_gather`: every rank's ``x`` (m, ...) stacked along dim 0: (W*m, ...)."""
+    return ops.all_gather(x.contiguous(), method=method)
+
+
+@all_gather.register_fake
+def _(x, *, method="auto"):
+    _dim0("all_gather", x)
+    return x.new_empty((_world_size("all_gather") * x.shape[0], *x.shape[1:]))
+
+
+@_op("reduce_scatter")
+def reduce_scatter(x: Tensor, *, method: str = "auto") -> Tensor:
+    """:func:`triton_dist.ops.reduce_scatter`: chunk ``rank`` of the sum over ranks of ``x`` (W*m, ...): (m, ...)."""
+    return ops.reduce_scatter(x.contiguous(), method=method)
+
+
+@reduce_scatter.register_fake
+def _(x, *, method="auto"):
+    _dim0("reduce_scatter", x)
+    world = _world_size("reduce_scatter")
+    if x.shape[0] % world:
+        raise ValueError(f"reduce_scatter: dim 0 of x ({tuple(x.shape)}) must be a multiple of the world size {world}")
+    return x.new_empty((x.shape[0] // world, *x.shape[1:]))
+
+
+# ------------------------------------------------------------------------------------------------ GEMMs
+@_op("ag_gemm")
+def ag_gemm(a: Tensor, b: Tensor, *, method: str = "auto") -> Tensor:
+    """:func:`triton_dist.ops.ag_gemm`: ``all_gather(a) @ b``, a (m, K), b (K, N): (W*m, N)."""
+    return ops.ag_gemm(a.contiguous(), b, method=method)
+
+
+@ag_gemm.register_fake
+def _(a, b, *, method="auto"):
+    _matrices("ag_gemm", a, b)
+    return a.new_empty((_world_size("ag_gemm") * a.shape[0], b.shape[1]))
+
+
+@_op("gemm_rs")
+def gemm_rs(a: Tensor, b: Tensor, *, method: str = "auto") -> Tensor:
+    """:func:`triton_dist.ops.gemm_rs`: this rank's rows of ``sum over ranks of a @ b``, a (M, K_loc): (M/W, N)."""
+    return ops.gemm_rs(a.contiguous(), b, method=method)
+
+
+@gemm_rs.register_fake
+def _(a, b, *, method="auto"):
+    _matrices("gemm_rs", a, b)
+    world = _world_size("gemm_rs")
+    if a.shape[0] % world:
+        raise ValueError(f"gemm_rs: rows of a ({a.shape[0]}) must be a multiple of the world size {world}")
+    return a.new_empty((a.shape[0] // world, b.shape[1]))
+
+
+@_op("gemm_ar")
+def gemm_ar(a: Tensor, b: Tensor, *, method: str = "auto") -> Tensor:
+    """:func:`triton_dist.ops.gemm_ar`: ``sum over ranks of a @ b``: (M, N) on every rank."""
+    return ops.gemm_ar(a.contiguous(), b, method=method)
+
+
+@gemm_ar.register_fake
+def _(a, b, *, method="auto"):
+    _matrices("gemm_ar", a, b)
+    return a.new_empty((a.shape[0], b.shape[1]))
+
+
+@_op("decode_gemm")
+def decode_gemm(a: Tensor, b: Tensor) -> Tensor:
+    """:func:`triton_dist.kernels.decode_gemm.decode_gemm`: ``a @ b`` for 1 to 256 rows; local, no world needed."""
+    return _dg.decode_gemm(a.contiguous(), b)
+
+
+@decode_gemm.register_fake
+def _(a, b):
+    _matrices("decode_gemm", a, b)
+    return a.new_empty((a.shape[0], b.shape[1]))
+
+
+# ------------------------------------------------------------------------------------------------ attention
+@_op("flash_attn")
+def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: typing.Optional[float] = None,
+               softcap: float = 0.0) -> Tensor:
+    """:func:`triton_dist.ops.flash_attn`: prefill attention, q [B, Tq, Hq, D], k / v [B, Tk, Hkv, D]; local."""
+    return ops.flash_attn(q, k, v, causal=causal, scale=scale, softcap=softcap)
+
+
+@flash_attn.register_fake
+def _(q, k, v, *, causal=False, scale=None, softcap=0.0):
+    return q.new_empty(q.shape)
+
+
+@_op("flash_decode")
+def flash_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, kv_lens: Tensor, *,
+                 block_table: typing.Optional[Tensor] = None, scale: typing.Optional[float] = None,
+                 softcap: float = 0.0, out_dtype: typing.Optional[torch.dtype] = None) -> Tensor:
+    """:func:`triton_dist.ops.flash_decode`: decode attention of q [B, Hq, D] over a contiguous or paged (with
+    ``block_table``) KV cache; local."""
+    return ops.flash_decode(q, k_cache, v_cache, kv_lens, block_table=block_table, scale=scale, softcap=softcap) \
+        if out_dtype is None else \
+        ops._fd.flash_decode(q, k_cache, v_cache, kv_lens, block_table=block_table, scale=scale, softcap=softcap,
+                             out_dtype=out_dtype)
+
+
+@flash_decode.register_fake
+def _(q, k_cache, v_cache, kv_lens, *, block_table=None, scale=None, softcap=0.0, out_dtype=None):
+    return q.new_empty(q.shape, dtype=out_dtype or q.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ MoE
+def _silu_mul(gate_up: Tensor) -> Tensor:
+    """``silu(gate) * up`` of gate | up columns (the activation of :mod:`triton_dist.layers.moe`, HF's)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _moe_fake(what: str, x, w1, w2, topk_ids, topk_weights):
+    if x.dim() != 2 or w1.dim() != 3 or w2.dim() != 3 or w1.shape[2] != 2 * w2.shape[1] or \
+            w2.shape[2] != x.shape[1]:
+        raise ValueError(f"{what}: expected x [T, H], w1 [E, H, 2*I_loc], w2 [E, I_loc, H]; got x {tuple(x.shape)}, "
+                         f"w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}")
+    return x.new_empty(x.shape)
+
+
+@_op("tp_moe_ag_rs")
+def tp_moe_ag_rs(x: Tensor, w1: Tensor, w2: Tensor, topk_ids: Tensor, topk_weights: Tensor, *,
+                 method: str = "copy_engine") -> Tensor:
+    """Tensor-parallel MoE on sequence-sharded tokens x [T_loc, H]: :func:`triton_dist.ops.ag_moe` (``method``: its
+    gather's), ``silu(gate) * up``, :func:`triton_dist.ops.moe_rs`: this rank's tokens [T_loc, H]."""
+    h, plan = ops.ag_moe(x.contiguous(), w1, topk_ids, topk_weights, method=method)
+    return ops.moe_rs(_silu_mul(h), w2, plan)
+
+
+@tp_moe_ag_rs.register_fake
+def _(x, w1, w2, topk_ids, topk_weights, *, method="copy_engine"):
+    return _moe_fake("tp_moe_ag_rs", x, w1, w2, topk_ids, topk_weights)
+
+
+@_op("tp_moe_ar")
+def tp_moe_ar(x: Tensor, w1: Tensor, w2: Tensor, topk_ids: Tensor, topk_weights: Tensor) -> Tensor:
+    """Tensor-parallel MoE on tokens replicated on every rank (decode), x [T, H]: :func:`triton_dist.ops.moe_plan`,
+    :func:`triton_dist.ops.moe_gemm`, ``silu(gate) * up``, :func:`triton_dist.ops.moe_ar`: [T, H] on every rank."""
+    plan = ops.moe_plan(topk_ids, topk_weights, w1.shape[0])
+    return ops.moe_ar(_silu_mul(ops.moe_gemm(x.contiguous(), w1, plan)), w2, plan)
+
+
+@tp_moe_ar.register_fake
+def _(x, w1, w2, topk_ids, topk_weights):
+    return _moe_fake("tp_moe_ar", x, w1, w2, topk_ids, topk_weights)
+
+
+OPS = {op.__name__: op for op in (all_reduce, all_gather, reduce_scatter, ag_gemm, gemm_rs, gemm_ar, decode_gemm,
+                                  flash_attn, flash_decode, tp_moe_ag_rs, tp_moe_ar)}
+"""The registered ops by name (``torch.ops.triton_dist.<name>``)."""
