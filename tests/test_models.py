@@ -55,11 +55,11 @@ def checkpoints(tmp_path_factory):
     return out
 
 
-def _run(path, ids, mode, dtype=torch.float32):
+def _run(path, ids, mode, dtype=torch.float32, expert_parallel=False):
     """Prefill the prompt, then decode the given tokens one at a time: every step's logits, [B, T, vocab]."""
     cfg = ModelConfig.from_dir(path)
     w = this_world()
-    model = build_model(cfg, mode=mode, device=w.device, dtype=dtype)
+    model = build_model(cfg, mode=mode, device=w.device, dtype=dtype, expert_parallel=expert_parallel)
     loader.load_checkpoint(model, path)
     caches = model.new_caches(B, 32)
     ids = ids.to(w.device)
@@ -74,29 +74,35 @@ def _run(path, ids, mode, dtype=torch.float32):
     return torch.cat(logits, 1).float().cpu()
 
 
-def _all_modes(path, ids, ref, dtype=torch.float32):
+def _all_modes(path, ids, ref, dtype=torch.float32, expert_parallel=False, modes=MODES):
     out = {}
-    for mode in MODES:
-        got = _run(path, ids, mode, dtype)
+    for mode in modes:
+        got = _run(path, ids, mode, dtype, expert_parallel)
         # logits of positions 0 .. PROMPT-1 from the prefill, then each decode step's
         out[mode] = (torch.allclose(got, ref, **TOL),
                      float((got - ref).abs().max()), got.argmax(-1))
     return out
 
 
+# At one rank the modes other than torch run the same code (our kernels, nothing to reduce): two suffice.
 @pytest.mark.parametrize("kind", ["qwen3", "llama", "qwen3_moe"])
 def test_matches_transformers_one_rank(world1, checkpoints, kind):
     path, ids, ref, _ = checkpoints[kind]
-    res = world1.run(_all_modes, path, ids, ref)[0]
+    res = world1.run(_all_modes, path, ids, ref, torch.float32, False, ("torch", "allreduce"))[0]
     assert all(ok for ok, _, _ in res.values()), {m: err for m, (_, err, _) in res.items()}
     greedy = [g for _, _, g in res.values()]
     assert all(torch.equal(g, greedy[0]) for g in greedy)
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "qwen3_moe"])
-def test_matches_transformers_two_ranks(world2, checkpoints, kind):
+@pytest.mark.parametrize("kind,ep,modes", [("qwen3", False, MODES), ("qwen3_moe", False, ("torch", "ag_rs", "gemm_ar")),
+                                           ("qwen3_moe", True, ("ag_rs", "allreduce"))],
+                         ids=["qwen3", "qwen3_moe-tp", "qwen3_moe-ep"])
+def test_matches_transformers_two_ranks(world2, checkpoints, kind, ep, modes):
+    """TP=2, every mode of the dense model; the MoE model with its experts split by intermediate dimension (TPMoE;
+    its MoE ops differ by sharding: ag_rs, and gemm_ar standing for the replicated modes) and by expert (EPMoE: with
+    ag_rs the tokens go to their experts' ranks by the EP dispatch; allreduce: each rank its own experts)."""
     path, ids, ref, _ = checkpoints[kind]
-    for res in world2.run(_all_modes, path, ids, ref):
+    for res in world2.run(_all_modes, path, ids, ref, torch.float32, ep, modes):
         assert all(ok for ok, _, _ in res.values()), {m: err for m, (_, err, _) in res.items()}
         greedy = [g for _, _, g in res.values()]
         assert all(torch.equal(g, greedy[0]) for g in greedy)

@@ -6,7 +6,7 @@ running anything, and its real implementation calls the op of :mod:`triton_dist.
 contexts and symmetric buffers that op caches are shared with direct calls. Importing this module registers the ops
 and does nothing else (no world, no allocation, no compilation); :mod:`triton_dist` does not import it.
 
-Registered ops (schemas as ``str(torch.ops.triton_dist.<op>.default._schema)`` prints them)::
+Registered ops (schemas as ``str(torch.ops.triton_dist.<op>.default._schema)`` prints them, long ones wrapped)::
 
     triton_dist::all_reduce(Tensor x, *, str method="auto") -> Tensor
     triton_dist::all_gather(Tensor x, *, str method="auto") -> Tensor
@@ -14,17 +14,20 @@ Registered ops (schemas as ``str(torch.ops.triton_dist.<op>.default._schema)`` p
     triton_dist::ag_gemm(Tensor a, Tensor b, *, str method="auto") -> Tensor
     triton_dist::gemm_rs(Tensor a, Tensor b, *, str method="auto") -> Tensor
     triton_dist::gemm_ar(Tensor a, Tensor b, *, str method="auto") -> Tensor
-    triton_dist::flash_attn(Tensor q, Tensor k, Tensor v, *, bool causal=False, float? scale=None, float softcap=0.) -> Tensor
-    triton_dist::flash_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor kv_lens, *, Tensor? block_table=None, float? scale=None, float softcap=0., ScalarType? out_dtype=None) -> Tensor
+    triton_dist::flash_attn(Tensor q, Tensor k, Tensor v, *, bool causal=False, float? scale=None,
+        float softcap=0.) -> Tensor
+    triton_dist::flash_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor kv_lens,
+        Tensor? block_table=None, *, float? scale=None, float softcap=0.) -> Tensor
     triton_dist::decode_gemm(Tensor a, Tensor b) -> Tensor
-    triton_dist::tp_moe_ag_rs(Tensor x, Tensor w1, Tensor w2, Tensor topk_ids, Tensor topk_weights, *, str method="copy_engine") -> Tensor
+    triton_dist::tp_moe_ag_rs(Tensor x, Tensor w1, Tensor w2, Tensor topk_ids, Tensor topk_weights, *,
+        str method="copy_engine") -> Tensor
     triton_dist::tp_moe_ar(Tensor x, Tensor w1, Tensor w2, Tensor topk_ids, Tensor topk_weights) -> Tensor
 
 Shapes and methods are those of :mod:`triton_dist.ops` (``W`` = world size): ``all_gather`` (m, ...) -> (W*m, ...),
 ``reduce_scatter`` (W*m, ...) -> (m, ...), ``ag_gemm`` (m, K) @ (K, N) -> (W*m, N), ``gemm_rs`` (M, K_loc) @ (K_loc,
 N) -> (M/W, N), ``gemm_ar`` -> (M, N); ``flash_attn`` q [B, Tq, Hq, D] -> q's shape, ``flash_decode`` q [B, Hq, D]
--> q's shape (in ``out_dtype``, default q's); ``decode_gemm`` (1 to 256 rows) is local and needs no world. The two
-MoE ops fuse what :class:`triton_dist.layers.moe.TPMoE` does with the plan objects, which a schema cannot carry:
+-> q's shape; ``decode_gemm`` (1 to 256 rows) is local and needs no world. The two MoE ops fuse what
+:class:`triton_dist.layers.moe.TPMoE` does with the plan objects, which a schema cannot carry:
 ``w1`` [E, H, 2*I_loc] (this rank's gate columns, then its up columns: ``gate_up_proj.transpose(1, 2)`` of the
 layer), ``w2`` [E, I_loc, H], ``topk_ids`` [T, k] int32/int64, ``topk_weights`` [T, k]; the activation is
 ``silu(gate) * up``. ``tp_moe_ag_rs``: sequence-sharded tokens x [T_loc, H] -> this rank's tokens [T_loc, H]
@@ -42,7 +45,12 @@ tensors that alias nothing):
 
 Fake implementations read the world size from :func:`triton_dist.current_world` when they run (at trace time), so a
 graph traced in a world of ``W`` ranks has ``W`` baked in. The collectives are collective as ever: every rank runs
-the same graph, with the same shapes. No autograd formula is registered: a backward through these ops raises.
+the same graph, with the same shapes.
+
+No autograd formula is registered (the backward of a collective is a convention of the parallel scheme, e.g.
+Megatron's conjugate f / g, not a property of the op): a backward through these ops raises, and so does
+``torch.compile`` of a function whose inputs require grad (``nn.Parameter`` weights: AOT autograd traces the
+backward at compile time). Run and compile for inference under ``torch.no_grad()`` or ``torch.inference_mode()``.
 """
 import typing
 
@@ -54,7 +62,7 @@ from .kernels import decode_gemm as _dg
 from .runtime.world import current_world
 
 __all__ = ["all_reduce", "all_gather", "reduce_scatter", "ag_gemm", "gemm_rs", "gemm_ar", "flash_attn",
-           "flash_decode", "decode_gemm", "tp_moe_ag_rs", "tp_moe_ar", "OPS"]
+           "flash_decode", "decode_gemm", "tp_moe_ag_rs", "tp_moe_ar"]
 
 Tensor = torch.Tensor
 
@@ -64,7 +72,7 @@ def _op(name: str):
     return torch.library.custom_op(f"triton_dist::{name}", mutates_args=())
 
 
-def _world_size(what: str) -> int:
+def _world_size() -> int:
     return current_world().world_size
 
 
@@ -99,7 +107,7 @@ def all_gather(x: Tensor, *, method: str = "auto") -> Tensor:
 @all_gather.register_fake
 def _(x, *, method="auto"):
     _dim0("all_gather", x)
-    return x.new_empty((_world_size("all_gather") * x.shape[0], *x.shape[1:]))
+    return x.new_empty((_world_size() * x.shape[0], *x.shape[1:]))
 
 
 @_op("reduce_scatter")
@@ -111,7 +119,7 @@ def reduce_scatter(x: Tensor, *, method: str = "auto") -> Tensor:
 @reduce_scatter.register_fake
 def _(x, *, method="auto"):
     _dim0("reduce_scatter", x)
-    world = _world_size("reduce_scatter")
+    world = _world_size()
     if x.shape[0] % world:
         raise ValueError(f"reduce_scatter: dim 0 of x ({tuple(x.shape)}) must be a multiple of the world size {world}")
     return x.new_empty((x.shape[0] // world, *x.shape[1:]))
@@ -127,7 +135,7 @@ def ag_gemm(a: Tensor, b: Tensor, *, method: str = "auto") -> Tensor:
 @ag_gemm.register_fake
 def _(a, b, *, method="auto"):
     _matrices("ag_gemm", a, b)
-    return a.new_empty((_world_size("ag_gemm") * a.shape[0], b.shape[1]))
+    return a.new_empty((_world_size() * a.shape[0], b.shape[1]))
 
 
 @_op("gemm_rs")
@@ -139,7 +147,7 @@ def gemm_rs(a: Tensor, b: Tensor, *, method: str = "auto") -> Tensor:
 @gemm_rs.register_fake
 def _(a, b, *, method="auto"):
     _matrices("gemm_rs", a, b)
-    world = _world_size("gemm_rs")
+    world = _world_size()
     if a.shape[0] % world:
         raise ValueError(f"gemm_rs: rows of a ({a.shape[0]}) must be a multiple of the world size {world}")
     return a.new_empty((a.shape[0] // world, b.shape[1]))
@@ -183,20 +191,18 @@ def _(q, k, v, *, causal=False, scale=None, softcap=0.0):
 
 
 @_op("flash_decode")
-def flash_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, kv_lens: Tensor, *,
-                 block_table: typing.Optional[Tensor] = None, scale: typing.Optional[float] = None,
-                 softcap: float = 0.0, out_dtype: typing.Optional[torch.dtype] = None) -> Tensor:
+def flash_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, kv_lens: Tensor,
+                 block_table: typing.Optional[Tensor] = None, *, scale: typing.Optional[float] = None,
+                 softcap: float = 0.0) -> Tensor:
     """:func:`triton_dist.ops.flash_decode`: decode attention of q [B, Hq, D] over a contiguous or paged (with
-    ``block_table``) KV cache; local."""
-    return ops.flash_decode(q, k_cache, v_cache, kv_lens, block_table=block_table, scale=scale, softcap=softcap) \
-        if out_dtype is None else \
-        ops._fd.flash_decode(q, k_cache, v_cache, kv_lens, block_table=block_table, scale=scale, softcap=softcap,
-                             out_dtype=out_dtype)
+    ``block_table``) KV cache; local. (``block_table`` may be passed by position: a schema has no keyword-only
+    tensors.)"""
+    return ops.flash_decode(q, k_cache, v_cache, kv_lens, block_table=block_table, scale=scale, softcap=softcap)
 
 
 @flash_decode.register_fake
-def _(q, k_cache, v_cache, kv_lens, *, block_table=None, scale=None, softcap=0.0, out_dtype=None):
-    return q.new_empty(q.shape, dtype=out_dtype or q.dtype)
+def _(q, k_cache, v_cache, kv_lens, block_table=None, *, scale=None, softcap=0.0):
+    return q.new_empty(q.shape)
 
 
 # ------------------------------------------------------------------------------------------------ MoE
@@ -240,7 +246,3 @@ def tp_moe_ar(x: Tensor, w1: Tensor, w2: Tensor, topk_ids: Tensor, topk_weights:
 def _(x, w1, w2, topk_ids, topk_weights):
     return _moe_fake("tp_moe_ar", x, w1, w2, topk_ids, topk_weights)
 
-
-OPS = {op.__name__: op for op in (all_reduce, all_gather, reduce_scatter, ag_gemm, gemm_rs, gemm_ar, decode_gemm,
-                                  flash_attn, flash_decode, tp_moe_ag_rs, tp_moe_ar)}
-"""The registered ops by name (``torch.ops.triton_dist.<name>``)."""

@@ -3,7 +3,8 @@
 
 * :class:`ColumnParallelLinear`, :class:`RowParallelLinear` (:mod:`.parallel`, with the modes);
 * :class:`TPAttention` with :class:`KVCache` and :class:`Step` (:mod:`.attention`);
-* :class:`TPMLP` (:mod:`.mlp`), :class:`TPMoE` (:mod:`.moe`), :class:`RMSNorm`, :class:`Embedding`.
+* :class:`TPMLP` (:mod:`.mlp`), :class:`TPMoE` and :class:`EPMoE` (:mod:`.moe`), :class:`RMSNorm`,
+  :class:`Embedding`.
 
 Life cycle of a model made of these layers: built at full size on the ``meta`` device; :func:`parallelize` (this
 rank's shard shapes and the mode); :func:`materialize` (uninitialised storage on the device); then the loader
@@ -17,12 +18,12 @@ from torch import nn
 
 from .attention import KVCache, Step, TPAttention
 from .mlp import TPMLP, silu_mul
-from .moe import TPMoE
+from .moe import EPMoE, TPMoE
 from .norm import RMSNorm
 from .parallel import (MODES, ColumnParallelLinear, Parallel, ParallelLayer, RowParallelLinear, Segment, TensorShard,
                        _param, check_mode)
 
-__all__ = ["MODES", "ColumnParallelLinear", "Embedding", "KVCache", "Parallel", "ParallelLayer", "RMSNorm",
+__all__ = ["MODES", "ColumnParallelLinear", "EPMoE", "Embedding", "KVCache", "Parallel", "ParallelLayer", "RMSNorm",
            "RowParallelLinear", "Segment", "Step", "TPAttention", "TPMLP", "TPMoE", "TensorShard", "materialize",
            "named_tensor_shards", "parallelize", "silu_mul"]
 
@@ -38,11 +39,18 @@ class Embedding(ParallelLayer):
         return F.embedding(ids, self.weight)
 
 
-def parallelize(model: nn.Module, mode: str = "torch", par: Parallel | None = None) -> nn.Module:
+def parallelize(model: nn.Module, mode: str = "torch", par: Parallel | None = None, *,
+                expert_parallel: bool = False) -> nn.Module:
     """Split every layer of ``model`` over the current world (``triton_dist.init()``; none: one device) in
-    ``mode`` (:data:`MODES`); before :func:`materialize`. Returns ``model``."""
+    ``mode`` (:data:`MODES`); before :func:`materialize`. ``expert_parallel``: every :class:`TPMoE` becomes an
+    :class:`EPMoE` (whole experts per rank). Returns ``model``."""
     check_mode("parallelize", mode)
     par = par or Parallel.current(mode)
+    if expert_parallel:
+        for m in list(model.modules()):
+            for name, child in list(m.named_children()):
+                if isinstance(child, TPMoE):
+                    setattr(m, name, EPMoE.like(child))
     for name, m in model.named_modules():
         if isinstance(m, ParallelLayer):
             m.shard(par)

@@ -118,6 +118,16 @@ class TPAttention(ParallelLayer):
         B, S, D = step.batch, step.seq, self.head_dim
         qkv = self.qkv(x)  # [B*S, (hq + 2 hkv) * D] (ag_rs: every rank's tokens)
         hq, hkv = self.heads, self.kv_heads
+        if self.par.mode != "torch":  # one kernel: split, q / k norm, rotary, the cache write
+            from triton_dist.kernels.decoder import qk_norm_rope_cache
+            out = qk_norm_rope_cache(
+                qkv, step.positions, self.inv_freq, cache.k, cache.v, num_heads=hq, num_kv_heads=hkv, seq=S,
+                q_norm=self.q_norm.weight if self.q_norm is not None else None,
+                k_norm=self.k_norm.weight if self.k_norm is not None else None,
+                eps=self.q_norm.eps if self.q_norm is not None else 1e-6, block_table=cache.block_table,
+                return_kv=step.prefill)
+            q, k, v = (t.view(B, S, -1, D) for t in out) if step.prefill else (out.view(B, S, hq, D), None, None)
+            return self.o_proj(self._attend(q, k, v, step, cache).reshape(B * S, hq * D))
         q, k, v = torch.split(qkv.view(B, S, hq + 2 * hkv, D), (hq, hkv, hkv), dim=2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -133,7 +143,7 @@ class TPAttention(ParallelLayer):
             return self._attend_torch(q, k, v, step, cache)
         from triton_dist import ops
         if step.prefill:
-            return ops.flash_attn(q.contiguous(), k.contiguous(), v, causal=True, scale=self.scale)
+            return ops.flash_attn(q, k, v, causal=True, scale=self.scale)
         o = ops.flash_decode(q[:, 0].contiguous(), cache.k, cache.v, step.kv_lens, block_table=cache.block_table,
                              scale=self.scale)
         return o[:, None]

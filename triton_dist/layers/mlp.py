@@ -8,8 +8,12 @@ import torch.nn.functional as F
 from .parallel import ColumnParallelLinear, ParallelLayer, RowParallelLinear, Segment
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` of a fused ``[.., 2 * I]`` gate | up row (HF's ``act_fn(gate) * up`` in the input dtype)."""
+def silu_mul(gate_up: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    """``silu(gate) * up`` of a fused ``[.., 2 * I]`` gate | up row (HF's ``act_fn(gate) * up`` in the input dtype);
+    ``fused``: one kernel (:func:`triton_dist.kernels.decoder.silu_mul`, rows of a 2-D tensor)."""
+    if fused and gate_up.dim() == 2 and gate_up.stride(1) == 1:
+        from triton_dist.kernels.decoder import silu_mul as _kernel
+        return _kernel(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 
@@ -26,4 +30,4 @@ class TPMLP(ParallelLayer):
         self.down_proj = RowParallelLinear(intermediate, hidden, dtype=dtype)
 
     def forward(self, x: torch.Tensor, step=None) -> torch.Tensor:
-        return self.down_proj(silu_mul(self.gate_up(x)))
+        return self.down_proj(silu_mul(self.gate_up(x), fused=self.par.mode != "torch"))

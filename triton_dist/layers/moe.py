@@ -1,5 +1,5 @@
-"""The tensor-parallel sparse MoE block (Qwen3-MoE): a replicated router, every expert's intermediate dimension
-split over the ranks.
+"""The sparse MoE block (Qwen3-MoE), split two ways: :class:`TPMoE` (a replicated router, every expert's
+intermediate dimension split over the ranks) and :class:`EPMoE` (each rank holds ``E / W`` whole experts).
 
 Names are Hugging Face's (transformers 5's in-memory layout): ``gate.weight`` [E, H] (the router),
 ``experts.gate_up_proj`` [E, 2 I, H] (gate rows, then up rows) and ``experts.down_proj`` [E, H, I]; the checkpoint
@@ -11,6 +11,13 @@ cast to the activations' dtype. Modes: ``torch`` (the experts by ``torch._groupe
 then torch's all-reduce), ``allreduce`` / ``gemm_ar`` (:func:`triton_dist.ops.moe_gemm` then
 :func:`triton_dist.ops.moe_ar`), ``ag_rs`` (:func:`triton_dist.ops.ag_moe` then :func:`triton_dist.ops.moe_rs` on the
 token shards).
+
+:class:`EPMoE`: with sequence-sharded activations (``ag_rs``) each rank's tokens go to their experts' ranks by the
+expert-parallel dispatch (:class:`triton_dist.moe.EPNormalContext`: rows packed by expert at the receiver), the
+local experts' grouped GEMMs run on the received rows, and the combine returns each pair's output to its token's
+rank and sums it there (fp32). With replicated activations (``torch``, ``allreduce``, ``gemm_ar``) every rank already
+holds every token: it computes its own experts' pairs only (the others' pairs are routed to an extra empty group the
+GEMM skips) and the partial sums are all-reduced. One EP context serves every layer of a shape.
 """
 from __future__ import annotations
 
@@ -64,22 +71,23 @@ class Experts(ParallelLayer):
         return out
 
 
-def _torch_experts(x, w13, w2, ids, weights):
+def _torch_experts(x, w13, w2, ids, weights, valid=None):
     """The baseline's expert compute: pairs sorted by expert, ``torch._grouped_mm`` on GPUs (bf16), a loop over
-    experts elsewhere; the weighted sum in fp32. ``w13`` [E, 2I, H], ``w2`` [E, H, I]; returns [T, H] in fp32."""
+    experts elsewhere; the weighted sum in fp32. ``w13`` [E, 2I, H], ``w2`` [E, H, I]; ``valid`` [T, k] (default
+    all): the pairs to compute (the others add nothing). Returns [T, H] in fp32."""
     t, k = ids.shape
     e = w13.shape[0]
-    flat = ids.reshape(-1)
+    flat = ids.reshape(-1) if valid is None else torch.where(valid, ids, e).reshape(-1)
     order = torch.argsort(flat, stable=True)
     rows = x[torch.div(order, k, rounding_mode="floor")]
-    counts = torch.zeros(e, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
-    ends = torch.cumsum(counts, 0)
+    counts = torch.zeros(e + 1, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+    ends = torch.cumsum(counts, 0)[:e]
     if x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16:
         offs = ends.to(torch.int32)
         h = silu_mul(torch._grouped_mm(rows, w13.transpose(1, 2), offs=offs))
         y = torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)
     else:
-        y = torch.empty((rows.shape[0], w2.shape[1]), dtype=x.dtype, device=x.device)
+        y = torch.zeros((rows.shape[0], w2.shape[1]), dtype=x.dtype, device=x.device)
         lo = 0
         for j, hi in enumerate(ends.tolist()):
             if hi > lo:
@@ -87,7 +95,10 @@ def _torch_experts(x, w13, w2, ids, weights):
             lo = hi
     pair = torch.empty_like(y)
     pair[order] = y
-    return (pair.view(t, k, -1).float() * weights.float()[..., None]).sum(1)
+    pair = pair.view(t, k, -1).float()
+    if valid is not None:  # rows past the last group are unspecified (torch._grouped_mm)
+        pair = torch.where(valid[..., None], pair, 0.0)
+    return (pair * weights.float()[..., None]).sum(1)
 
 
 class TPMoE(ParallelLayer):
@@ -110,10 +121,119 @@ class TPMoE(ParallelLayer):
         w1, w2k = w13.transpose(1, 2), w2.transpose(1, 2)  # [E, H, 2I], [E, I, H]: the GEMM's K x N per expert
         if par.sequence_sharded:
             h, plan = ops.ag_moe(x.contiguous(), w1, ids, wts)
-            return ops.moe_rs(silu_mul(h), w2k, plan)
+            return ops.moe_rs(silu_mul(h, fused=True), w2k, plan)
         plan = ops.moe_plan(ids, wts, self.num_experts)
-        h = silu_mul(ops.moe_gemm(x.contiguous(), w1, plan))
+        h = silu_mul(ops.moe_gemm(x.contiguous(), w1, plan), fused=True)
         if par.world_size == 1:  # no world needed
             from triton_dist.kernels.moe import tp_moe as _tpm
             return _tpm.moe_ar(h, w2k, plan, ctx=None)
         return ops.moe_ar(h, w2k, plan)
+
+
+class EPExperts(Experts):
+    """``experts`` of :class:`EPMoE`: this rank's ``E / W`` whole experts (``first`` is the first one's index)."""
+
+    def shard(self, par) -> None:
+        ParallelLayer.shard(self, par)
+        self.count = n = par.split(self.num_experts, "num_experts (expert parallel)")
+        self.first = par.rank * n
+        self.gate_up_proj = _param((n, 2 * self.intermediate, self.hidden), self.gate_up_proj.dtype)
+        self.down_proj = _param((n, self.hidden, self.intermediate), self.down_proj.dtype)
+
+    def tensor_shards(self) -> list[TensorShard]:
+        out = []
+        for j in range(self.count):
+            g = self.first + j
+            out += [TensorShard(f"{g}.gate_proj.weight", self.gate_up_proj[j, :self.intermediate]),
+                    TensorShard(f"{g}.up_proj.weight", self.gate_up_proj[j, self.intermediate:]),
+                    TensorShard(f"{g}.down_proj.weight", self.down_proj[j])]
+        return out
+
+
+_EP_CONTEXTS: dict = {}
+
+
+def ep_context(tokens: int, hidden: int, topk: int, experts: int, dtype):
+    """The EP normal context shared by every :class:`EPMoE` layer of a shape, for at least ``tokens`` tokens per rank
+    (a power of two; a larger call replaces it: collective, outside CUDA-graph capture)."""
+    from triton_dist import moe
+    key = (hidden, topk, experts, dtype)
+    ctx = _EP_CONTEXTS.get(key)
+    if ctx is None or ctx.max_tokens < tokens:
+        if ctx is not None:
+            ctx.close()
+        ctx = _EP_CONTEXTS[key] = moe.EPNormalContext(1 << max(4, (tokens - 1).bit_length()), hidden, topk, experts,
+                                                      dtype)
+    return ctx
+
+
+def release_ep_contexts() -> None:
+    """Close the shared EP contexts (collective)."""
+    for ctx in _EP_CONTEXTS.values():
+        ctx.close()
+    _EP_CONTEXTS.clear()
+
+
+def _grouped_rows(rows, w, offsets, groups: int, n_rows: int, out, gather_index=None):
+    from triton_dist.kernels.moe.tp_moe import launch_moe_gemm
+    if n_rows and w.shape[2]:
+        launch_moe_gemm(rows, w, out, offsets, gather_index, groups, n_rows, gather_index is not None, None)
+    return out
+
+
+class EPMoE(ParallelLayer):
+    """The sparse MoE block split by experts (module docstring); same names as :class:`TPMoE`, so the same
+    checkpoints load. :func:`~triton_dist.layers.parallelize` with ``expert_parallel=True`` puts it in place of
+    every :class:`TPMoE`."""
+
+    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, *, norm_topk_prob: bool,
+                 dtype=None):
+        super().__init__()
+        self.num_experts, self.hidden = num_experts, hidden
+        self.gate = Router(hidden, num_experts, top_k, norm_topk_prob, dtype)
+        self.experts = EPExperts(hidden, intermediate, num_experts, dtype)
+
+    @classmethod
+    def like(cls, tp: TPMoE) -> "EPMoE":
+        """An EPMoE of a (not yet split) TPMoE's shapes."""
+        ex = tp.experts
+        return cls(ex.hidden, ex.intermediate, ex.num_experts, tp.gate.top_k, norm_topk_prob=tp.gate.norm_topk_prob,
+                   dtype=ex.gate_up_proj.dtype)
+
+    def forward(self, x: torch.Tensor, step=None) -> torch.Tensor:
+        ids, wts = self.gate(x)
+        if self.par.sequence_sharded:
+            return self._dispatched(x, ids, wts)
+        return self._local_experts(x, ids, wts)
+
+    def _local_experts(self, x, ids, wts):
+        """Replicated tokens: this rank's experts' pairs, the partial sums all-reduced."""
+        par, ex = self.par, self.experts
+        n, first = ex.count, ex.first
+        local = (ids >= first) & (ids < first + n)
+        key = torch.where(local, ids - first, n)
+        weights = torch.where(local, wts.float(), 0.0)
+        if par.mode == "torch":
+            part = _torch_experts(x, ex.gate_up_proj, ex.down_proj, torch.where(local, ids - first, 0), weights,
+                                  valid=local)
+            return par.all_reduce(part).to(x.dtype)
+        from triton_dist.kernels.routing import build_routing, scatter_combine
+        r = build_routing(key, n + 1, check_ids=False)  # group n: the other ranks' pairs, never computed
+        offs = r.expert_offsets[:n + 1]
+        h = torch.zeros((r.num_rows, 2 * ex.intermediate), dtype=x.dtype, device=x.device)
+        _grouped_rows(x.contiguous(), ex.gate_up_proj.transpose(1, 2), offs, n, r.num_rows, h, r.gather_index)
+        y = torch.zeros((r.num_rows, self.hidden), dtype=x.dtype, device=x.device)
+        _grouped_rows(silu_mul(h, fused=True), ex.down_proj.transpose(1, 2), offs, n, r.num_rows, y)
+        return par.all_reduce(scatter_combine(y, r, weights, out_dtype=torch.float32)).to(x.dtype)
+
+    def _dispatched(self, x, ids, wts):
+        """Token shards: dispatch to the experts' ranks, the local grouped GEMMs, combine at the source."""
+        ex = self.experts
+        ctx = ep_context(x.shape[0], self.hidden, ids.shape[1], self.num_experts, x.dtype)
+        recv, offs, handle = ctx.dispatch(x.contiguous(), ids)
+        rows = recv.shape[0]
+        h = torch.empty((rows, 2 * ex.intermediate), dtype=x.dtype, device=x.device)
+        _grouped_rows(recv, ex.gate_up_proj.transpose(1, 2), offs, ex.count, rows, h)
+        y = torch.empty((rows, self.hidden), dtype=x.dtype, device=x.device)
+        _grouped_rows(silu_mul(h, fused=True), ex.down_proj.transpose(1, 2), offs, ex.count, rows, y)
+        return ctx.combine(y, ids, wts.float(), handle)

@@ -10,12 +10,22 @@ from .parallel import ParallelLayer, _param
 
 class RMSNorm(ParallelLayer):
     """``weight * (x / sqrt(mean(x^2) + eps))``, the statistics in fp32 and the product in ``x``'s dtype (HF's
-    ``Qwen3RMSNorm`` / ``LlamaRMSNorm`` bit for bit on the same device)."""
+    ``Qwen3RMSNorm`` / ``LlamaRMSNorm`` bit for bit on the same device). :meth:`add_norm` adds the residual first
+    (one fused kernel outside the ``torch`` mode: :func:`triton_dist.kernels.decoder.add_rmsnorm`)."""
 
     def __init__(self, size: int, eps: float = 1e-6, dtype=None):
         super().__init__()
         self.eps = eps
         self.weight = _param((size,), dtype)
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None):
+        """``(norm(s), s)`` with ``s = x + residual`` (``x`` itself when ``residual`` is None): the decoder's
+        pre-norm residual stream."""
+        if self.par.mode != "torch" and x.dim() == 2 and x.stride(1) == 1:
+            from triton_dist.kernels.decoder import add_rmsnorm
+            return add_rmsnorm(x, self.weight, self.eps, residual)
+        s = x if residual is None else residual + x
+        return self(s), s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype

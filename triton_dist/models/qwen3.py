@@ -89,9 +89,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps, dtype)
 
-    def forward(self, x: torch.Tensor, step: Step, cache: KVCache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), step, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, step: Step, cache: KVCache):
+        """``(this layer's MLP output, the residual stream before it)``: the next norm adds them (fused)."""
+        h, residual = self.input_layernorm.add_norm(x, residual)
+        h, residual = self.post_attention_layernorm.add_norm(self.self_attn(h, step, cache), residual)
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
@@ -102,10 +104,10 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
     def forward(self, ids: torch.Tensor, step: Step, caches: list[KVCache]) -> torch.Tensor:
-        x = self.embed_tokens(ids)
+        x, residual = self.embed_tokens(ids), None
         for layer, cache in zip(self.layers, caches):
-            x = layer(x, step, cache)
-        return self.norm(x)
+            x, residual = layer(x, residual, step, cache)
+        return self.norm.add_norm(x, residual)[0]
 
 
 class CausalLM(nn.Module):
@@ -128,10 +130,12 @@ class CausalLM(nn.Module):
                         page_size=page_size) for layer in self.model.layers]
 
 
-def build_model(cfg: ModelConfig, *, mode: str = "torch", device="cpu", dtype=torch.bfloat16) -> CausalLM:
-    """The model of ``cfg`` split over the current world in ``mode``, with uninitialised storage on ``device``
-    (fill it with :func:`triton_dist.models.loader.load_checkpoint` or :func:`~.loader.init_random`)."""
+def build_model(cfg: ModelConfig, *, mode: str = "torch", device="cpu", dtype=torch.bfloat16,
+                expert_parallel: bool = False) -> CausalLM:
+    """The model of ``cfg`` split over the current world in ``mode`` (MoE blocks by experts with
+    ``expert_parallel``), with uninitialised storage on ``device`` (fill it with
+    :func:`triton_dist.models.loader.load_checkpoint` or :func:`~.loader.init_random`)."""
     model = CausalLM(cfg, dtype)
-    parallelize(model, mode)
+    parallelize(model, mode, expert_parallel=expert_parallel)
     materialize(model, device, dtype)
     return model.eval()
