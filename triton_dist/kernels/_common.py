@@ -534,3 +534,18 @@ def check_collective_input(x: torch.Tensor, what: str, dtypes) -> None:
                         f"{', '.join(str(d).replace('torch.', '') for d in dtypes)}")
     if not x.is_contiguous():
         raise ValueError(f"{what}: tensor must be contiguous (call .contiguous() first)")
+
+
+@triton.jit
+def last_to_arrive(counter_ptr):
+    """Count this program as finished (its memory operations ordered before, system-wide); True for the last one of
+    the launch to arrive, which also resets the counter for the next launch (the EP kernels' and p2p's "the last
+    program publishes")."""
+    tl.debug_barrier()
+    dl.fence("sys", "acq_rel")
+    old = dl.atomic_add(counter_ptr, 1, "gpu", "acq_rel")
+    last = old == tl.num_programs(0) - 1
+    if last:
+        tl.store(counter_ptr, 0)
+        dl.fence("sys", "acq_rel")
+    return last

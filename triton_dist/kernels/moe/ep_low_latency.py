@@ -72,6 +72,7 @@ import triton.language as tl
 import triton_dist
 import triton_dist.language as dl
 from triton_dist.kernels._common import label_words
+from triton_dist.kernels._common import last_to_arrive as _arrive
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 FP8 = torch.float8_e4m3fn
@@ -81,20 +82,6 @@ FP8_AMAX_FLOOR = 1e-4  # an all-zero group gets this amax (DeepEP's clamp), so i
 
 
 # ---------------------------------------------------------------------------------------------- device side
-@triton.jit
-def _arrive(counter_ptr):
-    """Count this program as finished (its stores ordered before, system-wide); True for the last one to arrive,
-    which also resets the counter for the next launch."""
-    tl.debug_barrier()
-    dl.fence("sys", "acq_rel")
-    old = dl.atomic_add(counter_ptr, 1, "gpu", "acq_rel")
-    last = old == tl.num_programs(0) - 1
-    if last:
-        tl.store(counter_ptr, 0)
-        dl.fence("sys", "acq_rel")
-    return last
-
-
 @triton.jit
 def _signal_every_rank(flag_ptr, value):
     """Set ``flag_ptr`` (a symmetric int32) to ``value`` on every rank: one fence (in :func:`_arrive`), then relaxed
