@@ -59,3 +59,13 @@ def test_tutorial_09_ep_dispatch_combine_matches_torch_and_library(n):
         out.stdout
     verdicts = [line.split()[-1] for line in out.stdout.splitlines() if line.strip().startswith("match")]
     assert verdicts == ["yes"], out.stdout
+
+
+def test_tutorial_10_tensor_parallel_model_modes_agree():
+    """A random HF-layout checkpoint written, loaded by shards at TP=2, every mode's logits and greedy tokens equal."""
+    out = _run(["run", "-n", "2", "--mode", "cpu", "tutorials/10_tensor_parallel_model.py"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    modes = [line for line in out.stdout.splitlines() if line.startswith("mode ")]
+    assert len(modes) == 4 and all("identical" in line for line in modes), out.stdout
+    verdicts = [line.split()[-1] for line in out.stdout.splitlines() if line.strip().startswith("match")]
+    assert verdicts == ["yes"], out.stdout
