@@ -6,7 +6,10 @@
     triton-dist run -n 4 --share-gpus script.py     # 4 ranks on the GPUs there are (rank r on GPU r % G)
     triton-dist run -n 2 --mode cpu -m pkg.mod      # a module, on the CPU world
     triton-dist bench primitives [-n N] [args...]   # a benchmark of triton_dist.bench (primitives,
-                                                    # collectives, gemm, cores, attention, moe)
+                                                    # collectives, gemm, cores, attention, moe, e2e)
+    triton-dist generate --tp N [--world cpu] --model M --mode torch,ag_rs [args...]
+                                                    # prefill + decode of a model (triton_dist.models.generate);
+                                                    # here --mode is the model's TP mode, --world the launcher's
     triton-dist demo [-n N]                         # the intra-node all-gather tutorial
     triton-dist mps start | stop DIR                # a private MPS daemon for shared-GPU worlds (prints exports)
 
@@ -19,7 +22,8 @@ import argparse
 import os
 import sys
 
-BENCHES = ["primitives", "collectives", "gemm", "cores", "attention", "moe"]
+BENCHES = ["primitives", "collectives", "gemm", "cores", "attention", "moe", "e2e"]
+GENERATE_MODULE = "triton_dist.models.generate"
 DEMO_SCRIPT = os.path.join("tutorials", "02_intra_node_allgather.py")
 EXIT_USAGE = 2
 EXIT_CODES = """exit codes:
@@ -71,11 +75,28 @@ def _world_options() -> argparse.ArgumentParser:
     return common
 
 
+def _generate_world_options() -> argparse.ArgumentParser:
+    """The launcher's options of ``generate``: ``--tp`` (or ``-n``) ranks and ``--world`` for what ``--mode`` is
+    elsewhere, because there ``--mode`` is the model's tensor-parallel mode (passed on, like every other option)."""
+    opts = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    opts.add_argument("--tp", "-n", dest="nprocs", type=_nprocs, default="auto",
+                      help="ranks, the tensor-parallel degree, or 'auto' (local GPUs; 4 in the CPU world) "
+                           "[default: auto]")
+    opts.add_argument("--world", dest="mode", choices=("auto", "gpu", "cpu"), default="auto",
+                      help="gpu: torchrun, one rank per GPU; cpu: Triton-interpreter world; auto: gpu when CUDA GPUs "
+                           "are visible (run's --mode) [default: auto]")
+    opts.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
+                      help="seconds the whole world may run before it is stopped with exit code 124")
+    opts.add_argument("--share-gpus", action="store_true", help="allow more ranks than GPUs (as for run)")
+    opts.add_argument("--no-mps", action="store_true", help="with --share-gpus: no MPS daemon (as for run)")
+    return opts
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``triton-dist``."""
     common = _world_options()
     parser = argparse.ArgumentParser(prog="triton-dist", description="Launch and try triton-dist worlds.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,bench,demo,mps}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,bench,generate,demo,mps}")
 
     run = sub.add_parser("run", parents=[common], allow_abbrev=False,
                          help="run a script or module on every rank",
@@ -93,6 +114,20 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog="A benchmark's own options: python -m triton_dist.bench.NAME --help (no world "
                                   "needed).\n\n" + EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_argument("name", choices=BENCHES, help="benchmark name")
+
+    sub.add_parser("generate", parents=[_generate_world_options()], allow_abbrev=False,
+                   help="prefill and decode a model in one or more TP modes, timed",
+                   description="Run triton_dist.models.generate on --tp ranks: build the model (preset shapes with "
+                               "random weights, or a checkpoint directory), prefill and decode in each --mode, and "
+                               "print a table of prefill / step times, tokens/s and whether the modes' tokens agree. "
+                               "Unrecognised options go to it; note that --mode here is the model's mode (torch, "
+                               "ag_rs, allreduce, gemm_ar, a comma list or all) and --world the launcher's.",
+                   epilog="Its options: python -m triton_dist.models.generate --help (no world needed): --model "
+                          "DIR|PRESET [--random-weights] [--mode M[,M2...]|all] [--batch B] [--prompt-len P] "
+                          "[--gen-len G] [--prompt TEXT] [--dtype bf16|fp16|fp32] [--page-size N] [--no-graphs] "
+                          "[--sampling greedy|top_p] [--top-p F] [--temperature T] [--seed S] [--layers L] "
+                          "[--warmup N] [--stop-at-eos].\n\n" + EXIT_CODES,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
     sub.add_parser("demo", parents=[common], allow_abbrev=False,
                    help=f"run {DEMO_SCRIPT} (the intra-node all-gather tutorial)",
@@ -120,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     opts, extra = parser.parse_known_args(argv)
-    if extra and opts.command != "bench":
+    if extra and opts.command not in ("bench", "generate"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     extra = [a for a in extra if a != "--"]  # '--' only separates; argparse may leave it anywhere in extra
 
@@ -139,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         target, args, module = opts.target, opts.args, opts.module
     elif opts.command == "bench":
         target, args, module = f"triton_dist.bench.{opts.name}", extra, True
+    elif opts.command == "generate":
+        target, args, module = GENERATE_MODULE, extra, True
     else:
         target, args = os.path.join(repo_root(), DEMO_SCRIPT), []
         if not os.path.isfile(target):

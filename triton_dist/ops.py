@@ -140,6 +140,12 @@ def _shape(x: torch.Tensor) -> str:
     return f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"
 
 
+def cached_contexts() -> dict:
+    """The ops' cached contexts now, by key: a CUDA graph captured with them stays valid while each is still the
+    cached one (a larger call replaces a context and frees its buffers)."""
+    return dict(_contexts)
+
+
 def release_contexts() -> None:
     """Free every cached context's symmetric buffers (collective, like the ops)."""
     for ctx in _contexts.values():

@@ -73,6 +73,19 @@ class KVCache:
         self.k[page, slot] = k
         self.v[page, slot] = v
 
+    def rows(self, n: int) -> "KVCache":
+        """The first ``n`` sequences as a cache sharing this one's storage (a smaller batch of the same caches)."""
+        if n == self.batch:
+            return self
+        view = object.__new__(KVCache)
+        view.__dict__.update(self.__dict__)
+        view.batch = n
+        if self.block_table is None:
+            view.k, view.v = self.k[:n], self.v[:n]
+        else:
+            view.block_table = self.block_table[:n]
+        return view
+
     def dense_view(self):
         """``(k, v)`` as [B, max_len, kv_heads, D] (a copy when paged: the torch baseline's decode)."""
         if self.block_table is None:
