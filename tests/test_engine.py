@@ -13,6 +13,11 @@ import pytest
 import torch
 
 from _util import this_world
+from conftest import BACKEND
+
+# The command-line tests start a CPU world of their own (the interpreter), which the GPU image's numpy cannot run;
+# the GPU suite runs the commands on the GPU instead (scripts/gpu_suite.sh).
+cpu_world_only = pytest.mark.skipif(BACKEND != "cpu", reason="starts a CPU world; the GPU suite runs the GPU command")
 from triton_dist.bench import e2e
 from triton_dist.layers import MODES, Step
 from triton_dist.models import loader
@@ -200,6 +205,7 @@ def _tiny_checkpoint(path: Path):
     return model
 
 
+@cpu_world_only
 def test_cli_generate_prints_the_table(tmp_path):
     """From a checkpoint directory with a tokenizer, its first decoder layer only (--layers 1), paged KV cache."""
     _tiny_checkpoint(tmp_path)
@@ -231,6 +237,7 @@ def test_cli_generate_usage_errors():
     assert out.returncode == 2 and "the world is --world cpu|gpu" in out.stderr, out.stderr
 
 
+@cpu_world_only
 def test_bench_e2e_smoke_writes_rows(tmp_path, capsys):
     out = subprocess.run([sys.executable, "-m", "triton_dist", "bench", "-n", "2", "--mode", "cpu", "e2e", "--",
                           "--smoke", "--out", str(tmp_path), "--modes", "allreduce", "--layers", "1"],

@@ -84,7 +84,7 @@ def _bad_inputs():
         "too_large": lambda: ctx.send(torch.ones(65, device=w.device), peer),
         "recv_too_large": lambda: ctx.recv(peer, shape=(5, 13)),
         "dtype": lambda: ctx.send(x.half(), peer),
-        "recv_dtype": lambda: ctx.recv(peer, out=torch.empty(8, dtype=torch.float16)),
+        "recv_dtype": lambda: ctx.recv(peer, out=torch.empty(8, dtype=torch.float16, device=w.device)),
         "self": lambda: ctx.send(x, w.rank),
         "recv_self": lambda: ctx.recv(w.rank, shape=(8,)),
         "no_rank": lambda: ctx.send(x, 2),

@@ -129,6 +129,7 @@ class _Graph:
     logits: torch.Tensor
     tokens: torch.Tensor
     contexts: dict
+    gen: torch.Generator | None = None  # the graph's own generator (top-p), registered with it
 
     def valid(self) -> bool:
         now = _contexts()
@@ -196,7 +197,8 @@ class Engine:
         self._kv_lens = torch.zeros(rows, dtype=torch.int32, device=dev)
         self._top_p = torch.ones((), dtype=torch.float32, device=dev)
         self._temperature = torch.ones((), dtype=torch.float32, device=dev)
-        self._gen = torch.Generator(device=dev)
+        self._gen = torch.Generator(device=dev)  # the eager draws; each top-p graph has its own (a generator
+        # registered with a graph may not be used outside it)
         self._graphs: dict = {}  # (bucket, sampling) -> _Graph
         self._eager: set = set()  # (bucket, sampling) whose capture failed
         self._views: dict = {}
@@ -261,6 +263,9 @@ class Engine:
         self._top_p.fill_(top_p)
         self._temperature.fill_(temperature)
         self._gen.manual_seed(seed)
+        graph = self._graphs.get((nb, sampling))
+        if graph is not None and graph.gen is not None:
+            graph.gen.manual_seed(seed)
         clock.mark()
         first = sample_tokens(logits[:B], sampling, top_p=self._top_p, temperature=self._temperature,
                               generator=self._gen)
@@ -341,12 +346,13 @@ class Engine:
         self._pos[:nb].fill_(self._len)
         self._kv_lens[:nb].fill_(self._len + 1)
 
-    def _forward(self, nb: int, sampling: str):
-        """One decode step of the bucket from the static buffers: ``(logits [nb, V], next tokens [nb])``."""
+    def _forward(self, nb: int, sampling: str, gen: torch.Generator | None = None):
+        """One decode step of the bucket from the static buffers: ``(logits [nb, V], next tokens [nb])``, drawing
+        from ``gen`` (default the engine's eager generator)."""
         step = Step(nb, 1, self._pos[:nb], self._kv_lens[:nb])
         logits = self.model(self._ids[:nb, None], step, self._views_of(nb))
         return logits, sample_tokens(logits, sampling, top_p=self._top_p, temperature=self._temperature,
-                                     generator=self._gen)
+                                     generator=gen or self._gen)
 
     def _step(self, run):
         self._set_position(self._bucket)
@@ -373,7 +379,7 @@ class Engine:
     def _capture(self, nb: int, sampling: str) -> _Graph | None:
         """Warm up and capture the bucket's step (the static buffers must hold a valid position). None, on every
         rank, when it failed on any rank (noted)."""
-        err, graph, logits, tokens = None, None, None, None
+        err, graph, logits, tokens, gen = None, None, None, None, None
         try:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
@@ -384,9 +390,10 @@ class Engine:
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             if sampling != "greedy":
-                graph.register_generator_state(self._gen)
+                gen = torch.Generator(device=self.device)
+                graph.register_generator_state(gen)
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                logits, tokens = self._forward(nb, sampling)
+                logits, tokens = self._forward(nb, sampling, gen)
             torch.cuda.synchronize(self.device)
         except Exception as e:  # noqa: BLE001  (any failure: eager steps for this bucket, on every rank)
             err = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -401,7 +408,7 @@ class Engine:
             self.notes.append(f"decode batch {nb} ({sampling}): CUDA-graph capture failed ({'; '.join(failed)}); "
                               "its steps run eagerly")
             return None
-        g = self._graphs[(nb, sampling)] = _Graph(graph, logits, tokens, _contexts())
+        g = self._graphs[(nb, sampling)] = _Graph(graph, logits, tokens, _contexts(), gen)
         return g
 
     def _agree(self, err: str | None) -> list[str]:
