@@ -75,6 +75,29 @@ def check(fn, sig, const=None, nvshmem=False, options=None):
         print("FAIL", name, msg[-1500:])
 
 
+def run_families() -> None:
+    """Kernel families with their own lists (scripts/compile_checks/<family>.py, each a ``checks(check)`` function
+    that calls ``check(fn, signature, constexprs, options=...)`` as above for every GPU configuration of its
+    kernels)."""
+    for path in sorted(glob.glob(os.path.join(ROOT, "scripts", "compile_checks", "*.py"))):
+        spec = importlib.util.spec_from_file_location(f"compile_checks_{os.path.basename(path)[:-3]}", path)
+        family = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(family)
+        family.checks(check)
+
+
+def finish() -> None:
+    print(f"{len(failures)} failed")
+    sys.exit(1 if failures else 0)
+
+
+# TRITON_DIST_COMPILE_PART: "all" (default), "main" (the kernels listed below) or "families" (compile_checks/):
+# tests/test_gpu_compile.py runs the two parts side by side
+PART = os.environ.get("TRITON_DIST_COMPILE_PART", "all")
+if PART == "families":
+    run_families()
+    finish()
+
 coll = {"x_ptr": "*bf16", "out_ptr": "*bf16", "staging_ptr": "*bf16", "pad_ptr": "*i32", "epoch_ptr": "*i32"}
 check(AR._one_shot_kernel, dict(coll, n="i32", wait_all="i32", sig="i32"), {"BLOCK": 2048})
 check(AR._push_one_shot_kernel, dict(coll, n="i32", slot="i32", wait_all="i32", sig="i32"), {"BLOCK": 2048})
@@ -415,13 +438,6 @@ for where in (0, 1, 2):
 check_rejected(_bad_cmp_kernel, {"sig_ptr": "*u64"}, {"CMP": 6}, "NVSHMEM_CMP_EQ")
 _compile.install(shmem="nvshmem")  # back to the default flavour
 
-# Kernel families with their own lists (scripts/compile_checks/<family>.py, each a ``checks(check)`` function that
-# calls ``check(fn, signature, constexprs, options=...)`` as above for every GPU configuration of its kernels).
-for path in sorted(glob.glob(os.path.join(ROOT, "scripts", "compile_checks", "*.py"))):
-    spec = importlib.util.spec_from_file_location(f"compile_checks_{os.path.basename(path)[:-3]}", path)
-    family = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(family)
-    family.checks(check)
-
-print(f"{len(failures)} failed")
-sys.exit(1 if failures else 0)
+if PART == "all":
+    run_families()
+finish()

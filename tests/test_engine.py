@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from _util import this_world
+from triton_dist.layers import release_contexts
 from conftest import BACKEND
 
 # The command-line tests start a CPU world of their own (the interpreter), which the GPU image's numpy cannot run;
@@ -156,8 +157,10 @@ def test_bad_input():
 def _modes(batch, modes, gen_len=GEN):
     """Greedy tokens of every mode on this rank."""
     w = this_world()
-    return {mode: Engine(_model(mode, device=w.device), max_batch=batch, max_len=P + gen_len).generate(
+    out = {mode: Engine(_model(mode, device=w.device), max_batch=batch, max_len=P + gen_len).generate(
         _prompts(batch), gen_len).tokens for mode in modes}
+    release_contexts()  # the session's world is shared with other tests: leave its heap empty
+    return out
 
 
 def test_modes_agree_one_rank(world1):
@@ -177,7 +180,9 @@ def _top_p():
     engine = Engine(_model(device=this_world().device), max_batch=2, max_len=P + 6)
     ids = _prompts(2)
     run = [engine.generate(ids, 6, sampling="top_p", top_p=0.9, temperature=0.8, seed=s).tokens for s in (5, 5, 6)]
-    return run, engine.generate(ids, 6).tokens
+    greedy = engine.generate(ids, 6).tokens
+    release_contexts()
+    return run, greedy
 
 
 def test_top_p_is_deterministic_and_the_same_on_every_rank(world2):

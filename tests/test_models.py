@@ -10,7 +10,7 @@ from _util import this_world
 
 transformers = pytest.importorskip("transformers")
 
-from triton_dist.layers import MODES, Step  # noqa: E402
+from triton_dist.layers import MODES, Step, release_contexts  # noqa: E402
 from triton_dist.models import loader  # noqa: E402
 from triton_dist.models.config import ModelConfig  # noqa: E402
 from triton_dist.models.qwen3 import build_model  # noqa: E402
@@ -81,6 +81,7 @@ def _all_modes(path, ids, ref, dtype=torch.float32, expert_parallel=False, modes
         # logits of positions 0 .. PROMPT-1 from the prefill, then each decode step's
         out[mode] = (torch.allclose(got, ref, **TOL),
                      float((got - ref).abs().max()), got.argmax(-1))
+    release_contexts()  # the session's world is shared with other tests: leave its heap empty
     return out
 
 
@@ -119,3 +120,45 @@ def test_bf16_within_transformers_own_error(worlds, checkpoints, kind, ranks):
     for res in get_world(worlds, ranks).run(_all_modes, path, ids, ref, torch.bfloat16):
         errs = {m: err for m, (_, err, _) in res.items()}
         assert all(e <= 3 * bf16_err + 0.02 for e in errs.values()), (errs, bf16_err)
+
+
+def _compiled_step(path, ids, mode):
+    """A decode step of the whole model under ``torch.compile(fullgraph=True)`` (aot_eager) with the layers on the
+    torch.library registrations, against the same step eager; the compiled graph holds our ops."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from triton_dist.layers import use_registered_ops
+    w = this_world()
+    model = build_model(ModelConfig.from_dir(path), mode=mode, device=w.device, dtype=torch.float32)
+    loader.load_checkpoint(model, path)
+    ids = ids.to(w.device)
+    use_registered_ops(True)
+    try:
+        caches = model.new_caches(B, 32)
+        pos = torch.arange(PROMPT, device=w.device)[None].expand(B, PROMPT)
+        lens = torch.full((B,), PROMPT, dtype=torch.int32, device=w.device)
+        step = Step(B, 1, torch.full((B, 1), PROMPT, device=w.device), lens + 1)
+        counter = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(model, fullgraph=True, backend=counter)
+        with torch.no_grad():
+            model(ids[:, :PROMPT], Step(B, PROMPT, pos, lens), caches)
+            want = model(ids[:, PROMPT:PROMPT + 1], step, caches)  # both write the same k / v at the same place
+            got = compiled(ids[:, PROMPT:PROMPT + 1], step, caches)
+        targets = {str(n.target).removesuffix(".default") for g in counter.graphs for n in g.graph.nodes}
+        ours = sorted(t for t in targets if t.startswith("triton_dist."))
+        return bool(torch.allclose(got, want, atol=1e-5, rtol=1e-5)), counter.frame_count, ours
+    finally:
+        use_registered_ops(False)
+        release_contexts()
+
+
+@pytest.mark.parametrize("ranks,mode", [(1, "allreduce"), (2, "ag_rs")])
+def test_whole_model_compiles_with_our_ops(worlds, checkpoints, ranks, mode):
+    from conftest import get_world
+    path, ids, _, _ = checkpoints["qwen3"]
+    for ok, frames, ours in get_world(worlds, ranks).run(_compiled_step, path, ids, mode):
+        assert ok and frames == 1, (ok, frames)
+        want = {"triton_dist.qk_norm_rope_cache", "triton_dist.flash_decode", "triton_dist.add_rmsnorm",
+                "triton_dist.silu_mul"}
+        if ranks > 1:
+            want |= {"triton_dist.ag_gemm", "triton_dist.gemm_rs", "triton_dist.all_gather"}
+        assert want <= set(ours), ours

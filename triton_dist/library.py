@@ -6,7 +6,8 @@ running anything, and its real implementation calls the op of :mod:`triton_dist.
 contexts and symmetric buffers that op caches are shared with direct calls. Importing this module registers the ops
 and does nothing else (no world, no allocation, no compilation); :mod:`triton_dist` does not import it.
 
-Registered ops (schemas as ``str(torch.ops.triton_dist.<op>.default._schema)`` prints them, long ones wrapped)::
+Registered ops (schemas as ``str(torch.ops.triton_dist.<op>.default._schema)`` prints them, long ones wrapped; a
+mutated tensor's alias set written ``(a!)``, ``SymInt`` as ``int``)::
 
     triton_dist::all_reduce(Tensor x, *, str method="auto") -> Tensor
     triton_dist::all_gather(Tensor x, *, str method="auto") -> Tensor
@@ -22,6 +23,12 @@ Registered ops (schemas as ``str(torch.ops.triton_dist.<op>.default._schema)`` p
     triton_dist::tp_moe_ag_rs(Tensor x, Tensor w1, Tensor w2, Tensor topk_ids, Tensor topk_weights, *,
         str method="copy_engine") -> Tensor
     triton_dist::tp_moe_ar(Tensor x, Tensor w1, Tensor w2, Tensor topk_ids, Tensor topk_weights) -> Tensor
+    triton_dist::rmsnorm(Tensor x, Tensor weight, float eps) -> Tensor
+    triton_dist::add_rmsnorm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)
+    triton_dist::silu_mul(Tensor x) -> Tensor
+    triton_dist::qk_norm_rope_cache(Tensor qkv, Tensor positions, Tensor inv_freq, Tensor(a!) k_cache,
+        Tensor(a!) v_cache, Tensor? q_norm, Tensor? k_norm, Tensor? block_table, *, int num_heads,
+        int num_kv_heads, int seq, float eps) -> (Tensor, Tensor, Tensor)
 
 Shapes and methods are those of :mod:`triton_dist.ops` (``W`` = world size): ``all_gather`` (m, ...) -> (W*m, ...),
 ``reduce_scatter`` (W*m, ...) -> (m, ...), ``ag_gemm`` (m, K) @ (K, N) -> (W*m, N), ``gemm_rs`` (M, K_loc) @ (K_loc,
@@ -33,7 +40,11 @@ layer), ``w2`` [E, I_loc, H], ``topk_ids`` [T, k] int32/int64, ``topk_weights`` 
 ``silu(gate) * up``. ``tp_moe_ag_rs``: sequence-sharded tokens x [T_loc, H] -> this rank's tokens [T_loc, H]
 (:func:`~triton_dist.ops.ag_moe` then :func:`~triton_dist.ops.moe_rs`); ``tp_moe_ar``: tokens replicated on every
 rank (decode) x [T, H] -> [T, H] (:func:`~triton_dist.ops.moe_plan`, :func:`~triton_dist.ops.moe_gemm`,
-:func:`~triton_dist.ops.moe_ar`).
+:func:`~triton_dist.ops.moe_ar`). The decoder kernels of :mod:`triton_dist.kernels.decoder`: ``rmsnorm`` /
+``add_rmsnorm`` (``(norm(x + residual), x + residual)``), ``silu_mul``, and ``qk_norm_rope_cache``, the one op that
+mutates its arguments (it writes k / v into ``k_cache`` / ``v_cache``, declared in its schema) and returns ``(q, k,
+v)`` [T, H, D]. :func:`triton_dist.layers.use_registered_ops` makes the layers call these registrations, so a whole
+model compiles (``tests/test_models.py``).
 
 Differences from the direct calls, all because an operator schema is functional (it mutates nothing and returns new
 tensors that alias nothing):
@@ -59,10 +70,12 @@ import torch.nn.functional as F
 
 from . import ops
 from .kernels import decode_gemm as _dg
+from .kernels import decoder as _dec
 from .runtime.world import current_world
 
 __all__ = ["all_reduce", "all_gather", "reduce_scatter", "ag_gemm", "gemm_rs", "gemm_ar", "flash_attn",
-           "flash_decode", "decode_gemm", "tp_moe_ag_rs", "tp_moe_ar"]
+           "flash_decode", "decode_gemm", "tp_moe_ag_rs", "tp_moe_ar", "rmsnorm", "add_rmsnorm", "silu_mul",
+           "qk_norm_rope_cache"]
 
 Tensor = torch.Tensor
 
@@ -246,3 +259,56 @@ def tp_moe_ar(x: Tensor, w1: Tensor, w2: Tensor, topk_ids: Tensor, topk_weights:
 def _(x, w1, w2, topk_ids, topk_weights):
     return _moe_fake("tp_moe_ar", x, w1, w2, topk_ids, topk_weights)
 
+
+
+# ------------------------------------------------------------------------------------------------ decoder kernels
+@_op("rmsnorm")
+def rmsnorm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """:func:`triton_dist.kernels.decoder.add_rmsnorm` without a residual: ``rmsnorm(x) * weight``, x [T, N]."""
+    return _dec.add_rmsnorm(x.contiguous(), weight, eps)[0]
+
+
+@rmsnorm.register_fake
+def _(x, weight, eps):
+    return x.new_empty(x.shape)
+
+
+@_op("add_rmsnorm")
+def add_rmsnorm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> typing.Tuple[Tensor, Tensor]:
+    """:func:`triton_dist.kernels.decoder.add_rmsnorm`: ``(rmsnorm(x + residual) * weight, x + residual)``."""
+    return _dec.add_rmsnorm(x.contiguous(), weight, eps, residual.contiguous())
+
+
+@add_rmsnorm.register_fake
+def _(x, residual, weight, eps):
+    return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+@_op("silu_mul")
+def silu_mul(x: Tensor) -> Tensor:
+    """:func:`triton_dist.kernels.decoder.silu_mul`: ``silu(x[:, :I]) * x[:, I:]`` of x [T, 2 I]."""
+    return _dec.silu_mul(x.contiguous())
+
+
+@silu_mul.register_fake
+def _(x):
+    return x.new_empty((x.shape[0], x.shape[1] // 2))
+
+
+@torch.library.custom_op("triton_dist::qk_norm_rope_cache", mutates_args=("k_cache", "v_cache"))
+def qk_norm_rope_cache(qkv: Tensor, positions: Tensor, inv_freq: Tensor, k_cache: Tensor, v_cache: Tensor,
+                       q_norm: typing.Optional[Tensor], k_norm: typing.Optional[Tensor],
+                       block_table: typing.Optional[Tensor], *, num_heads: int, num_kv_heads: int, seq: int,
+                       eps: float) -> typing.Tuple[Tensor, Tensor, Tensor]:
+    """:func:`triton_dist.kernels.decoder.qk_norm_rope_cache` (k / v stored into the caches): ``(q, k, v)``."""
+    return _dec.qk_norm_rope_cache(qkv.contiguous(), positions, inv_freq, k_cache, v_cache, num_heads=num_heads,
+                                   num_kv_heads=num_kv_heads, seq=seq, q_norm=q_norm, k_norm=k_norm, eps=eps,
+                                   block_table=block_table, return_kv=True)
+
+
+@qk_norm_rope_cache.register_fake
+def _(qkv, positions, inv_freq, k_cache, v_cache, q_norm, k_norm, block_table, *, num_heads, num_kv_heads, seq,
+      eps):
+    t, d = qkv.shape[0], k_cache.shape[-1]
+    return (qkv.new_empty((t, num_heads, d)), qkv.new_empty((t, num_kv_heads, d)),
+            qkv.new_empty((t, num_kv_heads, d)))

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._calls import use_registered_ops
 from .attention import KVCache, Step, TPAttention
 from .mlp import TPMLP, silu_mul
 from .moe import EPMoE, TPMoE
@@ -25,7 +26,7 @@ from .parallel import (MODES, ColumnParallelLinear, Parallel, ParallelLayer, Row
 
 __all__ = ["MODES", "ColumnParallelLinear", "EPMoE", "Embedding", "KVCache", "Parallel", "ParallelLayer", "RMSNorm",
            "RowParallelLinear", "Segment", "Step", "TPAttention", "TPMLP", "TPMoE", "TensorShard", "materialize",
-           "named_tensor_shards", "parallelize", "silu_mul"]
+           "named_tensor_shards", "parallelize", "release_contexts", "silu_mul", "use_registered_ops"]
 
 
 class Embedding(ParallelLayer):
@@ -67,6 +68,15 @@ def materialize(model: nn.Module, device, dtype: torch.dtype) -> nn.Module:
         if isinstance(m, ParallelLayer):
             m.materialize(device, dtype)
     return model
+
+
+def release_contexts() -> None:
+    """Free the symmetric buffers the layers' ops keep between calls (the ops' cached contexts and the EP contexts
+    the MoE layers share); collective. The next call makes them again."""
+    from triton_dist import ops
+    from .moe import release_ep_contexts
+    release_ep_contexts()
+    ops.release_contexts()
 
 
 def _resolve(prefix: str, name: str) -> str:

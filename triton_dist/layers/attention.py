@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import _calls
 from .norm import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 from .parallel import ColumnParallelLinear, ParallelLayer, RowParallelLinear, Segment
 
@@ -132,8 +133,7 @@ class TPAttention(ParallelLayer):
         qkv = self.qkv(x)  # [B*S, (hq + 2 hkv) * D] (ag_rs: every rank's tokens)
         hq, hkv = self.heads, self.kv_heads
         if self.par.mode != "torch":  # one kernel: split, q / k norm, rotary, the cache write
-            from triton_dist.kernels.decoder import qk_norm_rope_cache
-            out = qk_norm_rope_cache(
+            out = _calls.qk_norm_rope_cache(
                 qkv, step.positions, self.inv_freq, cache.k, cache.v, num_heads=hq, num_kv_heads=hkv, seq=S,
                 q_norm=self.q_norm.weight if self.q_norm is not None else None,
                 k_norm=self.k_norm.weight if self.k_norm is not None else None,
@@ -154,11 +154,10 @@ class TPAttention(ParallelLayer):
     def _attend(self, q, k, v, step: Step, cache: KVCache) -> torch.Tensor:
         if self.par.mode == "torch":
             return self._attend_torch(q, k, v, step, cache)
-        from triton_dist import ops
         if step.prefill:
-            return ops.flash_attn(q, k, v, causal=True, scale=self.scale)
-        o = ops.flash_decode(q[:, 0].contiguous(), cache.k, cache.v, step.kv_lens, block_table=cache.block_table,
-                             scale=self.scale)
+            return _calls.flash_attn(q, k, v, causal=True, scale=self.scale)
+        o = _calls.flash_decode(q[:, 0].contiguous(), cache.k, cache.v, step.kv_lens, cache.block_table,
+                                scale=self.scale)
         return o[:, None]
 
     def _attend_torch(self, q, k, v, step: Step, cache: KVCache) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import _calls
 from .parallel import ColumnParallelLinear, ParallelLayer, RowParallelLinear, Segment
 
 
@@ -12,8 +13,7 @@ def silu_mul(gate_up: torch.Tensor, fused: bool = False) -> torch.Tensor:
     """``silu(gate) * up`` of a fused ``[.., 2 * I]`` gate | up row (HF's ``act_fn(gate) * up`` in the input dtype);
     ``fused``: one kernel (:func:`triton_dist.kernels.decoder.silu_mul`, rows of a 2-D tensor)."""
     if fused and gate_up.dim() == 2 and gate_up.stride(1) == 1:
-        from triton_dist.kernels.decoder import silu_mul as _kernel
-        return _kernel(gate_up)
+        return _calls.silu_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 

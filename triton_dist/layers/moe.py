@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import _calls
 from .mlp import silu_mul
 from .parallel import ParallelLayer, TensorShard, _param
 
@@ -117,17 +118,10 @@ class TPMoE(ParallelLayer):
         w13, w2 = ex.gate_up_proj, ex.down_proj
         if par.mode == "torch":
             return par.all_reduce(_torch_experts(x, w13, w2, ids, wts)).to(x.dtype)
-        from triton_dist import ops
         w1, w2k = w13.transpose(1, 2), w2.transpose(1, 2)  # [E, H, 2I], [E, I, H]: the GEMM's K x N per expert
         if par.sequence_sharded:
-            h, plan = ops.ag_moe(x.contiguous(), w1, ids, wts)
-            return ops.moe_rs(silu_mul(h, fused=True), w2k, plan)
-        plan = ops.moe_plan(ids, wts, self.num_experts)
-        h = silu_mul(ops.moe_gemm(x.contiguous(), w1, plan), fused=True)
-        if par.world_size == 1:  # no world needed
-            from triton_dist.kernels.moe import tp_moe as _tpm
-            return _tpm.moe_ar(h, w2k, plan, ctx=None)
-        return ops.moe_ar(h, w2k, plan)
+            return _calls.tp_moe_ag_rs(x.contiguous(), w1, w2k, ids, wts)
+        return _calls.tp_moe_ar(x.contiguous(), w1, w2k, ids, wts, par.world_size)
 
 
 class EPExperts(Experts):

@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from . import _calls
 from .parallel import ParallelLayer, _param
 
 
@@ -22,8 +23,7 @@ class RMSNorm(ParallelLayer):
         """``(norm(s), s)`` with ``s = x + residual`` (``x`` itself when ``residual`` is None): the decoder's
         pre-norm residual stream."""
         if self.par.mode != "torch" and x.dim() == 2 and x.stride(1) == 1:
-            from triton_dist.kernels.decoder import add_rmsnorm
-            return add_rmsnorm(x, self.weight, self.eps, residual)
+            return _calls.add_rmsnorm(x, self.weight, self.eps, residual)
         s = x if residual is None else residual + x
         return self(s), s
 

@@ -30,6 +30,8 @@ from torch import nn
 
 import triton_dist
 
+from . import _calls
+
 MODES = ("torch", "ag_rs", "allreduce", "gemm_ar")
 SEQUENCE_SHARDED = ("ag_rs",)  # modes whose activations are split over the ranks by token
 
@@ -101,8 +103,7 @@ class Parallel:
         if self.mode == "torch":
             dist.all_reduce(x, group=self.group)
             return x
-        from triton_dist import ops
-        return ops.all_reduce(x)
+        return _calls.all_reduce(x)
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank's ``x`` stacked along dim 0."""
@@ -112,8 +113,7 @@ class Parallel:
             parts = [torch.empty_like(x) for _ in range(self.world_size)]
             dist.all_gather(parts, x.contiguous(), group=self.group)
             return torch.cat(parts)
-        from triton_dist import ops
-        return ops.all_gather(x.contiguous())
+        return _calls.all_gather(x.contiguous())
 
 
 class ParallelLayer(nn.Module):
@@ -156,7 +156,7 @@ def local_linear(x: torch.Tensor, w: torch.Tensor, mode: str) -> torch.Tensor:
     once, split K) for a few rows on a GPU otherwise."""
     from triton_dist.kernels import decode_gemm as _dg
     if mode != "torch" and x.is_cuda and 1 <= x.shape[0] <= _dg.MAX_M and x.is_contiguous():
-        return _dg.decode_gemm(x, w.t())
+        return _calls.decode_gemm(x, w.t())
     return F.linear(x, w)
 
 
@@ -258,8 +258,7 @@ class ColumnParallelLinear(ParallelLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.par.sequence_sharded:
-            from triton_dist import ops
-            return ops.ag_gemm(x.contiguous(), self.weight.t())
+            return _calls.ag_gemm(x.contiguous(), self.weight.t())
         return local_linear(x, self.weight, self.par.mode)
 
 
@@ -282,11 +281,10 @@ class RowParallelLinear(ParallelLayer):
         par = self.par
         if par.world_size == 1:
             return local_linear(x, self.weight, par.mode)
-        from triton_dist import ops
         if par.mode == "ag_rs":
-            return ops.gemm_rs(x.contiguous(), self.weight.t())
+            return _calls.gemm_rs(x.contiguous(), self.weight.t())
         if par.mode == "gemm_ar":
-            return ops.gemm_ar(x.contiguous(), self.weight.t())
+            return _calls.gemm_ar(x.contiguous(), self.weight.t())
         return par.all_reduce(local_linear(x, self.weight, par.mode))
 
     def tensor_shards(self) -> list[TensorShard]:
