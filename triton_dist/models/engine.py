@@ -17,9 +17,10 @@ padded with dummy sequences to its bucket, and the graph reads its token ids, po
 Each capture follows PyTorch's recipe: the step runs eagerly three times on a side stream first (our ops autotune and
 make their contexts at their first call, which must not be captured), then once under capture. Sampling (greedy
 argmax, or top-p with a temperature: an exponential race over the nucleus, which needs no host sync) is part of the
-graph; its random numbers come from the engine's own ``torch.Generator`` on the device, registered with the graph
-and seeded by :meth:`Engine.generate`, identically on every rank: the logits are the same on every rank after the
-LM head's vocabulary gather, so every rank draws the same tokens.
+graph; its random numbers come from a ``torch.Generator`` on the device that each top-p graph owns (registered with
+it: a registered generator may not be used outside its graph, so the eager draws, the first token's among them, use
+the engine's own), all seeded by :meth:`Engine.generate`, identically on every rank: the logits are the same on every
+rank after the LM head's vocabulary gather, so every rank draws the same tokens.
 
 A graph holds the addresses of the ops' cached contexts (symmetric buffers). A later call that outgrows a context
 (a longer prefill, say) replaces it; the engine notices before the next replay and captures again. If a capture
