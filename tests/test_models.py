@@ -162,3 +162,13 @@ def test_whole_model_compiles_with_our_ops(worlds, checkpoints, ranks, mode):
         if ranks > 1:
             want |= {"triton_dist.ag_gemm", "triton_dist.gemm_rs", "triton_dist.all_gather"}
         assert want <= set(ours), ours
+
+
+def test_matches_transformers_four_ranks_sharing_kv_heads(worlds, checkpoints):
+    """TP=4 with 2 KV heads: each pair of ranks holds the same KV head (the k / v rows of its group, replicated),
+    one query head each."""
+    from conftest import get_world
+    path, ids, ref, _ = checkpoints["qwen3"]
+    for res in get_world(worlds, 4).run(_all_modes, path, ids, ref, torch.float32, False, ("torch", "gemm_ar")):
+        assert all(ok for ok, _, _ in res.values()), {m: err for m, (_, err, _) in res.items()}
+        assert torch.equal(res["gemm_ar"][2], res["torch"][2])

@@ -16,7 +16,9 @@ def _run(args, timeout=240):
                           text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("n", [2, 3])
+# Three ranks: an odd world (neighbours wrap, chunks do not pair up) covers what two would; one run per tutorial
+# keeps the suite's time down.
+@pytest.mark.parametrize("n", [3])
 def test_tutorial_01_notify_wait(n):
     out = _run(["run", "-n", str(n), "--mode", "cpu", "tutorials/01_notify_wait.py"])
     assert out.returncode == 0, out.stderr[-3000:]
@@ -30,7 +32,7 @@ def test_tutorial_02_allgather_is_the_demo():
     assert any(line.split()[-1] == "yes" for line in out.stdout.splitlines() if line.strip().startswith("match"))
 
 
-@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("n", [3])
 @pytest.mark.parametrize("script", ["tutorials/03_ag_gemm.py", "tutorials/04_gemm_rs.py",
                                     "tutorials/05_ll_allreduce.py", "tutorials/06_gemm_rs_decomposed.py",
                                     "tutorials/07_split_k_decode.py"])
@@ -49,7 +51,7 @@ def test_tutorial_08_matches_torch():
     assert verdicts == ["yes"], out.stdout
 
 
-@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("n", [3])
 def test_tutorial_09_ep_dispatch_combine_matches_torch_and_library(n):
     """Dispatch/combine from the primitives, exact vs torch and EPLowLatencyContext on every rank."""
     out = _run(["run", "-n", str(n), "--mode", "cpu", "tutorials/09_ep_dispatch_combine.py"])
