@@ -66,6 +66,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .._argtypes import positive_int
 from .cores import CheckedBench, add_timing_args, timing_defaults
 from .gemm import DTYPE_NAMES, _choices
 from .harness import Recorder, agree, first_line, uniform
@@ -527,29 +528,19 @@ def plot_moe_rows(rows: list[dict], path: str, title: str | None = None) -> str 
     return plot_pairs(moe_pairs(rows), rows, path, GOAL, _baseline_name, "MoE", title)
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The options of ``triton-dist bench moe``."""
     ap = argparse.ArgumentParser(prog="triton-dist bench moe", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="directory of <card>.jsonl [default: bench/results; --smoke: none]")
     ap.add_argument("--cases", type=_choices(CASES), default=list(DEFAULT_CASES),
                     help="comma-separated subset of " + ",".join(CASES) + " [default: ep_ll]")
-    ap.add_argument("--normal-tokens", type=_positive, default=NORMAL_TOKENS,
+    ap.add_argument("--normal-tokens", type=positive_int, default=NORMAL_TOKENS,
                     help=f"tokens per rank of the ep_normal case [default: {NORMAL_TOKENS}]")
     d = EPCase()
-    ap.add_argument("--tokens", type=_positive, default=d.tokens, help=f"tokens per rank [default: {d.tokens}]")
-    ap.add_argument("--hidden", type=_positive, default=d.hidden, help=f"values per token [default: {d.hidden}]")
-    ap.add_argument("--topk", type=_positive, default=d.topk, help=f"experts per token [default: {d.topk}]")
-    ap.add_argument("--experts", type=_positive, default=d.experts,
+    ap.add_argument("--tokens", type=positive_int, default=d.tokens, help=f"tokens per rank [default: {d.tokens}]")
+    ap.add_argument("--hidden", type=positive_int, default=d.hidden, help=f"values per token [default: {d.hidden}]")
+    ap.add_argument("--topk", type=positive_int, default=d.topk, help=f"experts per token [default: {d.topk}]")
+    ap.add_argument("--experts", type=positive_int, default=d.experts,
                     help=f"experts, a multiple of the world size [default: {d.experts}]")
     ap.add_argument("--fp8", choices=tuple(FP8_MODES), default="both",
                     help="rows with the bf16 dispatch, the fp8 one (triton_dist:ep_ll_fp8) or both [default: both]")

@@ -549,3 +549,11 @@ def last_to_arrive(counter_ptr):
         tl.store(counter_ptr, 0)
         dl.fence("sys", "acq_rel")
     return last
+
+
+def free_symmetric(world, op: str, tensors) -> None:
+    """Free a context's symmetric ``tensors`` (collective: every rank closes its contexts in the same order, so the
+    barrier first keeps a peer from writing into memory that is being handed back)."""
+    world.barrier(f"closing a context of {op}")
+    for t in tensors:
+        triton_dist.free(t)

@@ -56,7 +56,8 @@ import triton_dist
 import triton_dist.language as dl
 from triton_dist.runtime.heap import SUPPORTED_DTYPES
 
-from ._common import SIGNATURE_CHECK, call_signature, check_collective_input, default_programs, last_to_arrive
+from ._common import (SIGNATURE_CHECK, call_signature, check_collective_input, default_programs, free_symmetric,
+                      last_to_arrive)
 
 OP = "p2p"
 
@@ -256,9 +257,7 @@ class P2PContext:
         """Free the symmetric buffers (collective: every rank closes its contexts in the same order)."""
         if self._closed:
             return
-        self.world.barrier(f"closing a context of {self.op}")
-        for t in self._symmetric:
-            triton_dist.free(t)
+        free_symmetric(self.world, self.op, self._symmetric)
         self._closed = True
 
 

@@ -36,6 +36,8 @@ import dataclasses
 import os
 import sys
 
+from triton_dist._argtypes import positive_int
+
 from .config import PRESETS, ModelConfig, resolve
 
 # Shapes for the CPU world (our attention kernels take head dims 64 / 128 / 256), not checkpoints.
@@ -126,16 +128,6 @@ def format_table(rows: list[dict], header: str, notes: list[str] = ()) -> str:
     return "\n".join(lines)
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
 def _fraction(text: str) -> float:
     try:
         v = float(text)
@@ -159,20 +151,20 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--mode", type=parse_modes, default=None,
                     help="the model's tensor-parallel mode(s): a comma list of torch,ag_rs,allreduce,gemm_ar or "
                          "'all' [default: all]")
-    ap.add_argument("--batch", type=_positive, default=1, help="sequences [default: 1]")
-    ap.add_argument("--prompt-len", type=_positive, default=128, help="tokens per random prompt [default: 128]")
-    ap.add_argument("--gen-len", type=_positive, default=32, help="new tokens per sequence [default: 32]")
+    ap.add_argument("--batch", type=positive_int, default=1, help="sequences [default: 1]")
+    ap.add_argument("--prompt-len", type=positive_int, default=128, help="tokens per random prompt [default: 128]")
+    ap.add_argument("--gen-len", type=positive_int, default=32, help="new tokens per sequence [default: 32]")
     ap.add_argument("--prompt", default=None, help="prompt text (needs tokenizer.json in the checkpoint directory)")
     ap.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="[default: bf16; CPU world: fp32]")
-    ap.add_argument("--page-size", type=_positive, default=None, help="paged KV cache of pages of N tokens")
-    ap.add_argument("--max-len", type=_positive, default=None,
+    ap.add_argument("--page-size", type=positive_int, default=None, help="paged KV cache of pages of N tokens")
+    ap.add_argument("--max-len", type=positive_int, default=None,
                     help="KV cache length [default: prompt + gen-len - 1, rounded up to the page size]")
     ap.add_argument("--no-graphs", action="store_true", help="eager decode steps (no CUDA graphs)")
     ap.add_argument("--sampling", choices=("greedy", "top_p"), default="greedy", help="[default: greedy]")
     ap.add_argument("--top-p", type=_fraction, default=0.9, help="nucleus mass of top_p sampling [default: 0.9]")
     ap.add_argument("--temperature", type=float, default=1.0, help="of top_p sampling [default: 1.0]")
     ap.add_argument("--seed", type=int, default=0, help="weights, prompts and sampling [default: 0]")
-    ap.add_argument("--layers", type=_positive, default=None, help="keep the first L decoder layers (quick runs)")
+    ap.add_argument("--layers", type=positive_int, default=None, help="keep the first L decoder layers (quick runs)")
     ap.add_argument("--warmup", type=int, default=None,
                     help="untimed short generations per mode first [default: 1 on GPUs, 0 in the CPU world]")
     ap.add_argument("--stop-at-eos", action="store_true", help="stop when every sequence produced eos")

@@ -71,7 +71,7 @@ import triton.language as tl
 
 import triton_dist
 import triton_dist.language as dl
-from triton_dist.kernels._common import label_words
+from triton_dist.kernels._common import free_symmetric, label_words
 from triton_dist.kernels._common import last_to_arrive as _arrive
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -396,9 +396,7 @@ class _EPContext:
         """Free the symmetric buffers (collective: every rank closes its contexts in the same order)."""
         if self._closed:
             return
-        self.world.barrier(f"closing a context of {self.op}")
-        for t in self._symmetric:
-            triton_dist.free(t)
+        free_symmetric(self.world, self.op, self._symmetric)
         self._closed = True
 
     def _check_ids(self, what: str, topk_ids: torch.Tensor, tokens: int) -> torch.Tensor:
