@@ -122,13 +122,14 @@ def test_bf16_within_transformers_own_error(worlds, checkpoints, kind, ranks):
         assert all(e <= 3 * bf16_err + 0.02 for e in errs.values()), (errs, bf16_err)
 
 
-def _compiled_step(path, ids, mode):
+def _compiled_step(path, ids, mode, expert_parallel=False):
     """A decode step of the whole model under ``torch.compile(fullgraph=True)`` (aot_eager) with the layers on the
     torch.library registrations, against the same step eager; the compiled graph holds our ops."""
     from torch._dynamo.testing import CompileCounterWithBackend
     from triton_dist.layers import use_registered_ops
     w = this_world()
-    model = build_model(ModelConfig.from_dir(path), mode=mode, device=w.device, dtype=torch.float32)
+    model = build_model(ModelConfig.from_dir(path), mode=mode, device=w.device, dtype=torch.float32,
+                        expert_parallel=expert_parallel)
     loader.load_checkpoint(model, path)
     ids = ids.to(w.device)
     use_registered_ops(True)
@@ -151,16 +152,19 @@ def _compiled_step(path, ids, mode):
         release_contexts()
 
 
-@pytest.mark.parametrize("ranks,mode", [(1, "allreduce"), (2, "ag_rs")])
-def test_whole_model_compiles_with_our_ops(worlds, checkpoints, ranks, mode):
+@pytest.mark.parametrize("kind,ranks,mode", [("qwen3", 1, "allreduce"), ("qwen3", 2, "ag_rs"),
+                                             ("qwen3_moe", 2, "ag_rs")], ids=["tp1", "tp2-ag_rs", "ep2-ag_rs"])
+def test_whole_model_compiles_with_our_ops(worlds, checkpoints, kind, ranks, mode):
+    """The dense model at TP=1 and 2; the MoE model with its experts split by expert (EP dispatch / combine)."""
     from conftest import get_world
-    path, ids, _, _ = checkpoints["qwen3"]
-    for ok, frames, ours in get_world(worlds, ranks).run(_compiled_step, path, ids, mode):
+    path, ids, _, _ = checkpoints[kind]
+    ep = kind == "qwen3_moe"
+    for ok, frames, ours in get_world(worlds, ranks).run(_compiled_step, path, ids, mode, ep):
         assert ok and frames == 1, (ok, frames)
-        want = {"triton_dist.qk_norm_rope_cache", "triton_dist.flash_decode", "triton_dist.add_rmsnorm",
-                "triton_dist.silu_mul"}
+        want = {"triton_dist.qk_norm_rope_cache", "triton_dist.flash_decode", "triton_dist.add_rmsnorm"}
         if ranks > 1:
             want |= {"triton_dist.ag_gemm", "triton_dist.gemm_rs", "triton_dist.all_gather"}
+        want |= {"triton_dist.ep_moe_dispatched"} if ep else {"triton_dist.silu_mul"}
         assert want <= set(ours), ours
 
 

@@ -26,6 +26,10 @@ mutated tensor's alias set written ``(a!)``, ``SymInt`` as ``int``)::
     triton_dist::rmsnorm(Tensor x, Tensor weight, float eps) -> Tensor
     triton_dist::add_rmsnorm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)
     triton_dist::silu_mul(Tensor x) -> Tensor
+    triton_dist::ep_moe_dispatched(Tensor x, Tensor w13, Tensor w2, Tensor topk_ids, Tensor topk_weights, *,
+        int num_experts) -> Tensor
+    triton_dist::ep_moe_local(Tensor x, Tensor w13, Tensor w2, Tensor topk_ids, Tensor topk_weights, *,
+        int first) -> Tensor
     triton_dist::qk_norm_rope_cache(Tensor qkv, Tensor positions, Tensor inv_freq, Tensor(a!) k_cache,
         Tensor(a!) v_cache, Tensor? q_norm, Tensor? k_norm, Tensor? block_table, *, int num_heads,
         int num_kv_heads, int seq, float eps) -> (Tensor, Tensor, Tensor)
@@ -43,7 +47,10 @@ rank (decode) x [T, H] -> [T, H] (:func:`~triton_dist.ops.moe_plan`, :func:`~tri
 :func:`~triton_dist.ops.moe_ar`). The decoder kernels of :mod:`triton_dist.kernels.decoder`: ``rmsnorm`` /
 ``add_rmsnorm`` (``(norm(x + residual), x + residual)``), ``silu_mul``, and ``qk_norm_rope_cache``, the one op that
 mutates its arguments (it writes k / v into ``k_cache`` / ``v_cache``, declared in its schema) and returns ``(q, k,
-v)`` [T, H, D]. :func:`triton_dist.layers.use_registered_ops` makes the layers call these registrations, so a whole
+v)`` [T, H, D]. The expert-parallel MoE of :mod:`triton_dist.kernels.moe.ep_moe`: ``ep_moe_dispatched`` (token
+shards through the EP dispatch and combine; its EP context is cached by shape inside the op) and ``ep_moe_local``
+(replicated tokens: this rank's experts' fp32 partial; ``w13`` [L, 2I, H], ``w2`` [L, H, I]).
+:func:`triton_dist.layers.use_registered_ops` makes the layers call these registrations, so a whole
 model compiles (``tests/test_models.py``).
 
 Differences from the direct calls, all because an operator schema is functional (it mutates nothing and returns new
@@ -75,7 +82,7 @@ from .runtime.world import current_world
 
 __all__ = ["all_reduce", "all_gather", "reduce_scatter", "ag_gemm", "gemm_rs", "gemm_ar", "flash_attn",
            "flash_decode", "decode_gemm", "tp_moe_ag_rs", "tp_moe_ar", "rmsnorm", "add_rmsnorm", "silu_mul",
-           "qk_norm_rope_cache"]
+           "qk_norm_rope_cache", "ep_moe_dispatched", "ep_moe_local"]
 
 Tensor = torch.Tensor
 
@@ -312,3 +319,29 @@ def _(qkv, positions, inv_freq, k_cache, v_cache, q_norm, k_norm, block_table, *
     t, d = qkv.shape[0], k_cache.shape[-1]
     return (qkv.new_empty((t, num_heads, d)), qkv.new_empty((t, num_kv_heads, d)),
             qkv.new_empty((t, num_kv_heads, d)))
+
+
+# ------------------------------------------------------------------------------------------------ expert-parallel MoE
+@_op("ep_moe_dispatched")
+def ep_moe_dispatched(x: Tensor, w13: Tensor, w2: Tensor, topk_ids: Tensor, topk_weights: Tensor, *,
+                      num_experts: int) -> Tensor:
+    """:func:`triton_dist.kernels.moe.ep_moe.ep_moe_dispatched`: this rank's tokens x [T, H] -> [T, H]."""
+    from .kernels.moe import ep_moe
+    return ep_moe.ep_moe_dispatched(x.contiguous(), w13, w2, topk_ids, topk_weights, num_experts)
+
+
+@ep_moe_dispatched.register_fake
+def _(x, w13, w2, topk_ids, topk_weights, *, num_experts):
+    return x.new_empty(x.shape)
+
+
+@_op("ep_moe_local")
+def ep_moe_local(x: Tensor, w13: Tensor, w2: Tensor, topk_ids: Tensor, topk_weights: Tensor, *, first: int) -> Tensor:
+    """:func:`triton_dist.kernels.moe.ep_moe.ep_moe_local`: the fp32 partial [T, H] of this rank's experts."""
+    from .kernels.moe import ep_moe
+    return ep_moe.ep_moe_local(x.contiguous(), w13, w2, topk_ids, topk_weights, first)
+
+
+@ep_moe_local.register_fake
+def _(x, w13, w2, topk_ids, topk_weights, *, first):
+    return x.new_empty(x.shape, dtype=torch.float32)

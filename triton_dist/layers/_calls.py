@@ -10,9 +10,7 @@ _STATE = {"registered": False}
 
 def use_registered_ops(on: bool = True) -> None:
     """Make the layers call ``torch.ops.triton_dist.*`` (``import triton_dist.library``) instead of the Python
-    functions, so ``torch.compile`` traces models through them; ``False``: back to direct calls. EPMoE's dispatch /
-    combine has no registration (its context objects cannot cross a schema): a model with EPMoE layers does not
-    compile."""
+    functions, so ``torch.compile`` traces models through them; ``False``: back to direct calls."""
     if on:
         import triton_dist.library  # noqa: F401  (registers the ops)
     _STATE["registered"] = bool(on)
@@ -116,3 +114,19 @@ def tp_moe_ar(x, w1, w2, ids, wts, world_size: int):
     plan = ops.moe_plan(ids, wts, w1.shape[0])
     h = silu_mul(ops.moe_gemm(x, w1, plan))
     return _tpm.moe_ar(h, w2, plan, ctx=None) if world_size == 1 else ops.moe_ar(h, w2, plan)
+
+
+def ep_moe_dispatched(x, w13, w2, ids, wts, num_experts: int):
+    """EPMoE on token shards: dispatch, the local experts, combine."""
+    if registered():
+        return _lib().ep_moe_dispatched(x, w13, w2, ids, wts, num_experts=num_experts)
+    from triton_dist.kernels.moe import ep_moe
+    return ep_moe.ep_moe_dispatched(x, w13, w2, ids, wts, num_experts)
+
+
+def ep_moe_local(x, w13, w2, ids, wts, first: int):
+    """EPMoE on replicated tokens: this rank's experts' fp32 partial (the caller all-reduces)."""
+    if registered():
+        return _lib().ep_moe_local(x, w13, w2, ids, wts, first=first)
+    from triton_dist.kernels.moe import ep_moe
+    return ep_moe.ep_moe_local(x, w13, w2, ids, wts, first)

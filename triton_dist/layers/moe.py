@@ -144,35 +144,10 @@ class EPExperts(Experts):
         return out
 
 
-_EP_CONTEXTS: dict = {}
-
-
-def ep_context(tokens: int, hidden: int, topk: int, experts: int, dtype):
-    """The EP normal context shared by every :class:`EPMoE` layer of a shape, for at least ``tokens`` tokens per rank
-    (a power of two; a larger call replaces it: collective, outside CUDA-graph capture)."""
-    from triton_dist import moe
-    key = (hidden, topk, experts, dtype)
-    ctx = _EP_CONTEXTS.get(key)
-    if ctx is None or ctx.max_tokens < tokens:
-        if ctx is not None:
-            ctx.close()
-        ctx = _EP_CONTEXTS[key] = moe.EPNormalContext(1 << max(4, (tokens - 1).bit_length()), hidden, topk, experts,
-                                                      dtype)
-    return ctx
-
-
 def release_ep_contexts() -> None:
-    """Close the shared EP contexts (collective)."""
-    for ctx in _EP_CONTEXTS.values():
-        ctx.close()
-    _EP_CONTEXTS.clear()
-
-
-def _grouped_rows(rows, w, offsets, groups: int, n_rows: int, out, gather_index=None):
-    from triton_dist.kernels.moe.tp_moe import launch_moe_gemm
-    if n_rows and w.shape[2]:
-        launch_moe_gemm(rows, w, out, offsets, gather_index, groups, n_rows, gather_index is not None, None)
-    return out
+    """Close the EP contexts the :class:`EPMoE` layers share (collective)."""
+    from triton_dist.kernels.moe.ep_moe import release_ep_contexts as _release
+    _release()
 
 
 class EPMoE(ParallelLayer):
@@ -204,30 +179,15 @@ class EPMoE(ParallelLayer):
         """Replicated tokens: this rank's experts' pairs, the partial sums all-reduced."""
         par, ex = self.par, self.experts
         n, first = ex.count, ex.first
-        local = (ids >= first) & (ids < first + n)
-        key = torch.where(local, ids - first, n)
-        weights = torch.where(local, wts.float(), 0.0)
         if par.mode == "torch":
-            part = _torch_experts(x, ex.gate_up_proj, ex.down_proj, torch.where(local, ids - first, 0), weights,
-                                  valid=local)
-            return par.all_reduce(part).to(x.dtype)
-        from triton_dist.kernels.routing import build_routing, scatter_combine
-        r = build_routing(key, n + 1, check_ids=False)  # group n: the other ranks' pairs, never computed
-        offs = r.expert_offsets[:n + 1]
-        h = torch.zeros((r.num_rows, 2 * ex.intermediate), dtype=x.dtype, device=x.device)
-        _grouped_rows(x.contiguous(), ex.gate_up_proj.transpose(1, 2), offs, n, r.num_rows, h, r.gather_index)
-        y = torch.zeros((r.num_rows, self.hidden), dtype=x.dtype, device=x.device)
-        _grouped_rows(silu_mul(h, fused=True), ex.down_proj.transpose(1, 2), offs, n, r.num_rows, y)
-        return par.all_reduce(scatter_combine(y, r, weights, out_dtype=torch.float32)).to(x.dtype)
+            local = (ids >= first) & (ids < first + n)
+            part = _torch_experts(x, ex.gate_up_proj, ex.down_proj, torch.where(local, ids - first, 0),
+                                  torch.where(local, wts.float(), 0.0), valid=local)
+        else:
+            part = _calls.ep_moe_local(x.contiguous(), ex.gate_up_proj, ex.down_proj, ids, wts, first)
+        return par.all_reduce(part).to(x.dtype)
 
     def _dispatched(self, x, ids, wts):
         """Token shards: dispatch to the experts' ranks, the local grouped GEMMs, combine at the source."""
         ex = self.experts
-        ctx = ep_context(x.shape[0], self.hidden, ids.shape[1], self.num_experts, x.dtype)
-        recv, offs, handle = ctx.dispatch(x.contiguous(), ids)
-        rows = recv.shape[0]
-        h = torch.empty((rows, 2 * ex.intermediate), dtype=x.dtype, device=x.device)
-        _grouped_rows(recv, ex.gate_up_proj.transpose(1, 2), offs, ex.count, rows, h)
-        y = torch.empty((rows, self.hidden), dtype=x.dtype, device=x.device)
-        _grouped_rows(silu_mul(h, fused=True), ex.down_proj.transpose(1, 2), offs, ex.count, rows, y)
-        return ctx.combine(y, ids, wts.float(), handle)
+        return _calls.ep_moe_dispatched(x.contiguous(), ex.gate_up_proj, ex.down_proj, ids, wts, self.num_experts)

@@ -204,9 +204,8 @@ def ranks_agree(tokens, group) -> bool:
 def release(world) -> None:
     """Free what a mode's run left: the ops' contexts (collective) and the allocator's cache."""
     import torch
-    ops = sys.modules.get("triton_dist.ops")
-    if ops is not None:
-        ops.release_contexts()
+    from triton_dist.layers import release_contexts
+    release_contexts()  # the ops' contexts and the EP contexts of the MoE layers
     if world.device.type == "cuda":
         torch.cuda.empty_cache()
 
