@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU suite: every test on CUDA worlds of 2, 3 and 4 ranks (and all GPUs when there are more), the GPU-only
 # tests, the tutorials (SKIP_TUTORIALS=1 skips them), then the primitive, collective and GEMM benchmarks on all
-# local GPUs and the compute-core benchmark on one. On a machine with fewer than 4 GPUs the worlds larger than the
+# local GPUs, the compute-core and attention benchmarks on one, the MoE and end-to-end benchmarks and `triton-dist
+# generate` (Qwen3-8B shape, random weights) on all. On a machine with fewer than 4 GPUs the worlds larger than the
 # machine share GPUs (shared-GPU worlds, TRITON_DIST_TEST_SHARE_GPUS=1) under one private MPS daemon started here
 # (NO_MPS=1: none, the ranks time-slice); the tutorials then run on 4 ranks sharing the GPUs, and the benchmarks at
 # world size 1 are the no-communication reference (SHARED_BENCH=1 adds a shared-world bench run, whose rows are
@@ -10,8 +11,8 @@
 #     TRITON_DIST_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_suite.sh [OUT_DIR]
 # (TRITON_DIST_COMMIT names the commit in the benchmark rows where the checkout has no .git.)
 # Writes OUT_DIR/pytest.log, OUT_DIR/junit-<test file>.xml, OUT_DIR/<card>.jsonl (bench rows) and a summary table
-# (last). TEST_FILES, FILE_TIMEOUT, TEST_TIMEOUT, PYTEST_ARGS, SKIP_BENCH, BENCH_ARGS, COLL_ARGS, GEMM_ARGS, CORES_ARGS
-# adjust it.
+# (last). TEST_FILES, FILE_TIMEOUT, TEST_TIMEOUT, PYTEST_ARGS, SKIP_BENCH, BENCH_ARGS, COLL_ARGS, GEMM_ARGS, CORES_ARGS,
+# ATTN_ARGS, MOE_ARGS, E2E_ARGS adjust it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-tests/gpu_results/latest}}
@@ -99,6 +100,20 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     # shard and M with its tuning, takes ~20 min on an H200: pass CORES_ARGS="--models ... --tp ... --m ..." in parts)
     $PY -m triton_dist bench cores -n 1 --out "$OUT_DIR" --plot "$OUT_DIR/cores.png" \
         ${CORES_ARGS:---models qwen3-8b --tp 1,8 --m 1,16,64,256} 2>&1 | tee "$OUT_DIR/bench_cores.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || BENCH_RC=1
+    # attention at world 1 (local kernels against SDPA), MoE and the end-to-end engine on all local GPUs
+    $PY -m triton_dist bench attention -n 1 --out "$OUT_DIR" --plot "$OUT_DIR/attention.png" ${ATTN_ARGS:-} 2>&1 \
+        | tee "$OUT_DIR/bench_attention.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || BENCH_RC=1
+    $PY -m triton_dist bench moe -n "$NGPU" --out "$OUT_DIR" --plot "$OUT_DIR/moe.png" \
+        ${MOE_ARGS:---cases ep_ll,ep_normal,tp} 2>&1 | tee "$OUT_DIR/bench_moe.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || BENCH_RC=1
+    $PY -m triton_dist bench e2e -n "$NGPU" --out "$OUT_DIR" --plot "$OUT_DIR/e2e.png" \
+        ${E2E_ARGS:---model qwen3-8b --batch 1,8 --context 512} 2>&1 | tee "$OUT_DIR/bench_e2e.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || BENCH_RC=1
+    # the generate command as its users run it (the CPU-world command tests of tests/test_engine.py skip on GPUs)
+    $PY -m triton_dist generate --tp "$NGPU" --model qwen3-8b --mode all --batch 1 --prompt-len 512 --gen-len 32 \
+        2>&1 | tee "$OUT_DIR/generate.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || BENCH_RC=1
     if [ "${SHARED_BENCH:-0}" = 1 ] && [ -n "$SHARE_ARGS" ]; then  # plumbing of the benches in a shared world
         $PY -m triton_dist bench collectives -n 2 $SHARE_ARGS --out "$OUT_DIR" ${SHARED_COLL_ARGS:-} 2>&1 \
