@@ -218,6 +218,29 @@ def test_ranks_with_different_cached_choices_tune_together(world2, tmp_path):
     assert world2.run(_cache_disagreement, shared, own) == [("a", "c", 6)] * 2  # trial + timed run of 3 configs
 
 
+def _local_tuning(cache_dir):
+    """Inside tune.local() one rank tunes a kernel the other never calls: its own timings, no collective; a
+    collective call of the same key afterwards still tunes with every rank (its own memo entry)."""
+    w = this_world()
+    with rank_env(cache_dir):
+        alone = None
+        if w.rank == 0:
+            with no_collectives(), tune.local():
+                alone = tune.choose("t_local", KEY, CONFIGS, DEFAULT, lambda c: None, force=True,
+                                    timer=fake_timer({"a": 3.0, "b": 1.0, "c": 2.0})).name
+                again = tune.choose("t_local", KEY, CONFIGS, DEFAULT, lambda c: None, force=True,
+                                    timer=fake_timer({"a": 0.0, "b": 9.0, "c": 9.0})).name  # memoised: no timing
+                assert again == alone
+        times = {"a": 1.0, "b": 2.0, "c": 9.0} if w.rank == 0 else {"a": 9.0, "b": 2.0, "c": 1.0}
+        together = tune.choose("t_local", KEY, CONFIGS, DEFAULT, lambda c: None, force=True,
+                               timer=fake_timer(times)).name
+    return alone, together
+
+
+def test_local_tuning_needs_no_other_rank(world2, tmp_path):
+    assert world2.run(_local_tuning, tmp_path) == [("b", "b"), (None, "b")]  # slowest ranks: a 9, b 2, c 9
+
+
 def _rank_dependent_key(cache_dir):
     w = this_world()
     with rank_env(cache_dir):

@@ -23,6 +23,11 @@ the next step. Stages are orthogonal to tensor parallelism; for now each stage i
 Transport by mode (the model's ``parallelize`` mode): ``torch`` uses ``torch.distributed.send`` / ``recv``; every
 other mode our :class:`~triton_dist.kernels.p2p.P2PContext` kernels (no host sync, CUDA-graph capturable), made
 when the stage is built: a collective step, so every rank builds its stage at the same point of its program.
+
+A stage's layers run their kernels while the other stages run theirs (or wait in a recv), so their autotuning
+(:func:`triton_dist.tune.choose`, collective by default) runs inside :func:`triton_dist.tune.local`: each stage tunes
+on its own timings. (Collective tuning there waits for ranks that never make the call: the likely cause of the
+two-stage test's hang on one H200 in the seventh session, before this.)
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ import torch
 from torch import nn
 
 import triton_dist
+from triton_dist import tune
 from triton_dist.kernels import p2p
 from triton_dist.layers import KVCache, Parallel, Step, materialize, parallelize
 
@@ -146,14 +152,16 @@ class PipelineStage(nn.Module):
         else:  # the residual stream where the previous stage stopped
             x = self._recv(self.stage - 1, (step.tokens, self.config.hidden_size), self.dtype, self._act)
         residual = None
-        for layer, cache in zip(self.model.layers.values(), caches):
-            x, residual = layer(x, residual, step, cache)
+        with tune.local():  # only this stage runs its layers' kernels: their autotuning must not wait for the others
+            for layer, cache in zip(self.model.layers.values(), caches):
+                x, residual = layer(x, residual, step, cache)
         if not self.last:
             # one tensor crosses: the residual stream (the next layer's norm input), where the unsplit model's next
             # norm would add the two (the same fp32 / bf16 addition)
             self._send((x if residual is None else residual + x).contiguous(), self.stage + 1, self._act)
             return None
-        return self.lm_head(self.model.norm.add_norm(x, residual)[0], step, all_logits)
+        with tune.local():
+            return self.lm_head(self.model.norm.add_norm(x, residual)[0], step, all_logits)
 
     def tokens_to_first(self, tokens: torch.Tensor | None, batch: int) -> torch.Tensor | None:
         """The token ids the last stage chose (``tokens`` [batch] there, ignored elsewhere), on stage 0 too: returns

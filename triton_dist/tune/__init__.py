@@ -18,13 +18,15 @@ A kernel asks for its config at each call::
   their first call per shape. A call during capture that would need tuning returns ``default`` with a warning.
 * ``TRITON_DIST_AUTOTUNE=0``, the CPU world and a process without ``triton_dist.init()``: ``default``, nothing
   measured, no collective.
+* ``with tune.local():``: this rank tunes alone (its own timings, no collective), for kernels the other ranks do not
+  run at the same time (a pipeline stage's own layers).
 
 Test hook: ``choose(..., force=True, timer=...)`` runs the measuring path in the CPU world with injected times;
 ``tune._reset()`` forgets the memo and the one-time warnings. See ``docs/tune.md``.
 """
 from .buckets import bucket, bucket_pow2
 from .cache import CACHE_DIR_ENV, cache_path
-from .tuner import AUTOTUNE_ENV, TuneError, choose, enabled
+from .tuner import AUTOTUNE_ENV, TuneError, choose, enabled, local
 
 
 def _reset() -> None:
@@ -34,4 +36,5 @@ def _reset() -> None:
     cache._reset()
 
 
-__all__ = ["choose", "enabled", "bucket_pow2", "bucket", "cache_path", "TuneError", "AUTOTUNE_ENV", "CACHE_DIR_ENV"]
+__all__ = ["choose", "enabled", "local", "bucket_pow2", "bucket", "cache_path", "TuneError", "AUTOTUNE_ENV",
+           "CACHE_DIR_ENV"]

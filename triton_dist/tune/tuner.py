@@ -1,6 +1,7 @@
 """``choose``: the config of a kernel for a shape, measured once per world and cached (see the package docstring)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -48,8 +49,45 @@ def _mode() -> bool:
     raise ValueError(f"{AUTOTUNE_ENV} must be 0 (fixed default configs) or 1 (tune on GPUs, the default), got {v!r}")
 
 
+_LOCAL = {"depth": 0}
+
+
+class _LocalView:
+    """This rank of ``world`` seen as a world of one: its device and SMs, no process group."""
+
+    world_size, rank, local_rank, group, host_backend = 1, 0, 0, None, "gloo"
+
+    def __init__(self, world):
+        self.base, self.device, self.interpreted = world, world.device, world.interpreted
+        self.num_sms = world.num_sms
+
+
+_local_views: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def local():
+    """Inside, :func:`choose` tunes on this rank alone (its own timings, no collective): for kernels that only this
+    rank runs, e.g. a pipeline stage's layers at TP=1 while the other stages run theirs (a collective tuning step
+    there would wait for ranks that never call it). Choices are memoised per (world, local or not)."""
+    _LOCAL["depth"] += 1
+    try:
+        yield
+    finally:
+        _LOCAL["depth"] -= 1
+
+
 def _current_world():
-    return _rw.current_world() if _rw.is_initialized() else None
+    world = _rw.current_world() if _rw.is_initialized() else None
+    if world is None or not _LOCAL["depth"] or world.world_size == 1:
+        return world
+    try:
+        view = _local_views.get(world)
+        if view is None:
+            view = _local_views[world] = _LocalView(world)
+    except TypeError:  # a world that takes no weak reference
+        view = _LocalView(world)
+    return view
 
 
 def enabled(world=None, *, force: bool = False) -> bool:
@@ -171,10 +209,11 @@ def choose(kernel: str, key, configs, default, bench, *, world=None, version: st
         raise ValueError(f"tune.choose({kernel!r}): version must be a str, got {type(version).__name__}")
     world = world if world is not None else _current_world()
     tuning = _mode() and world is not None and (force or not world.interpreted)
-    if (_memo_world() if _memo_world is not None else None) is not world:
+    base = getattr(world, "base", world)  # a local view shares its world's memo
+    if (_memo_world() if _memo_world is not None else None) is not base:
         _memo.clear()
-        _memo_world = _weak(world) if world is not None else None
-    mkey = _memo_key(kernel, key, version, tuning)
+        _memo_world = _weak(base) if base is not None else None
+    mkey = _memo_key(kernel, key, version, tuning) + (isinstance(world, _LocalView),)
     try:
         hit = _memo.get(mkey, _MISS)
     except TypeError:
