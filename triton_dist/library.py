@@ -73,7 +73,6 @@ backward at compile time). Run and compile for inference under ``torch.no_grad()
 import typing
 
 import torch
-import torch.nn.functional as F
 
 from . import ops
 from .kernels import decode_gemm as _dg
@@ -226,12 +225,6 @@ def _(q, k_cache, v_cache, kv_lens, block_table=None, *, scale=None, softcap=0.0
 
 
 # ------------------------------------------------------------------------------------------------ MoE
-def _silu_mul(gate_up: Tensor) -> Tensor:
-    """``silu(gate) * up`` of gate | up columns (the activation of :mod:`triton_dist.layers.moe`, HF's)."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
 def _moe_fake(what: str, x, w1, w2, topk_ids, topk_weights):
     if x.dim() != 2 or w1.dim() != 3 or w2.dim() != 3 or w1.shape[2] != 2 * w2.shape[1] or \
             w2.shape[2] != x.shape[1]:
@@ -245,8 +238,7 @@ def tp_moe_ag_rs(x: Tensor, w1: Tensor, w2: Tensor, topk_ids: Tensor, topk_weigh
                  method: str = "copy_engine") -> Tensor:
     """Tensor-parallel MoE on sequence-sharded tokens x [T_loc, H]: :func:`triton_dist.ops.ag_moe` (``method``: its
     gather's), ``silu(gate) * up``, :func:`triton_dist.ops.moe_rs`: this rank's tokens [T_loc, H]."""
-    h, plan = ops.ag_moe(x.contiguous(), w1, topk_ids, topk_weights, method=method)
-    return ops.moe_rs(_silu_mul(h), w2, plan)
+    return ops.tp_moe_ag_rs(x, w1, w2, topk_ids, topk_weights, method=method)
 
 
 @tp_moe_ag_rs.register_fake
@@ -258,8 +250,7 @@ def _(x, w1, w2, topk_ids, topk_weights, *, method="copy_engine"):
 def tp_moe_ar(x: Tensor, w1: Tensor, w2: Tensor, topk_ids: Tensor, topk_weights: Tensor) -> Tensor:
     """Tensor-parallel MoE on tokens replicated on every rank (decode), x [T, H]: :func:`triton_dist.ops.moe_plan`,
     :func:`triton_dist.ops.moe_gemm`, ``silu(gate) * up``, :func:`triton_dist.ops.moe_ar`: [T, H] on every rank."""
-    plan = ops.moe_plan(topk_ids, topk_weights, w1.shape[0])
-    return ops.moe_ar(_silu_mul(ops.moe_gemm(x.contiguous(), w1, plan)), w2, plan)
+    return ops.tp_moe_ar(x, w1, w2, topk_ids, topk_weights)
 
 
 @tp_moe_ar.register_fake

@@ -370,6 +370,30 @@ def moe_ar(h: torch.Tensor, w2: torch.Tensor, plan: _tpm.MoEPlan) -> torch.Tenso
     return _tpm.moe_ar(h, w2, plan, ctx=ctx)
 
 
+def tp_moe_ag_rs(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor, *, method: str = "copy_engine") -> torch.Tensor:
+    """A tensor-parallel MoE block on sequence-sharded tokens ``x`` [T/W, H]: :func:`ag_moe` (``w1`` [E, H, 2*I_loc]:
+    gate columns, then up), ``silu(gate) * up`` (one kernel), :func:`moe_rs` (``w2`` [E, I_loc, H]): [T/W, H].
+    Collective."""
+    from .kernels.decoder import silu_mul
+    h, plan = ag_moe(x.contiguous(), w1, topk_ids, topk_weights, method=method)
+    return moe_rs(silu_mul(h), w2, plan)
+
+
+def tp_moe_ar(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
+              topk_weights: torch.Tensor) -> torch.Tensor:
+    """A tensor-parallel MoE block on tokens replicated on every rank (decode), ``x`` [T, H]: :func:`moe_plan`,
+    :func:`moe_gemm`, ``silu(gate) * up``, :func:`moe_ar`: [T, H]. Collective; at one rank (or without a world)
+    local, nothing reduced."""
+    from .kernels.decoder import silu_mul
+    from .runtime.world import is_initialized
+    plan = moe_plan(topk_ids, topk_weights, w1.shape[0])
+    h = silu_mul(moe_gemm(x.contiguous(), w1, plan))
+    if not is_initialized() or current_world().world_size == 1:
+        return _tpm.moe_ar(h, w2, plan, ctx=None)
+    return moe_ar(h, w2, plan)
+
+
 ag_moe_reference = _tpm.ag_moe_reference
 moe_rs_reference = _tpm.moe_rs_reference
 moe_ar_reference = _tpm.moe_ar_reference

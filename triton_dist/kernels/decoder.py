@@ -209,7 +209,6 @@ def qk_norm_rope_cache(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: tor
 def qk_norm_rope_cache_reference(qkv, positions, inv_freq, k_cache, v_cache, *, num_heads, num_kv_heads, seq,
                                  q_norm=None, k_norm=None, eps=1e-6, block_table=None, return_kv=False):
     """Torch, as the layers' torch mode computes it (HF's ops); writes the caches the same way."""
-    from triton_dist.layers.norm import apply_rope, rope_cos_sin
     d = k_cache.shape[-1]
     t = qkv.shape[0]
     b = t // seq
@@ -229,6 +228,20 @@ def qk_norm_rope_cache_reference(qkv, positions, inv_freq, k_cache, v_cache, *, 
         k_cache[page, slot], v_cache[page, slot] = k, v
     q = q.reshape(t, num_heads, d)
     return (q, k.reshape(t, num_kv_heads, d), v.reshape(t, num_kv_heads, d)) if return_kv else q
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """``cos, sin`` [*positions.shape, head_dim] in ``dtype`` (HF's: angles in fp32, both halves repeated)."""
+    freqs = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` for ``x`` [..., S, H, D] and ``cos`` / ``sin`` [..., S, D]."""
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[..., None, :] + rot * sin[..., None, :]
 
 
 # ---------------------------------------------------------------------------------------------- SiLU * up

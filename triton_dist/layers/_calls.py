@@ -98,22 +98,14 @@ def qk_norm_rope_cache(qkv, positions, inv_freq, k_cache, v_cache, *, num_heads,
 
 def tp_moe_ag_rs(x, w1, w2, ids, wts):
     """ag_moe, SiLU * up, moe_rs (sequence-sharded tokens)."""
-    if registered():
-        return _lib().tp_moe_ag_rs(x, w1, w2, ids, wts)
     from triton_dist import ops
-    h, plan = ops.ag_moe(x, w1, ids, wts)
-    return ops.moe_rs(silu_mul(h), w2, plan)
+    return _lib().tp_moe_ag_rs(x, w1, w2, ids, wts) if registered() else ops.tp_moe_ag_rs(x, w1, w2, ids, wts)
 
 
-def tp_moe_ar(x, w1, w2, ids, wts, world_size: int):
-    """moe_plan, moe_gemm, SiLU * up, moe_ar (replicated tokens; no all-reduce at one rank)."""
-    if registered() and world_size > 1:
-        return _lib().tp_moe_ar(x, w1, w2, ids, wts)
+def tp_moe_ar(x, w1, w2, ids, wts):
+    """moe_plan, moe_gemm, SiLU * up, moe_ar (replicated tokens; nothing reduced at one rank)."""
     from triton_dist import ops
-    from triton_dist.kernels.moe import tp_moe as _tpm
-    plan = ops.moe_plan(ids, wts, w1.shape[0])
-    h = silu_mul(ops.moe_gemm(x, w1, plan))
-    return _tpm.moe_ar(h, w2, plan, ctx=None) if world_size == 1 else ops.moe_ar(h, w2, plan)
+    return _lib().tp_moe_ar(x, w1, w2, ids, wts) if registered() else ops.tp_moe_ar(x, w1, w2, ids, wts)
 
 
 def ep_moe_dispatched(x, w13, w2, ids, wts, num_experts: int):

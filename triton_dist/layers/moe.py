@@ -121,7 +121,7 @@ class TPMoE(ParallelLayer):
         w1, w2k = w13.transpose(1, 2), w2.transpose(1, 2)  # [E, H, 2I], [E, I, H]: the GEMM's K x N per expert
         if par.sequence_sharded:
             return _calls.tp_moe_ag_rs(x.contiguous(), w1, w2k, ids, wts)
-        return _calls.tp_moe_ar(x.contiguous(), w1, w2k, ids, wts, par.world_size)
+        return _calls.tp_moe_ar(x.contiguous(), w1, w2k, ids, wts)
 
 
 class EPExperts(Experts):

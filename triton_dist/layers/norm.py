@@ -5,6 +5,8 @@ import math
 
 import torch
 
+from triton_dist.kernels.decoder import apply_rope, rope_cos_sin  # noqa: F401  (the layers' rotary, in torch)
+
 from . import _calls
 from .parallel import ParallelLayer, _param
 
@@ -55,15 +57,3 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> t
     return torch.where(medium, mid, scaled)
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    """``cos, sin`` [*positions.shape, head_dim] in ``dtype`` (HF's: angles in fp32, both halves repeated)."""
-    freqs = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x * cos + rotate_half(x) * sin`` for ``x`` [..., S, H, D] and ``cos`` / ``sin`` [..., S, D]."""
-    half = x.shape[-1] // 2
-    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[..., None, :] + rot * sin[..., None, :]

@@ -113,11 +113,6 @@ def batch_buckets(max_batch: int, multiple: int = 1) -> list[int]:
     return sorted({-(-s // multiple) * multiple for s in sizes})
 
 
-def _rows_of(cache: KVCache, n: int) -> KVCache:
-    """The first ``n`` sequences of ``cache``, sharing its storage."""
-    return cache.rows(n)
-
-
 def _contexts() -> dict:
     """The ops' cached contexts now (a graph captured with them is valid while each is still the cached one)."""
     from triton_dist import ops
@@ -326,7 +321,7 @@ class Engine:
 
     def _views_of(self, n: int) -> list[KVCache]:
         if n not in self._views:
-            self._views[n] = [_rows_of(c, n) for c in self.caches]
+            self._views[n] = [c.rows(n) for c in self.caches]
         return self._views[n]
 
     def _prefill(self, ids: torch.Tensor) -> torch.Tensor:
